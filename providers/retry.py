@@ -68,4 +68,4 @@ class CloudCaller:
         return self._retrying(attempt)
 
     async def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        return await asyncio.to_thread(self.call_sync, fn, *args, **kwargs)
+        return await asyncio.to_thread(lambda: self.call_sync(fn, *args, **kwargs))

@@ -98,8 +98,11 @@ def kubernetes_ldflags() -> str:
 
 
 def _go() -> str:
-    go = shutil.which("go") or ("/usr/local/go/bin/go" if os.access("/usr/local/go/bin/go", os.X_OK) else None)
-    if go is None:
+    """`LBCTL_GO`, else `go` on PATH, else the official tarball's default place."""
+    go = os.environ.get("LBCTL_GO") or shutil.which("go")
+    if go is None and os.access("/usr/local/go/bin/go", os.X_OK):
+        go = "/usr/local/go/bin/go"
+    if go is None or not os.access(go, os.X_OK):
         raise BuildError(
             "no Go toolchain found: install Go ≥ 1.24 (Debian: apt-get install golang-go, or the "
             "official tarball) and put `go` on PATH, then run `lbctl dev build` again"
@@ -122,15 +125,17 @@ def _run(cmd: Sequence[str], cwd: Path, label: str) -> str:
     )
     assert proc.stdout is not None
     tail: list[str] = []
-    count = 0
-    for line in proc.stdout:
-        tail = (tail + [line.rstrip()])[-40:]
-        count += 1
+    for count, line in enumerate(proc.stdout, start=1):
+        tail = [*tail[-39:], line.rstrip()]
         if count % 100 == 0:
             elapsed = time.monotonic() - started
             print(f"[lbctl build] {label}: {count} packages, {elapsed:.0f}s", file=sys.stderr, flush=True)
     if proc.wait() != 0:
-        raise BuildError(f"{label} failed (exit {proc.returncode}); last output:\n" + "\n".join(tail))
+        raise BuildError(
+            f"{label} failed (exit {proc.returncode}); last output:\n" + "\n".join(tail)
+            + "\nfix the cause above (network access to the Go module proxy, GOPROXY, disk space) and run "
+            "`lbctl dev build` again: it resumes from Go's module and build caches"
+        )
     print(f"[lbctl build] {label}: done in {time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
     return "\n".join(tail)
 
