@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,9 +39,86 @@ def _dev_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"LBCTL_{name}", default)
+
+
+def _env_flag(name: str) -> bool:
+    return (_env(name) or "").lower() in ("1", "true", "yes", "on")
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition("-")
+    try:
+        bounds = int(low), int(high)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port range like 30000-32767") from None
+    if not 0 < bounds[0] <= bounds[1] < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port range like 30000-32767")
+    return bounds
+
+
+def _operator(args: argparse.Namespace) -> int:
+    from lbctl.operator.app import OperatorConfig, run
+
+    options = {k: v for k, v in {
+        "region": args.region, "endpoint_url": args.aws_endpoint_url, "endpoint": args.gce_endpoint,
+        "project": args.project, "network": args.network,
+    }.items() if v}
+    config = OperatorConfig(
+        provider=args.provider, cluster_name=args.cluster_name, lb_class=args.lb_class,
+        default_class=args.default_class, namespaces=tuple(args.namespace), kubeconfig=args.kubeconfig,
+        provider_options=options, workers=args.workers, node_port_range=args.node_port_range,
+        gc_interval_s=args.gc_interval, resync_interval_s=args.resync_interval, metrics_port=args.metrics_port,
+        liveness_endpoint=args.liveness_endpoint,
+    )
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kopf").setLevel(logging.WARNING)
+    asyncio.run(run(config))
+    return 0
+
+
+def _add_operator(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    op = commands.add_parser(
+        "operator", help="run the operator (every flag also reads LBCTL_<FLAG>, e.g. LBCTL_PROVIDER)")
+    op.add_argument("--provider", default=_env("PROVIDER", "local"), help="local, aws or gce (LBCTL_PROVIDER)")
+    op.add_argument("--cluster-name", default=_env("CLUSTER_NAME", "kubernetes"),
+                    help="tags cloud resources kubernetes.io/cluster/<name> (LBCTL_CLUSTER_NAME)")
+    op.add_argument("--class", dest="lb_class", default=_env("CLASS"),
+                    help="spec.loadBalancerClass handled (default lbctl.io/<provider>; LBCTL_CLASS)")
+    op.add_argument("--default-class", action="store_true", default=_env_flag("DEFAULT_CLASS"),
+                    help="also handle Services without a loadBalancerClass (LBCTL_DEFAULT_CLASS)")
+    op.add_argument("--namespace", action="append",
+                    default=[n for n in (_env("NAMESPACE") or "").split(",") if n],
+                    help="only these namespaces (repeatable; LBCTL_NAMESPACE=a,b); default all")
+    op.add_argument("--kubeconfig", default=_env("KUBECONFIG"), help="default $KUBECONFIG, then in-cluster")
+    op.add_argument("--region", default=_env("REGION"), help="aws/gce region (LBCTL_REGION)")
+    op.add_argument("--aws-endpoint-url", default=_env("AWS_ENDPOINT_URL"),
+                    help="AWS endpoint override (also AWS_ENDPOINT_URL, boto3's own variable)")
+    op.add_argument("--gce-endpoint", default=_env("GCE_ENDPOINT"), help="Compute endpoint override")
+    op.add_argument("--project", default=_env("PROJECT"), help="gce project (LBCTL_PROJECT)")
+    op.add_argument("--network", default=_env("NETWORK"), help="gce network (LBCTL_NETWORK)")
+    op.add_argument("--workers", type=int, default=int(_env("WORKERS", "32") or 32), help="concurrent syncs")
+    op.add_argument("--node-port-range", type=_port_range, default=_port_range(_env("NODE_PORT_RANGE", "30000-32767")
+                    or "30000-32767"), help="the apiserver's --service-node-port-range (for claiming NodePorts)")
+    op.add_argument("--gc-interval", type=float, default=float(_env("GC_INTERVAL", "300") or 300),
+                    help="seconds between orphan sweeps")
+    op.add_argument("--resync-interval", type=float, default=float(_env("RESYNC_INTERVAL", "600") or 600),
+                    help="seconds between full re-syncs of every Service")
+    op.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", "0") or 0),
+                    help="serve Prometheus metrics on this port (0: off)")
+    op.add_argument("--liveness-endpoint", default=_env("LIVENESS_ENDPOINT"),
+                    help="kopf liveness probe endpoint, e.g. http://0.0.0.0:8080/healthz")
+    op.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), help="debug, info, warning")
+    op.set_defaults(func=_operator)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lbctl", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+
+    _add_operator(commands)
 
     dev = commands.add_parser("dev", help="embedded Kubernetes control plane for trying and testing lbctl")
     dev_commands = dev.add_subparsers(dest="dev_command", required=True)

@@ -22,7 +22,7 @@ class ProviderSettings:
     (``region``, ``endpoint_url``, ``project``, ``network`` …, all strings, unknown keys ignored)."""
 
     cluster_name: str
-    options: Mapping[str, str] = field(default=EMPTY)
+    options: Mapping[str, str] = field(default_factory=lambda: EMPTY)
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,8 @@ class Provider(abc.ABC):
     name: ClassVar[str]
     #: whether the cloud balancer sends traffic to nodes' NodePorts (aws: yes; gce, local: no)
     needs_node_ports: ClassVar[bool]
+    #: whether the balancer targets nodes at all; when False, node changes never trigger an ensure
+    uses_nodes: ClassVar[bool] = True
     #: resources the operator watches and hands to `resources_changed`
     watched_resources: ClassVar[tuple[WatchedResource, ...]] = ()
 

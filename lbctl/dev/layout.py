@@ -150,6 +150,7 @@ def controller_manager_args(binary: Path, layout: Layout) -> list[str]:
         f"--service-account-private-key-file={pki / 'sa.key'}",
         f"--root-ca-file={pki / 'ca.crt'}",
         "--leader-elect=false",
+        "--use-service-account-credentials",  # each controller with its own RBAC role, as in real clusters
         "--secure-port=0",  # no serving endpoint needed: nothing scrapes it here
         "--kube-api-qps=200",
         "--kube-api-burst=400",

@@ -38,7 +38,7 @@ class NodeTarget:
     provider_id: str = ""
     internal_ip: str | None = None
     zone: str | None = None
-    labels: Mapping[str, str] = field(default=EMPTY, compare=False, hash=False)
+    labels: Mapping[str, str] = field(default_factory=lambda: EMPTY, compare=False, hash=False)
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class LoadBalancerSpec:
     name: str  # deterministic cloud name, see lbctl.model.names
     ports: tuple[PortSpec, ...]
     nodes: tuple[NodeTarget, ...] = ()
-    annotations: Mapping[str, str] = EMPTY
+    annotations: Mapping[str, str] = field(default_factory=lambda: EMPTY)
     external_traffic_policy: str = "Cluster"  # or "Local"
     health_check_node_port: int | None = None
     source_ranges: tuple[str, ...] = ()  # validated CIDRs; empty means everyone
@@ -58,8 +58,11 @@ class LoadBalancerSpec:
     ip_families: tuple[str, ...] = ("IPv4",)
     ip_family_policy: str = "SingleStack"
     session_affinity: str = "None"
-    selector: Mapping[str, str] = EMPTY
+    selector: Mapping[str, str] = field(default_factory=lambda: EMPTY)
     current_ingress: tuple[Ingress, ...] = ()  # what status.loadBalancer.ingress says now
+    # the Service's labels (address pools select on them)
+    labels: Mapping[str, str] = field(default_factory=lambda: EMPTY)
+    created: str = ""  # metadata.creationTimestamp: older Services win conflicts on restore
 
     @property
     def ref(self) -> LoadBalancerRef:

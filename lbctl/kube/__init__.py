@@ -1,0 +1,1 @@
+"""Kubernetes API I/O shared by the operator and the forwarder."""

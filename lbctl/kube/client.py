@@ -1,0 +1,133 @@
+"""A small asyncio client for the few calls lbctl makes on its hot path (patches, events, lists).
+
+Configuration (kubeconfig or in-cluster service account, token refresh) comes from the
+`kubernetes` library's own loaders; transport is aiohttp, which kopf already uses, because the
+synchronous client in threads cannot carry hundreds of writes per second on two cores.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+from kubernetes import client as k8s_client
+from kubernetes import config as k8s_config
+
+MERGE_PATCH = "application/merge-patch+json"
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, method: str, path: str, body: Mapping[str, Any] | str) -> None:
+        self.status = status
+        self.body = body
+        message = body.get("message", "") if isinstance(body, Mapping) else str(body)[:500]
+        super().__init__(f"{method} {path}: {status} {message}")
+
+
+def load_configuration(kubeconfig: str | None = None) -> k8s_client.Configuration:
+    """kubeconfig (explicit, $KUBECONFIG or ~/.kube/config), else the in-cluster service account."""
+    configuration = k8s_client.Configuration()
+    try:
+        k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    except (k8s_config.ConfigException, FileNotFoundError, TypeError):
+        if kubeconfig:
+            raise
+        k8s_config.load_incluster_config(client_configuration=configuration)
+    return configuration
+
+
+class KubeClient:
+    def __init__(self, configuration: k8s_client.Configuration, user_agent: str = "lbctl") -> None:
+        self._configuration = configuration
+        self._base = configuration.host.rstrip("/")
+        context = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
+        if configuration.cert_file:
+            context.load_cert_chain(configuration.cert_file, configuration.key_file)
+        if not configuration.verify_ssl:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        self._ssl = context
+        self._user_agent = user_agent
+        self._session: aiohttp.ClientSession | None = None
+        self.requests_sent = 0
+
+    @classmethod
+    def from_kubeconfig(cls, kubeconfig: str | None = None, user_agent: str = "lbctl") -> KubeClient:
+        return cls(load_configuration(kubeconfig), user_agent)
+
+    @property
+    def configuration(self) -> k8s_client.Configuration:
+        return self._configuration
+
+    def _headers(self, content_type: str | None) -> dict[str, str]:
+        headers = {"Accept": "application/json", "User-Agent": self._user_agent}
+        # refreshes when due; the loaders store "Bearer <token>" under BearerToken
+        token = self._configuration.get_api_key_with_prefix("BearerToken", alias="authorization")
+        if token:
+            headers["Authorization"] = token
+        if content_type:
+            headers["Content-Type"] = content_type
+        return headers
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(ssl=self._ssl, limit=64)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60))
+        return self._session
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        content_type: str | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        session = self._open()
+        self.requests_sent += 1
+        if body is not None and content_type is None:
+            content_type = "application/json"
+        async with session.request(
+            method, self._base + path, json=body, params=params, headers=self._headers(content_type)
+        ) as response:
+            try:
+                payload = await response.json(content_type=None)
+            except (aiohttp.ContentTypeError, ValueError):
+                payload = await response.text()
+            if response.status >= 400:
+                raise ApiError(response.status, method, path, payload)
+            return payload if isinstance(payload, dict) else {}
+
+    async def list_all(self, path: str, params: Mapping[str, str] | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Every item of a list, following `continue` tokens (pages of 500)."""
+        query = dict(params or {}, limit="500")
+        while True:
+            page = await self.request("GET", path, params=query)
+            for item in page.get("items") or ():
+                yield item
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return
+            query["continue"] = token
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def service_path(namespace: str, name: str, subresource: str = "") -> str:
+    path = f"/api/v1/namespaces/{quote(namespace)}/services/{quote(name)}"
+    return f"{path}/{subresource}" if subresource else path
+
+
+def custom_path(group: str, version: str, plural: str, name: str = "", subresource: str = "") -> str:
+    path = f"/apis/{group}/{version}/{plural}"
+    if name:
+        path += f"/{quote(name)}"
+    return f"{path}/{subresource}" if subresource else path

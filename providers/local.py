@@ -1,0 +1,101 @@
+"""The local provider: addresses from `LoadBalancerPool` objects (MetalLB semantics), no cloud.
+
+The decisions live in providers.local_pools; this adapter only feeds it the pools and Services the
+operator hands over and turns its answers into statuses. It keeps no database: at start-up the
+operator passes every Service that shows an address, and the allocator takes those back first
+(MetalLB does the same). The node-side forwarder announces the addresses on the LAN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+from lbctl.model.types import Ingress, LoadBalancerRef, LoadBalancerSpec, LoadBalancerStatus, PortStatus
+from providers.base import Provider, ProviderSettings, WatchedResource
+from providers.local_pools import Allocator, Pool, PoolError, overlapping_pools, parse_pool, request_from_spec
+
+POOLS = WatchedResource("lbctl.io", "v1alpha1", "loadbalancerpools")
+_INT64_MAX = 2**63 - 1  # an IPv6 pool's free count does not fit the status field otherwise
+
+
+class LocalProvider(Provider):
+    name = "local"
+    needs_node_ports = False
+    uses_nodes = False  # the forwarder on each node carries the traffic, whatever the node set
+    watched_resources: ClassVar[tuple[WatchedResource, ...]] = (POOLS,)
+
+    def __init__(self, cluster_name: str) -> None:
+        self._cluster_name = cluster_name
+        self._allocator = Allocator()
+        self._refs: dict[str, LoadBalancerRef] = {}
+        self._pool_names: list[str] = []
+        self._pool_problems: dict[str, tuple[str, str]] = {}  # name -> (reason, message)
+
+    @classmethod
+    def create(cls, settings: ProviderSettings) -> LocalProvider:
+        return cls(settings.cluster_name)
+
+    async def ensure(self, spec: LoadBalancerSpec) -> LoadBalancerStatus:
+        request = request_from_spec(spec, labels=spec.labels, created=spec.created)
+        addresses = self._allocator.assign(request)
+        self._refs[spec.service.key] = spec.ref
+        ports = tuple(PortStatus(port=p.port, protocol=p.protocol) for p in spec.ports)
+        return LoadBalancerStatus(tuple(Ingress(ip=str(ip), ip_mode="VIP", ports=ports) for ip in addresses))
+
+    async def delete(self, ref: LoadBalancerRef) -> None:
+        self._allocator.release(ref.service_key)
+        self._refs.pop(ref.service_key, None)
+
+    async def get(self, ref: LoadBalancerRef) -> LoadBalancerStatus | None:
+        allocation = self._allocator.allocation(ref.service_key)
+        if allocation is None:
+            return None
+        return LoadBalancerStatus(tuple(Ingress(ip=str(ip), ip_mode="VIP") for ip in allocation.ips))
+
+    async def list_owned(self) -> list[LoadBalancerRef]:
+        return list(self._refs.values())
+
+    async def restore(self, specs: Sequence[LoadBalancerSpec]) -> None:
+        requests = []
+        for spec in specs:
+            try:
+                requests.append(request_from_spec(spec, labels=spec.labels, created=spec.created))
+            except Exception:  # an invalid Service is reported when it is synced
+                continue
+            self._refs[spec.service.key] = spec.ref
+        self._allocator.restore(requests)
+
+    async def resources_changed(self, resource: WatchedResource, objects: Sequence[Mapping[str, Any]]) -> set[str]:
+        pools: list[Pool] = []
+        self._pool_problems = {}
+        self._pool_names = sorted(str(o["metadata"]["name"]) for o in objects)
+        for obj in objects:
+            try:
+                pools.append(parse_pool(obj))
+            except PoolError as exc:
+                self._pool_problems[obj["metadata"]["name"]] = (
+                    "InvalidPool", f"{exc}; fix the pool's spec (nothing is assigned from it meanwhile)")
+        for overlap in overlapping_pools(pools):
+            self._pool_problems[overlap.rejected.name] = (
+                "OverlappingPool", f"{overlap.message}; fix: give each pool its own addresses "
+                f"(pool {overlap.kept.name} keeps them)")
+        return self._allocator.set_pools(pools)
+
+    def resource_status(self, resource: WatchedResource) -> dict[str, dict[str, Any]]:
+        stats = self._allocator.pool_stats()
+        statuses: dict[str, dict[str, Any]] = {}
+        for name in self._pool_names:
+            problem = self._pool_problems.get(name)
+            usage = stats.get(name)
+            statuses[name] = {
+                "assigned": usage.assigned if usage else 0,
+                "free": min(usage.free, _INT64_MAX) if usage else 0,
+                "conditions": [{
+                    "type": "Ready",
+                    "status": "False" if problem else "True",
+                    "reason": problem[0] if problem else "PoolReady",
+                    "message": problem[1] if problem else "addresses are being assigned from this pool",
+                }],
+            }
+        return statuses
