@@ -6,7 +6,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-SERVICE_CIDR = "10.96.0.0/16"  # 65,534 ClusterIPs: room for scale runs of 10,000+ Services
+# Dual-stack, so Services can ask for both families: 65,534 IPv4 ClusterIPs (room for scale runs of
+# 10,000+ Services) and the largest IPv6 range the apiserver allows (/108).
+SERVICE_CIDR = "10.96.0.0/16,fd00:10:96::/108"
 NODE_PORT_RANGE = "30000-54999"  # 25,000 NodePorts
 KUBERNETES_SERVICE_IP = "10.96.0.1"
 CONTROLLERS = (

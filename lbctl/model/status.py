@@ -80,7 +80,8 @@ def status_patch(
     status = service.get("status") or {}
     patch: dict[str, Any] = {}
     if ingress is not None and ((status.get("loadBalancer") or {}).get("ingress") or []) != ingress:
-        patch["loadBalancer"] = {"ingress": ingress} if ingress else {}
+        # a merge patch clears a field only by naming it with null
+        patch["loadBalancer"] = {"ingress": ingress or None}
     existing = current_condition(service)
     removing = condition is None and existing is not None
     if removing or (condition is not None and not _same_condition(existing, condition)):

@@ -13,7 +13,7 @@ import kopf
 from prometheus_client import start_http_server
 
 from lbctl.kube.client import KubeClient
-from lbctl.model.scope import FINALIZER, Scope, default_class
+from lbctl.model.scope import Scope, default_class
 from lbctl.operator.reconciler import Reconciler, ReconcilerSettings
 from providers import registry as provider_registry
 from providers.base import ProviderSettings, WatchedResource
@@ -47,7 +47,10 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
 
     @kopf.on.startup(registry=registry)
     async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
-        settings.persistence.finalizer = FINALIZER  # kopf adds none of its own: we manage ours
+        # Only event handlers are registered, so kopf adds no finalizer of its own and the service
+        # controller's (FINALIZER) is the only one on a Service; the reconciler adds and removes it.
+        # It must not be kopf's configured finalizer too: kopf strips that one from objects for
+        # which no handler needs a finalizer.
         settings.posting.enabled = False  # our Events carry the service controller's reasons
         settings.scanning.disabled = True  # no CRD/namespace discovery: the RBAC stays minimal
         settings.watching.server_timeout = 300
@@ -69,13 +72,15 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
     async def stop(**_: Any) -> None:
         await reconciler.stop()
 
+    # Handlers are coroutines: kopf runs plain functions in a thread pool, and the reconciler's
+    # state belongs to the event loop.
     @kopf.on.event("v1", "services", registry=registry)
-    def service_event(event: kopf.RawEvent, **_: Any) -> None:
+    async def service_event(event: kopf.RawEvent, **_: Any) -> None:
         reconciler.service_event(event.get("type"), event["object"])
 
     if reconciler.provider.uses_nodes:
         @kopf.on.event("v1", "nodes", registry=registry)
-        def node_event(event: kopf.RawEvent, **_: Any) -> None:
+        async def node_event(event: kopf.RawEvent, **_: Any) -> None:
             reconciler.node_event(event.get("type"), event["object"])
 
     for resource in reconciler.provider.watched_resources:
@@ -85,7 +90,7 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
 
 def _register_resource(registry: kopf.OperatorRegistry, reconciler: Reconciler, resource: WatchedResource) -> None:
     @kopf.on.event(resource.group, resource.version, resource.plural, registry=registry)
-    def resource_event(event: kopf.RawEvent, **_: Any) -> None:
+    async def resource_event(event: kopf.RawEvent, **_: Any) -> None:
         reconciler.resource_event(resource, event.get("type"), event["object"])
 
 

@@ -57,7 +57,8 @@ def _relevant(body: Mapping[str, Any] | None) -> tuple[Any, ...] | None:
     if body is None:
         return None
     meta = body.get("metadata") or {}
-    return (meta.get("uid"), meta.get("generation"), meta.get("annotations"), meta.get("labels"),
+    # the spec itself, not metadata.generation: the apiserver does not maintain it for Services
+    return (meta.get("uid"), body.get("spec"), meta.get("annotations"), meta.get("labels"),
             tuple(meta.get("finalizers") or ()), meta.get("deletionTimestamp"))
 
 
@@ -178,7 +179,9 @@ class Reconciler:
             return
         self.services[key] = {"kind": "Service", "apiVersion": "v1", **body}
         ours = self.scope.concerns(body) or key in self._refs
-        if self.started.is_set() and ours and _relevant(body) != _relevant(cached):
+        changed = _relevant(body) != _relevant(cached)
+        log.debug("service %s %s: ours=%s changed=%s", event_type, key, ours, changed)
+        if self.started.is_set() and ours and changed:
             self.queue.add(key)
 
     def node_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
@@ -384,7 +387,8 @@ class Reconciler:
                                             (body.get("metadata") or {}).get("generation"), _now(),
                                             current_condition(body))
                 try:
-                    await self._write_status(key, body, None, condition)
+                    ingress = None if deleting or await self._still_exists(key, body) else []
+                    await self._write_status(key, body, ingress, condition)
                 except ApiError as exc:
                     log.warning("%s: could not write condition: %s", key, exc)
         if error.retryable:
@@ -393,6 +397,22 @@ class Reconciler:
             self.queue.retry_later(key)
         else:
             self.queue.forget(key)  # synced again when the Service changes
+
+    async def _still_exists(self, key: str, body: Mapping[str, Any]) -> bool:
+        """After a failed sync: does the balancer the status shows still exist? A transient error
+        leaves a working balancer in place; an address taken back (a pool shrank) must leave the
+        status too, or clients would be sent to an address that is no longer this Service's."""
+        if not ((body.get("status") or {}).get("loadBalancer") or {}).get("ingress"):
+            return True
+        meta = body.get("metadata") or {}
+        ref = LoadBalancerRef(name=load_balancer_name(meta.get("uid", "")), cluster_name=self.settings.cluster_name,
+                              namespace=meta.get("namespace", ""), service_name=meta.get("name", ""),
+                              uid=meta.get("uid"))
+        try:
+            return await self.provider.get(ref) is not None
+        except Exception:
+            log.warning("%s: could not check whether its balancer still exists", key, exc_info=True)
+            return True
 
     # ---- writes -------------------------------------------------------------------------------
 

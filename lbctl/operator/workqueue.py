@@ -38,7 +38,7 @@ class WorkQueue:
 
     def retry_later(self, key: str) -> float:
         """Schedule a retry after this key's next backoff delay; returns the delay."""
-        failures = self._failures.get(key, 0)
+        failures = min(self._failures.get(key, 0), 30)  # 2**30 × base is past any max delay
         self._failures[key] = failures + 1
         delay = min(self._max, self._base * 2.0**failures) * random.uniform(0.8, 1.2)
         self.add_after(key, delay)

@@ -53,7 +53,8 @@ def test_up_env_down_round_trip_leaves_no_process(dev_dir: Path) -> None:
     kubeconfig = dev_dir.resolve() / "kubeconfig"
     assert started.stdout.strip() == f"export KUBECONFIG={kubeconfig}"
     recorded = json.loads((dev_dir / "cluster.json").read_text())
-    assert recorded["service_cidr"] == "10.96.0.0/16" and recorded["node_port_range"] == "30000-54999"
+    assert recorded["service_cidr"] == "10.96.0.0/16,fd00:10:96::/108"
+    assert recorded["node_port_range"] == "30000-54999"
     config = json.loads(kubeconfig.read_text())
     assert "insecure-skip-tls-verify" not in json.dumps(config)
     assert len(processes_mentioning(str(dev_dir.resolve()))) == 3

@@ -1,0 +1,76 @@
+"""Fixtures: the operator as users run it (`lbctl operator …` in its own process) against the real
+control plane, the pool CRD, and per-test pools."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from lbctl.dev.layout import ClusterInfo
+from tests.integration.harness import POOL_CRD, OperatorProcess, Pools, wait_until
+
+
+@pytest.fixture(scope="session")
+def pool_crd(api_client: client.ApiClient) -> None:
+    extensions = client.ApiextensionsV1Api(api_client)
+    body = yaml.safe_load(POOL_CRD.read_text())
+    try:
+        extensions.create_custom_resource_definition(body)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+
+    def established() -> bool:
+        crd = extensions.read_custom_resource_definition(body["metadata"]["name"])
+        return any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or ())
+
+    wait_until(established, what="CRD established")
+
+
+@pytest.fixture
+def start_operator(
+    cluster: ClusterInfo, pool_crd: None, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., OperatorProcess]]:
+    started: list[OperatorProcess] = []
+
+    def start(*extra: str, env: dict[str, str] | None = None, wait: bool = True) -> OperatorProcess:
+        args = ["--node-port-range", cluster.node_port_range, "--log-level", "info", *extra]
+        if not any(a == "--provider" for a in extra) and "LBCTL_PROVIDER" not in (env or {}):
+            args = ["--provider", "local", *args]
+        operator = OperatorProcess(cluster, tmp_path, args, env or {})
+        operator.start(wait=wait)
+        started.append(operator)
+        return operator
+
+    yield start
+    for operator in started:
+        operator.stop()
+    if getattr(request.node, "rep_call_failed", False):
+        for operator in started:
+            print(f"--- operator log ({operator.log_path}) ---\n{operator.log()[-6000:]}")
+
+
+@pytest.fixture
+def operator(start_operator: Callable[..., OperatorProcess]) -> OperatorProcess:
+    return start_operator()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
+    report = yield
+    if getattr(report, "when", "") == "call" and getattr(report, "failed", False):
+        item.rep_call_failed = True  # type: ignore[attr-defined]
+    return report
+
+
+@pytest.fixture
+def pools(api_client: client.ApiClient, namespace: str, pool_crd: None) -> Iterator[Pools]:
+    made = Pools(client.CustomObjectsApi(api_client), namespace)
+    yield made
+    for name in made.names:
+        made.delete(name)

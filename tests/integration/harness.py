@@ -1,0 +1,196 @@
+"""Helpers for operator integration tests: the operator process, pools, Services, and waiting for
+what the operator writes."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from lbctl.dev.layout import ClusterInfo
+
+REPO = Path(__file__).resolve().parents[2]
+POOL_CRD = REPO / "examples" / "deploy" / "crd-loadbalancerpool.yaml"
+LOCAL_CLASS = "lbctl.io/local"
+T = TypeVar("T")
+
+
+def wait_until(probe: Callable[[], T], timeout: float = 15.0, interval: float = 0.05, what: str = "") -> T:
+    """Poll until `probe` returns something truthy; fail the test with `what` otherwise."""
+    deadline = time.monotonic() + timeout
+    last: T = probe()
+    while not last:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or probe}; last value: {last!r}")
+        time.sleep(interval)
+        last = probe()
+    return last
+
+
+class OperatorProcess:
+    """`python -m lbctl operator` with a log file; restartable, killable."""
+
+    def __init__(self, cluster: ClusterInfo, log_dir: Path, args: list[str], env: dict[str, str]) -> None:
+        self.cluster = cluster
+        self.args = args
+        self.env = env
+        self.log_dir = log_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / f"operator-{self.starts}.log"
+
+    def start(self, wait: bool = True) -> None:
+        self.starts += 1
+        env = {**os.environ, "KUBECONFIG": self.cluster.kubeconfig, **self.env}
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "lbctl", "operator", *self.args], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        if wait:
+            wait_until(lambda: "started:" in self.log() or self.proc is None or self.proc.poll() is not None,
+                       timeout=30, what="operator start-up")
+            assert self.alive(), f"operator exited at start-up:\n{self.log()}"
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: the operator gets no chance to clean anything up (a crash)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+_ranges = itertools.count(1)
+
+
+class Pools:
+    """Creates LoadBalancerPools with unique names and address ranges, restricted by default to the
+    test's namespace so tests never draw from each other's pools; deletes them at the end."""
+
+    def __init__(self, custom: client.CustomObjectsApi, namespace: str) -> None:
+        self.custom = custom
+        self.namespace = namespace
+        self.names: list[str] = []
+
+    @staticmethod
+    def fresh_v4(size: int = 24) -> str:
+        n = next(_ranges)
+        return f"198.18.{n}.0/{size}"
+
+    @staticmethod
+    def fresh_v6() -> str:
+        return f"fd00:db8:{next(_ranges):x}::/120"
+
+    def create(self, addresses: list[str], name: str | None = None, restrict: bool = True,
+               wait_seen: bool = True, **spec: Any) -> dict[str, Any]:
+        name = name or f"pool-{uuid.uuid4().hex[:8]}"
+        body = {"apiVersion": "lbctl.io/v1alpha1", "kind": "LoadBalancerPool", "metadata": {"name": name},
+                "spec": {"addresses": addresses, **spec}}
+        if restrict:
+            body["spec"].setdefault("namespaces", [self.namespace])
+        created: dict[str, Any] = self.custom.create_cluster_custom_object(
+            "lbctl.io", "v1alpha1", "loadbalancerpools", body)
+        self.names.append(name)
+        if wait_seen:  # the operator writes a pool's status once it knows the pool
+            wait_until(lambda: self.get(name).get("status", {}).get("conditions"), what=f"operator saw pool {name}")
+        return created
+
+    def get(self, name: str) -> dict[str, Any]:
+        found: dict[str, Any] = self.custom.get_cluster_custom_object("lbctl.io", "v1alpha1", "loadbalancerpools",
+                                                                      name)
+        return found
+
+    def patch(self, name: str, spec: dict[str, Any]) -> None:
+        self.custom.patch_cluster_custom_object("lbctl.io", "v1alpha1", "loadbalancerpools", name, {"spec": spec})
+
+    def delete(self, name: str) -> None:
+        try:
+            self.custom.delete_cluster_custom_object("lbctl.io", "v1alpha1", "loadbalancerpools", name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+
+def lb_service(name: str, ports: list[int] | list[tuple[int, str]] = (80,), lb_class: str | None = LOCAL_CLASS,
+               annotations: dict[str, str] | None = None, labels: dict[str, str] | None = None,
+               **spec: Any) -> dict[str, Any]:
+    entries = []
+    for index, port in enumerate(ports):
+        number, protocol = (port, "TCP") if isinstance(port, int) else port
+        entries.append({"name": f"p{index}", "port": number, "protocol": protocol})
+    body: dict[str, Any] = {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "annotations": annotations or {}, "labels": labels or {}},
+        "spec": {"type": "LoadBalancer", "selector": {"app": name}, "ports": entries, **spec},
+    }
+    if lb_class:
+        body["spec"]["loadBalancerClass"] = lb_class
+    return body
+
+
+def ingress_ips(core: client.CoreV1Api, namespace: str, name: str) -> list[str]:
+    service = core.read_namespaced_service(name, namespace)
+    return [i.ip for i in (service.status.load_balancer.ingress or ()) if i.ip]
+
+
+def wait_for_ips(core: client.CoreV1Api, namespace: str, name: str, count: int = 1, timeout: float = 15) -> list[str]:
+    return wait_until(lambda: (ips := ingress_ips(core, namespace, name)) and len(ips) >= count and ips,
+                      timeout=timeout, what=f"an address on {namespace}/{name}")
+
+
+def condition(core: client.CoreV1Api, namespace: str, name: str) -> Any:
+    service = core.read_namespaced_service(name, namespace)
+    return next((c for c in service.status.conditions or () if c.type == "LoadBalancerReady"), None)
+
+
+def wait_for_condition(core: client.CoreV1Api, namespace: str, name: str, status: str,
+                       reason: str | None = None, timeout: float = 15) -> Any:
+    def probe() -> Any:
+        found = condition(core, namespace, name)
+        ok = found is not None and found.status == status and (reason is None or found.reason == reason)
+        return found if ok else None
+
+    return wait_until(probe, timeout=timeout, what=f"condition {status}/{reason} on {namespace}/{name}")
+
+
+def events(core: client.CoreV1Api, namespace: str, name: str) -> list[tuple[str, str, str]]:
+    found = core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}")
+    # timestamps have one-second resolution; etcd's revision orders events exactly
+    ordered = sorted(found.items, key=lambda e: int(e.metadata.resource_version))
+    return [(e.type, e.reason, e.message) for e in ordered]
+
+
+def wait_for_event(core: client.CoreV1Api, namespace: str, name: str, reason: str, contains: str = "",
+                   timeout: float = 15) -> tuple[str, str, str]:
+    return wait_until(
+        lambda: next((e for e in events(core, namespace, name) if e[1] == reason and contains in e[2]), None),
+        timeout=timeout, what=f"event {reason} containing {contains!r} on {namespace}/{name}")
