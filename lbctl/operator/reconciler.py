@@ -387,7 +387,8 @@ class Reconciler:
                                             (body.get("metadata") or {}).get("generation"), _now(),
                                             current_condition(body))
                 try:
-                    ingress = None if deleting or await self._still_exists(key, body) else []
+                    keep = deleting or await self._still_exists(key, body)
+                    ingress: list[dict[str, Any]] | None = None if keep else []
                     await self._write_status(key, body, ingress, condition)
                 except ApiError as exc:
                     log.warning("%s: could not write condition: %s", key, exc)
