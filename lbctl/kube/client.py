@@ -7,6 +7,7 @@ synchronous client in threads cannot carry hundreds of writes per second on two 
 
 from __future__ import annotations
 
+import json
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -15,6 +16,9 @@ from urllib.parse import quote
 import aiohttp
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
+from prometheus_client import Counter
+
+REQUESTS = Counter("lbctl_kube_requests_total", "Kubernetes API requests sent (watches not counted)", ["verb"])
 
 MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
@@ -91,6 +95,7 @@ class KubeClient:
     ) -> dict[str, Any]:
         session = self._open()
         self.requests_sent += 1
+        REQUESTS.labels(verb=method).inc()
         if body is not None and content_type is None:
             content_type = "application/json"
         async with session.request(
@@ -115,6 +120,21 @@ class KubeClient:
             if not token:
                 return
             query["continue"] = token
+
+    async def watch(
+        self, path: str, resource_version: str, timeout_s: int = 300
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Watch events ({"type": …, "object": …}) from `resource_version` until the server ends it."""
+        session = self._open()
+        params = {"watch": "1", "resourceVersion": resource_version, "allowWatchBookmarks": "false",
+                  "timeoutSeconds": str(timeout_s)}
+        async with session.get(self._base + path, params=params, headers=self._headers(None),
+                               timeout=aiohttp.ClientTimeout(total=None, sock_read=timeout_s + 30)) as response:
+            if response.status >= 400:
+                raise ApiError(response.status, "WATCH", path, await response.text())
+            async for line in response.content:
+                if line.strip():
+                    yield json.loads(line)
 
     async def close(self) -> None:
         if self._session is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import uuid
@@ -39,21 +40,57 @@ def event_body(obj: Mapping[str, Any], event_type: str, reason: str, message: st
 
 
 class EventRecorder:
-    def __init__(self, client: KubeClient, component: str = "lbctl") -> None:
+    """Posts Events in the background, like client-go's broadcaster: a sync never waits for one,
+    so under load the writes users wait for (status) go first and Events trail behind."""
+
+    def __init__(self, client: KubeClient, component: str = "lbctl", posters: int = 2,
+                 capacity: int = 20_000) -> None:
         self._client = client
         self._component = component
+        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(capacity)
+        self._posters = posters
+        self._tasks: list[asyncio.Task[None]] = []
+        self.dropped = 0
+
+    def _start(self) -> None:
+        if not self._tasks:
+            self._tasks = [asyncio.create_task(self._post_loop()) for _ in range(self._posters)]
+
+    async def _post_loop(self) -> None:
+        while True:
+            body = await self._queue.get()
+            try:
+                await self._client.request(
+                    "POST", f"/api/v1/namespaces/{body['metadata']['namespace']}/events", body=body)
+            except (ApiError, OSError) as exc:
+                log.warning("could not post event %s for %s: %s", body["reason"],
+                            body["involvedObject"]["name"], exc)
+            finally:
+                self._queue.task_done()
 
     async def record(self, obj: Mapping[str, Any], event_type: str, reason: str, message: str) -> None:
-        """Post an Event; failures are logged, never raised: an Event must not break a sync."""
+        """Queue an Event; never raises: an Event must not break a sync."""
+        self._start()
         body = event_body(obj, event_type, reason, message, self._component, dt.datetime.now(dt.UTC))
         try:
-            await self._client.request("POST", f"/api/v1/namespaces/{body['metadata']['namespace']}/events",
-                                       body=body)
-        except (ApiError, OSError) as exc:
-            log.warning("could not post event %s for %s: %s", reason, body["involvedObject"]["name"], exc)
+            self._queue.put_nowait(body)
+        except asyncio.QueueFull:
+            self.dropped += 1
+            log.warning("event queue full: dropped %s for %s", reason, body["involvedObject"]["name"])
 
     async def normal(self, obj: Mapping[str, Any], reason: str, message: str) -> None:
         await self.record(obj, "Normal", reason, message)
 
     async def warning(self, obj: Mapping[str, Any], reason: str, message: str) -> None:
         await self.record(obj, "Warning", reason, message)
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Post what is queued (for a while), then stop."""
+        if self._tasks:
+            try:
+                await asyncio.wait_for(self._queue.join(), timeout_s)
+            except TimeoutError:
+                log.warning("%d events not posted at shutdown", self._queue.qsize())
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -149,6 +149,7 @@ class Reconciler:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.events.close()
         await self.provider.close()
         await self.client.close()
 

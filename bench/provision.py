@@ -1,0 +1,173 @@
+"""Provisioning speed of the operator with the local provider, on the embedded control plane.
+
+Self-contained: starts a control plane and `lbctl operator --provider local` in temporary
+places, creates N Services in a burst, measures creation → status.loadBalancer.ingress written for
+each (seen through a watch), then one more Service on the idle operator, and tears everything
+down. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lbctl.dev import controlplane
+from lbctl.dev.controlplane import free_port
+from lbctl.kube.client import KubeClient
+
+REPO = Path(__file__).resolve().parents[1]
+NAMESPACE = "bench"
+
+
+def service(name: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+            "spec": {"type": "LoadBalancer", "loadBalancerClass": "lbctl.io/local", "selector": {"app": name},
+                     "ports": [{"port": 80, "protocol": "TCP"}]}}
+
+
+def rss_mb(pid: int) -> float:
+    text = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(r"VmRSS:\s+(\d+) kB", text)
+    return int(match.group(1)) / 1024 if match else 0.0
+
+
+def operator_requests(metrics_port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return sum(float(m) for m in re.findall(r'^lbctl_kube_requests_total\{[^}]*\} ([0-9.e+]+)$', text, re.M))
+
+
+async def run(count: int, workdir: Path) -> dict[str, Any]:
+    info = controlplane.up(workdir / "cp")
+    client = KubeClient.from_kubeconfig(info.kubeconfig)
+    operator: subprocess.Popen[bytes] | None = None
+    try:
+        crd = yaml.safe_load((REPO / "examples/deploy/crd-loadbalancerpool.yaml").read_text())
+        await client.request("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", body=crd)
+        await client.request("POST", "/api/v1/namespaces", body={"metadata": {"name": NAMESPACE}})
+        for _ in range(100):
+            try:
+                await client.request("POST", "/apis/lbctl.io/v1alpha1/loadbalancerpools", body={
+                    "apiVersion": "lbctl.io/v1alpha1", "kind": "LoadBalancerPool", "metadata": {"name": "bench"},
+                    "spec": {"addresses": ["198.18.0.0/16"]}})
+                break
+            except Exception:
+                await asyncio.sleep(0.1)  # CRD not established yet
+        metrics_port = free_port()
+        log = open(workdir / "operator.log", "wb")  # noqa: SIM115 - lives as long as the operator
+        operator = subprocess.Popen(
+            [sys.executable, "-m", "lbctl", "operator", "--provider", "local", "--metrics-port", str(metrics_port),
+             "--node-port-range", info.node_port_range, "--log-level", "warning"],
+            env={**os.environ, "KUBECONFIG": info.kubeconfig}, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                requests_at_start = operator_requests(metrics_port)
+                break
+            except OSError:
+                if time.monotonic() > deadline or operator.poll() is not None:
+                    raise RuntimeError((workdir / "operator.log").read_text()) from None
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # let start-up listing finish
+        requests_at_start = operator_requests(metrics_port)
+
+        listing = await client.request("GET", f"/api/v1/namespaces/{NAMESPACE}/services")
+        created: dict[str, float] = {}
+        ready: dict[str, float] = {}
+        all_ready = asyncio.Event()
+        peak_rss = [rss_mb(operator.pid)]
+
+        async def watch() -> None:
+            async for event in client.watch(f"/api/v1/namespaces/{NAMESPACE}/services",
+                                            listing["metadata"]["resourceVersion"]):
+                obj = event.get("object") or {}
+                name = (obj.get("metadata") or {}).get("name")
+                if name and name not in ready and ((obj.get("status") or {}).get("loadBalancer") or {}).get("ingress"):
+                    ready[name] = time.monotonic()
+                    if len(ready) >= len(created) and len(created) == expected[0]:
+                        all_ready.set()
+
+        async def sample_rss() -> None:
+            while True:
+                if operator.poll() is not None:
+                    tail = (workdir / "operator.log").read_text()[-3000:]
+                    print(f"operator exited ({operator.returncode}):\n{tail}", file=sys.stderr)
+                    os._exit(1)
+                peak_rss[0] = max(peak_rss[0], rss_mb(operator.pid))
+                await asyncio.sleep(0.1)
+
+        expected = [count]
+        watcher = asyncio.create_task(watch())
+        sampler = asyncio.create_task(sample_rss())
+        await asyncio.sleep(0.2)
+        semaphore = asyncio.Semaphore(64)
+
+        async def create(name: str) -> None:
+            async with semaphore:
+                started = time.monotonic()
+                await client.request("POST", f"/api/v1/namespaces/{NAMESPACE}/services", body=service(name))
+                created[name] = started
+
+        burst_started = time.monotonic()
+        await asyncio.gather(*(create(f"svc-{i:05d}") for i in range(count)))
+        create_s = time.monotonic() - burst_started
+        await asyncio.wait_for(all_ready.wait(), timeout=max(120, count / 5))
+        burst_done = max(ready.values())
+        latencies = sorted(ready[n] - created[n] for n in created)
+        await asyncio.sleep(1.5)  # trailing writes (pool status) land before counting
+        requests = operator_requests(metrics_port) - requests_at_start
+
+        # one Service on an idle operator
+        all_ready.clear()
+        expected[0] = count + 1
+        await create("single")
+        await asyncio.wait_for(all_ready.wait(), timeout=30)
+        single = ready["single"] - created["single"]
+        watcher.cancel()
+        sampler.cancel()
+        return {
+            "services": count,
+            "p50_s": round(statistics.median(latencies), 4),
+            "p99_s": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 4),
+            "throughput_per_s": round(count / (burst_done - burst_started), 1),
+            "api_requests_per_service": round(requests / count, 2),
+            "operator_rss_mb": round(peak_rss[0], 1),
+            "single_service_s": round(single, 4),
+            "burst_create_s": round(create_s, 2),  # how long the apiserver took to accept the burst
+        }
+    finally:
+        if operator is not None:
+            operator.send_signal(signal.SIGTERM)
+            try:
+                operator.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                operator.kill()
+        await client.close()
+        controlplane.down(workdir / "cp")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--services", type=int, default=1000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="lbctl-bench-") as tmp:
+        result = asyncio.run(run(args.services, Path(tmp)))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Stand-ins for cloud APIs that have no local emulator (never for the Kubernetes API)."""
