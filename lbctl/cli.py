@@ -58,23 +58,62 @@ def _port_range(text: str) -> tuple[int, int]:
     return bounds
 
 
+def _provider_options(args: argparse.Namespace) -> dict[str, str]:
+    options = dict(args.provider_option)
+    options.update({k: v for k, v in {
+        "region": args.region, "endpoint_url": args.aws_endpoint_url, "endpoint": args.gce_endpoint,
+        "project": args.project, "network": args.network,
+    }.items() if v})
+    return options
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
+
+
+def _add_provider_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--provider", default=_env("PROVIDER", "local"), help="local, aws or gce (LBCTL_PROVIDER)")
+    parser.add_argument("--cluster-name", default=_env("CLUSTER_NAME", "kubernetes"),
+                        help="tags cloud resources kubernetes.io/cluster/<name> (LBCTL_CLUSTER_NAME)")
+    parser.add_argument("--class", dest="lb_class", default=_env("CLASS"),
+                        help="spec.loadBalancerClass handled (default lbctl.io/<provider>; LBCTL_CLASS)")
+    parser.add_argument("--default-class", action="store_true", default=_env_flag("DEFAULT_CLASS"),
+                        help="also handle Services without a loadBalancerClass (LBCTL_DEFAULT_CLASS)")
+    parser.add_argument("--namespace", action="append",
+                        default=[n for n in (_env("NAMESPACE") or "").split(",") if n],
+                        help="only these namespaces (repeatable; LBCTL_NAMESPACE=a,b); default all")
+    parser.add_argument("--kubeconfig", default=_env("KUBECONFIG"), help="default $KUBECONFIG, then in-cluster")
+    parser.add_argument("--region", default=_env("REGION"), help="aws/gce region (LBCTL_REGION)")
+    parser.add_argument("--aws-endpoint-url", default=_env("AWS_ENDPOINT_URL"),
+                        help="AWS endpoint override (also AWS_ENDPOINT_URL, boto3's own variable)")
+    parser.add_argument("--gce-endpoint", default=_env("GCE_ENDPOINT"), help="Compute endpoint override")
+    parser.add_argument("--project", default=_env("PROJECT"), help="gce project (LBCTL_PROJECT)")
+    parser.add_argument("--network", default=_env("NETWORK"), help="gce network (LBCTL_NETWORK)")
+    parser.add_argument("--provider-option", type=_key_value, action="append", metavar="KEY=VALUE",
+                        default=[_key_value(o) for o in (_env("PROVIDER_OPTIONS") or "").split(",") if o],
+                        help="any other provider setting (repeatable; LBCTL_PROVIDER_OPTIONS=k=v,k=v)")
+    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), help="debug, info, warning")
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kopf").setLevel(logging.WARNING)
+
+
 def _operator(args: argparse.Namespace) -> int:
     from lbctl.operator.app import OperatorConfig, run
 
-    options = {k: v for k, v in {
-        "region": args.region, "endpoint_url": args.aws_endpoint_url, "endpoint": args.gce_endpoint,
-        "project": args.project, "network": args.network,
-    }.items() if v}
     config = OperatorConfig(
         provider=args.provider, cluster_name=args.cluster_name, lb_class=args.lb_class,
         default_class=args.default_class, namespaces=tuple(args.namespace), kubeconfig=args.kubeconfig,
-        provider_options=options, workers=args.workers, node_port_range=args.node_port_range,
+        provider_options=_provider_options(args), workers=args.workers, node_port_range=args.node_port_range,
         gc_interval_s=args.gc_interval, resync_interval_s=args.resync_interval, metrics_port=args.metrics_port,
         liveness_endpoint=args.liveness_endpoint,
     )
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kopf").setLevel(logging.WARNING)
+    _logging(args.log_level)
     asyncio.run(run(config))
     return 0
 
@@ -82,23 +121,7 @@ def _operator(args: argparse.Namespace) -> int:
 def _add_operator(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     op = commands.add_parser(
         "operator", help="run the operator (every flag also reads LBCTL_<FLAG>, e.g. LBCTL_PROVIDER)")
-    op.add_argument("--provider", default=_env("PROVIDER", "local"), help="local, aws or gce (LBCTL_PROVIDER)")
-    op.add_argument("--cluster-name", default=_env("CLUSTER_NAME", "kubernetes"),
-                    help="tags cloud resources kubernetes.io/cluster/<name> (LBCTL_CLUSTER_NAME)")
-    op.add_argument("--class", dest="lb_class", default=_env("CLASS"),
-                    help="spec.loadBalancerClass handled (default lbctl.io/<provider>; LBCTL_CLASS)")
-    op.add_argument("--default-class", action="store_true", default=_env_flag("DEFAULT_CLASS"),
-                    help="also handle Services without a loadBalancerClass (LBCTL_DEFAULT_CLASS)")
-    op.add_argument("--namespace", action="append",
-                    default=[n for n in (_env("NAMESPACE") or "").split(",") if n],
-                    help="only these namespaces (repeatable; LBCTL_NAMESPACE=a,b); default all")
-    op.add_argument("--kubeconfig", default=_env("KUBECONFIG"), help="default $KUBECONFIG, then in-cluster")
-    op.add_argument("--region", default=_env("REGION"), help="aws/gce region (LBCTL_REGION)")
-    op.add_argument("--aws-endpoint-url", default=_env("AWS_ENDPOINT_URL"),
-                    help="AWS endpoint override (also AWS_ENDPOINT_URL, boto3's own variable)")
-    op.add_argument("--gce-endpoint", default=_env("GCE_ENDPOINT"), help="Compute endpoint override")
-    op.add_argument("--project", default=_env("PROJECT"), help="gce project (LBCTL_PROJECT)")
-    op.add_argument("--network", default=_env("NETWORK"), help="gce network (LBCTL_NETWORK)")
+    _add_provider_args(op)
     op.add_argument("--workers", type=int, default=int(_env("WORKERS", "32") or 32), help="concurrent syncs")
     op.add_argument("--node-port-range", type=_port_range, default=_port_range(_env("NODE_PORT_RANGE", "30000-32767")
                     or "30000-32767"), help="the apiserver's --service-node-port-range (for claiming NodePorts)")
@@ -110,8 +133,107 @@ def _add_operator(commands: argparse._SubParsersAction[argparse.ArgumentParser])
                     help="serve Prometheus metrics on this port (0: off)")
     op.add_argument("--liveness-endpoint", default=_env("LIVENESS_ENDPOINT"),
                     help="kopf liveness probe endpoint, e.g. http://0.0.0.0:8080/healthz")
-    op.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), help="debug, info, warning")
     op.set_defaults(func=_operator)
+
+
+def _gc(args: argparse.Namespace) -> int:
+    from lbctl.gc import sweep
+    from lbctl.kube.client import KubeClient
+    from lbctl.model.scope import Scope, default_class
+    from providers import registry
+    from providers.base import ProviderSettings
+
+    _logging(args.log_level)
+
+    async def run() -> int:
+        provider = registry.load(args.provider, ProviderSettings(args.cluster_name, _provider_options(args)))
+        client = KubeClient.from_kubeconfig(args.kubeconfig, user_agent="lbctl-gc")
+        scope = Scope(args.lb_class or default_class(args.provider), args.default_class, frozenset(args.namespace))
+        try:
+            found = await sweep(provider, client, scope, delete=args.delete)
+        finally:
+            await client.close()
+            await provider.close()
+        verb = "deleted" if args.delete else "orphaned"
+        for ref in found:
+            print(f"{verb}\t{ref.name}\t{ref.service_key}\tuid={ref.uid or '-'}")
+        if not found:
+            print(f"no orphaned {args.provider} load balancers for cluster {args.cluster_name}", file=sys.stderr)
+        return 0
+
+    return asyncio.run(run())
+
+
+def _add_gc(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    gc = commands.add_parser("gc", help="list (and with --delete remove) balancers whose Service is gone")
+    _add_provider_args(gc)
+    gc.add_argument("--delete", action="store_true", help="delete what is found (default: only list)")
+    gc.set_defaults(func=_gc)
+
+
+def _forwarder(args: argparse.Namespace) -> int:
+    from lbctl.forwarder.main import ForwarderConfig, check_tools, run
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = ForwarderConfig(
+            node=args.node or "", mode=args.mode, kubeconfig=args.kubeconfig, lb_class=args.lb_class,
+            announce_classes=tuple(args.announce_class or [args.lb_class]), interface=args.interface,
+            vip_interface=args.vip_interface, pod_networks=tuple(args.pod_cidr), lease_duration_s=args.lease_duration,
+            renew_interval_s=args.renew_interval, resync_interval_s=args.resync_interval,
+            nft_command=tuple(args.nft.split()),
+        )
+    except ValueError as exc:
+        print(f"lbctl forwarder: {exc}", file=sys.stderr)
+        return 2
+    problem = check_tools(config)
+    if problem:
+        print(f"lbctl forwarder: {problem}", file=sys.stderr)
+        return 1
+    run(config)
+    return 0
+
+
+def _add_forwarder(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    fw = commands.add_parser("forwarder", help="run the node-side forwarder (one per node, hostNetwork)")
+    fw.add_argument("--node", default=_env("NODE", os.environ.get("NODE_NAME")),
+                    help="this node's name (LBCTL_NODE or NODE_NAME)")
+    fw.add_argument("--mode", choices=("announce", "full"), default=_env("MODE", "full"),
+                    help="announce: only own VIPs (kube-proxy present); full: also DNAT LB IPs and NodePorts")
+    fw.add_argument("--interface", default=_env("INTERFACE"),
+                    help="uplink for gratuitous ARP (default: the interface whose subnet holds the VIP)")
+    fw.add_argument("--vip-interface", default=_env("VIP_INTERFACE"),
+                    help="where VIPs go (default: dummy lbctl0 if the kernel has it, else lo)")
+    fw.add_argument("--kubeconfig", default=_env("KUBECONFIG"), help="default $KUBECONFIG, then in-cluster")
+    fw.add_argument("--class", dest="lb_class", default=_env("CLASS", "lbctl.io/local"),
+                    help="spec.loadBalancerClass handled (LBCTL_CLASS)")
+    fw.add_argument("--announce-class", action="append", default=[],
+                    help="classes whose VIPs are announced (repeatable; default: --class)")
+    fw.add_argument("--pod-cidr", action="append", default=[], metavar="CIDR",
+                    help="endpoints must lie in these (repeatable; default: any unicast address)")
+    fw.add_argument("--lease-duration", type=int, default=int(_env("LEASE_DURATION", "2") or 2),
+                    help="seconds without renewal before a node counts as dead")
+    fw.add_argument("--renew-interval", type=float, default=float(_env("RENEW_INTERVAL", "0.5") or 0.5),
+                    help="seconds between lease renewals")
+    fw.add_argument("--resync-interval", type=float, default=float(_env("RESYNC_INTERVAL", "300") or 300),
+                    help="seconds between full rewrites of the nftables table")
+    fw.add_argument("--nft", default=_env("NFT", "nft"), help="the nft command")
+    fw.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), help="debug, info, warning")
+    fw.set_defaults(func=_forwarder)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from lbctl.demo import run_demo
+
+    return run_demo(keep_seconds=args.keep)
+
+
+def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    demo = commands.add_parser("demo", help="a whole cluster in network namespaces: operator, two forwarders, a "
+                               "Service; fetches a page through its VIP, then removes everything (root)")
+    demo.add_argument("--keep", type=float, default=0.0, help="seconds to leave it running before tearing down")
+    demo.set_defaults(func=_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     _add_operator(commands)
+    _add_gc(commands)
+    _add_forwarder(commands)
+    _add_demo(commands)
 
     dev = commands.add_parser("dev", help="embedded Kubernetes control plane for trying and testing lbctl")
     dev_commands = dev.add_subparsers(dest="dev_command", required=True)

@@ -19,8 +19,8 @@ def ingress_to_api(ingress: Iterable[Ingress]) -> list[dict[str, Any]]:
             item["ip"] = entry.ip
         if entry.hostname:
             item["hostname"] = entry.hostname
-        if entry.ip_mode and entry.ip:  # ipMode is only valid beside an ip
-            item["ipMode"] = entry.ip_mode
+        if entry.ip:  # ipMode is valid only beside an ip, and the apiserver stores VIP when unset
+            item["ipMode"] = entry.ip_mode or "VIP"
         if entry.ports:
             item["ports"] = [
                 {"port": p.port, "protocol": p.protocol, **({"error": p.error} if p.error else {})}

@@ -341,7 +341,7 @@ class Reconciler:
         node_key = node_set_key(nodes)
         if not before:
             await self._event(key, body, "Normal", "EnsuredLoadBalancer", "Ensured load balancer")
-        elif before != ingress:
+        elif _addresses(before) != _addresses(ingress):
             await self._event(key, body, "Normal", "UpdatedLoadBalancer",
                               f"Load balancer moved from {_addresses(before)} to {_addresses(ingress)}")
         elif key in self._synced_nodes and self._synced_nodes[key] != node_key:

@@ -3,6 +3,7 @@ control plane, the pool CRD, and per-test pools."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from lbctl.dev.layout import ClusterInfo
-from tests.integration.harness import POOL_CRD, OperatorProcess, Pools, wait_until
+from tests.integration.harness import POOL_CRD, Nodes, OperatorProcess, Pools, wait_until
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +35,8 @@ def pool_crd(api_client: client.ApiClient) -> None:
 
 @pytest.fixture
 def start_operator(
-    cluster: ClusterInfo, pool_crd: None, tmp_path: Path, request: pytest.FixtureRequest
+    cluster: ClusterInfo, pool_crd: None, tmp_path: Path, core: client.CoreV1Api, namespace: str,
+    request: pytest.FixtureRequest,
 ) -> Iterator[Callable[..., OperatorProcess]]:
     started: list[OperatorProcess] = []
 
@@ -48,6 +50,15 @@ def start_operator(
         return operator
 
     yield start
+    # Release the test's Services while an operator still runs, so none is left holding a
+    # finalizer for the next test's operator (and cloud fake) to inherit.
+    running = [o for o in started if o.alive()]
+    if running:
+        for service in core.list_namespaced_service(namespace).items:
+            core.delete_namespaced_service(service.metadata.name, namespace)
+        deadline = time.monotonic() + 20
+        while core.list_namespaced_service(namespace).items and time.monotonic() < deadline:
+            time.sleep(0.1)
     for operator in started:
         operator.stop()
     if getattr(request.node, "rep_call_failed", False):
@@ -74,3 +85,10 @@ def pools(api_client: client.ApiClient, namespace: str, pool_crd: None) -> Itera
     yield made
     for name in made.names:
         made.delete(name)
+
+
+@pytest.fixture
+def nodes(core: client.CoreV1Api) -> Iterator[Nodes]:
+    made = Nodes(core)
+    yield made
+    made.cleanup()

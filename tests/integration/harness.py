@@ -191,6 +191,43 @@ def events(core: client.CoreV1Api, namespace: str, name: str) -> list[tuple[str,
 
 def wait_for_event(core: client.CoreV1Api, namespace: str, name: str, reason: str, contains: str = "",
                    timeout: float = 15) -> tuple[str, str, str]:
-    return wait_until(
-        lambda: next((e for e in events(core, namespace, name) if e[1] == reason and contains in e[2]), None),
-        timeout=timeout, what=f"event {reason} containing {contains!r} on {namespace}/{name}")
+    try:
+        return wait_until(
+            lambda: next((e for e in events(core, namespace, name) if e[1] == reason and contains in e[2]), None),
+            timeout=timeout, what=f"event {reason} containing {contains!r} on {namespace}/{name}")
+    except AssertionError as missing:
+        raise AssertionError(f"{missing}; events were: {events(core, namespace, name)}") from None
+
+
+class Nodes:
+    """Node objects made through the API (there is no kubelet): created Ready with an InternalIP,
+    flipped and deleted on demand, all removed at the end of the test."""
+
+    def __init__(self, core: client.CoreV1Api) -> None:
+        self.core = core
+        self.names: list[str] = []
+
+    def create(self, name: str, provider_id: str = "", ready: bool = True, labels: dict[str, str] | None = None,
+               address: str = "192.0.2.10") -> None:
+        spec = {"providerID": provider_id} if provider_id else {}
+        self.core.create_node({"apiVersion": "v1", "kind": "Node",
+                               "metadata": {"name": name, "labels": labels or {}}, "spec": spec})
+        self.names.append(name)
+        self.set_ready(name, ready, address)
+
+    def set_ready(self, name: str, ready: bool, address: str = "192.0.2.10") -> None:
+        self.core.patch_node_status(name, {"status": {
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False", "reason": "Test",
+                            "message": "set by the test", "lastHeartbeatTime": None, "lastTransitionTime": None}],
+            "addresses": [{"type": "InternalIP", "address": address}]}})
+
+    def delete(self, name: str) -> None:
+        try:
+            self.core.delete_node(name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def cleanup(self) -> None:
+        for name in self.names:
+            self.delete(name)
