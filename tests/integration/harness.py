@@ -37,6 +37,9 @@ def wait_until(probe: Callable[[], T], timeout: float = 15.0, interval: float = 
     return last
 
 
+_operators = itertools.count(1)
+
+
 class OperatorProcess:
     """`python -m lbctl operator` with a log file; restartable, killable."""
 
@@ -47,10 +50,11 @@ class OperatorProcess:
         self.log_dir = log_dir
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self.serial = next(_operators)  # several operators in one test keep separate logs
 
     @property
     def log_path(self) -> Path:
-        return self.log_dir / f"operator-{self.starts}.log"
+        return self.log_dir / f"operator-{self.serial}-{self.starts}.log"
 
     def start(self, wait: bool = True) -> None:
         self.starts += 1

@@ -4,6 +4,7 @@ status, Events, conditions, pools, restarts, and every kind of bad input."""
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections.abc import Callable
 
 from kubernetes import client
@@ -339,3 +340,18 @@ def test_services_are_held_up_by_nothing_but_their_own_errors(
     assert wait_for_ips(core, namespace, "good", timeout=10)
     assert operator.alive()
     assert LOCAL_CLASS in operator.log()
+
+
+def test_namespace_flags_limit_the_operator_to_those_namespaces(
+    core: client.CoreV1Api, namespace: str, pools: Pools, start_operator: Callable[..., OperatorProcess]
+) -> None:
+    pools.create([pools.fresh_v4(28)], wait_seen=False)
+    start_operator("--namespace", "somewhere-else")
+    core.create_namespaced_service(namespace, lb_service("outside"))
+    time.sleep(2)
+    untouched = _service(core, namespace, "outside")
+    assert not untouched.metadata.finalizers and not untouched.status.load_balancer.ingress
+    start_operator("--namespace", namespace)
+    assert wait_for_ips(core, namespace, "outside")
+    service = _service(core, namespace, "outside")
+    assert service.metadata.finalizers == [FINALIZER]
