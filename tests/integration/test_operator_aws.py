@@ -1,0 +1,178 @@
+"""The operator with the AWS provider: real control plane, `lbctl operator` in its own process, and
+moto in server mode standing in for EC2 and ELBv2 (real boto3 calls over HTTP)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from lbctl.dev.layout import ClusterInfo
+from lbctl.model.names import load_balancer_name
+from tests.fakes.aws_world import AwsWorld, build_world, moto_server
+from tests.integration.harness import (
+    Nodes,
+    OperatorProcess,
+    lb_service,
+    wait_for_condition,
+    wait_for_event,
+    wait_until,
+)
+
+AWS_CLASS = "lbctl.io/aws"
+
+
+@pytest.fixture(scope="module")
+def moto_url() -> Iterator[str]:
+    with moto_server() as url:
+        yield url
+
+
+@pytest.fixture
+def world(moto_url: str, nodes: Nodes) -> AwsWorld:
+    """A fresh moto world with two instances, and their Node objects in the cluster."""
+    made = build_world(moto_url, nodes=2)
+    for index in range(2):
+        register_node(made, nodes, index)
+    return made
+
+
+def register_node(world: AwsWorld, nodes: Nodes, index: int) -> None:
+    target = world.node(index)
+    nodes.create(f"aws-{target.name}", provider_id=target.provider_id)
+
+
+def start_aws(start: Callable[..., OperatorProcess], world: AwsWorld) -> OperatorProcess:
+    return start("--provider", "aws", "--cluster-name", world.cluster, "--region", world.region,
+                 "--aws-endpoint-url", world.url, "--provider-option", "state_cache_s=0")
+
+
+def hostname(core: client.CoreV1Api, namespace: str, name: str) -> str:
+    def probe() -> str:
+        ingress = core.read_namespaced_service(name, namespace).status.load_balancer.ingress or []
+        return str(ingress[0].hostname) if ingress and ingress[0].hostname else ""
+
+    return wait_until(probe, timeout=30, what=f"a hostname on {namespace}/{name}")
+
+
+def balancer(world: AwsWorld, name: str) -> dict[str, Any] | None:
+    found = [lb for lb in world.elbv2.describe_load_balancers()["LoadBalancers"] if lb["LoadBalancerName"] == name]
+    return found[0] if found else None
+
+
+def target_groups(world: AwsWorld, lb_arn: str) -> list[dict[str, Any]]:
+    groups: list[dict[str, Any]] = world.elbv2.describe_target_groups(LoadBalancerArn=lb_arn)["TargetGroups"]
+    return groups
+
+
+def targets(world: AwsWorld, group_arn: str) -> list[str]:
+    health = world.elbv2.describe_target_health(TargetGroupArn=group_arn)["TargetHealthDescriptions"]
+    return sorted(t["Target"]["Id"] for t in health)
+
+
+def lb_name(core: client.CoreV1Api, namespace: str, name: str) -> str:
+    return load_balancer_name(str(core.read_namespaced_service(name, namespace).metadata.uid))
+
+
+def test_create_node_changes_and_delete(
+    core: client.CoreV1Api, namespace: str, nodes: Nodes, world: AwsWorld,
+    start_operator: Callable[..., OperatorProcess],
+) -> None:
+    start_aws(start_operator, world)
+    core.create_namespaced_service(namespace, lb_service("web", [80, (53, "UDP")], lb_class=AWS_CLASS))
+    dns = hostname(core, namespace, "web")
+    lb = balancer(world, lb_name(core, namespace, "web"))
+    assert lb is not None and lb["DNSName"] == dns and lb["Scheme"] == "internet-facing"
+    service = core.read_namespaced_service("web", namespace)
+    node_ports = sorted(p.node_port for p in service.spec.ports)
+    groups = target_groups(world, lb["LoadBalancerArn"])
+    assert sorted(g["Port"] for g in groups) == node_ports
+    instances = sorted(i for i, _ in world.instances)
+    assert all(targets(world, g["TargetGroupArn"]) == instances for g in groups)
+    wait_for_condition(core, namespace, "web", "True")
+
+    world.add_instance()
+    register_node(world, nodes, 2)
+    everyone = sorted(i for i, _ in world.instances)
+    wait_until(lambda: all(targets(world, g["TargetGroupArn"]) == everyone for g in groups),
+               timeout=20, what="the new node registered in every target group")
+    wait_for_event(core, namespace, "web", "UpdatedLoadBalancer", "new hosts")
+    assert balancer(world, lb["LoadBalancerName"])["LoadBalancerArn"] == lb["LoadBalancerArn"]  # type: ignore[index]
+    assert sorted(g["TargetGroupArn"] for g in target_groups(world, lb["LoadBalancerArn"])) == sorted(
+        g["TargetGroupArn"] for g in groups)
+
+    core.delete_namespaced_service("web", namespace)
+    wait_until(lambda: balancer(world, lb["LoadBalancerName"]) is None, timeout=20, what="NLB deleted")
+    assert world.elbv2.describe_target_groups()["TargetGroups"] == []
+
+
+def test_node_ports_are_claimed_when_the_apiserver_allocates_none(
+    cluster: ClusterInfo, core: client.CoreV1Api, namespace: str, world: AwsWorld,
+    start_operator: Callable[..., OperatorProcess],
+) -> None:
+    start_aws(start_operator, world)
+    core.create_namespaced_service(namespace, lb_service(
+        "no-auto", [80, 81], lb_class=AWS_CLASS, allocateLoadBalancerNodePorts=False))
+    claimed = wait_for_event(core, namespace, "no-auto", "AllocatedNodePorts")
+    ports = [p.node_port for p in core.read_namespaced_service("no-auto", namespace).spec.ports]
+    low, high = cluster.node_port_bounds
+    assert all(p and low <= p <= high for p in ports) and len(set(ports)) == 2
+    assert all(str(p) in claimed[2] for p in ports)
+    hostname(core, namespace, "no-auto")
+    lb = balancer(world, lb_name(core, namespace, "no-auto"))
+    assert lb is not None
+    assert sorted(g["Port"] for g in target_groups(world, lb["LoadBalancerArn"])) == sorted(ports)
+
+
+def test_local_traffic_policy_checks_the_health_check_node_port_and_internal_scheme(
+    core: client.CoreV1Api, namespace: str, world: AwsWorld, start_operator: Callable[..., OperatorProcess],
+) -> None:
+    start_aws(start_operator, world)
+    core.create_namespaced_service(namespace, lb_service(
+        "local", lb_class=AWS_CLASS, externalTrafficPolicy="Local",
+        annotations={"service.beta.kubernetes.io/aws-load-balancer-internal": "true"}))
+    hostname(core, namespace, "local")
+    health_port = core.read_namespaced_service("local", namespace).spec.health_check_node_port
+    lb = balancer(world, lb_name(core, namespace, "local"))
+    assert lb is not None and lb["Scheme"] == "internal"
+    (group,) = target_groups(world, lb["LoadBalancerArn"])
+    assert (group["HealthCheckProtocol"], group["HealthCheckPath"], group["HealthCheckPort"]) == (
+        "HTTP", "/healthz", str(health_port))
+
+
+def test_bad_input_names_the_field_and_makes_nothing(
+    core: client.CoreV1Api, namespace: str, world: AwsWorld,
+    start_operator: Callable[..., OperatorProcess],
+) -> None:
+    start_aws(start_operator, world)
+    cases = {
+        "maybe": (lb_service("maybe", lb_class=AWS_CLASS, annotations={
+            "service.beta.kubernetes.io/aws-load-balancer-internal": "maybe"}),
+            "service.beta.kubernetes.io/aws-load-balancer-internal"),
+        "sctp": (lb_service("sctp", [(9999, "SCTP")], lb_class=AWS_CLASS), "spec.ports[0].protocol"),
+        "subnet": (lb_service("subnet", lb_class=AWS_CLASS, annotations={
+            "service.beta.kubernetes.io/aws-load-balancer-subnets": "subnet-does-not-exist"}),
+            "service.beta.kubernetes.io/aws-load-balancer-subnets"),
+    }
+    for body, _field in cases.values():
+        core.create_namespaced_service(namespace, body)
+    for name, (_body, field) in cases.items():
+        found = wait_for_condition(core, namespace, name, "False", timeout=20)
+        assert field in found.message, (name, found.message)
+        wait_for_event(core, namespace, name, "SyncLoadBalancerFailed", field)
+    assert world.elbv2.describe_load_balancers()["LoadBalancers"] == []
+    assert world.elbv2.describe_target_groups()["TargetGroups"] == []
+
+
+def test_a_node_without_provider_id_is_named_and_nothing_is_made(
+    core: client.CoreV1Api, namespace: str, nodes: Nodes, world: AwsWorld,
+    start_operator: Callable[..., OperatorProcess],
+) -> None:
+    nodes.create("aws-no-provider-id")
+    start_aws(start_operator, world)
+    core.create_namespaced_service(namespace, lb_service("web", lb_class=AWS_CLASS))
+    found = wait_for_condition(core, namespace, "web", "False", timeout=20)
+    assert "aws-no-provider-id" in found.message and "providerID" in found.message
+    assert world.elbv2.describe_load_balancers()["LoadBalancers"] == []
