@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import logging
 import uuid
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,24 +42,25 @@ def event_body(obj: Mapping[str, Any], event_type: str, reason: str, message: st
 
 class EventRecorder:
     """Posts Events in the background, like client-go's broadcaster: a sync never waits for one,
-    so under load the writes users wait for (status) go first and Events trail behind."""
+    so under load the writes users wait for (status) go first and Events trail behind. Each object's
+    Events go through one poster, so they keep their order."""
 
     def __init__(self, client: KubeClient, component: str = "lbctl", posters: int = 2,
                  capacity: int = 20_000) -> None:
         self._client = client
         self._component = component
-        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(capacity)
-        self._posters = posters
+        self._queues: list[asyncio.Queue[dict[str, Any]]] = [
+            asyncio.Queue(max(1, capacity // posters)) for _ in range(posters)]
         self._tasks: list[asyncio.Task[None]] = []
         self.dropped = 0
 
     def _start(self) -> None:
         if not self._tasks:
-            self._tasks = [asyncio.create_task(self._post_loop()) for _ in range(self._posters)]
+            self._tasks = [asyncio.create_task(self._post_loop(queue)) for queue in self._queues]
 
-    async def _post_loop(self) -> None:
+    async def _post_loop(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
         while True:
-            body = await self._queue.get()
+            body = await queue.get()
             try:
                 await self._client.request(
                     "POST", f"/api/v1/namespaces/{body['metadata']['namespace']}/events", body=body)
@@ -66,17 +68,19 @@ class EventRecorder:
                 log.warning("could not post event %s for %s: %s", body["reason"],
                             body["involvedObject"]["name"], exc)
             finally:
-                self._queue.task_done()
+                queue.task_done()
 
     async def record(self, obj: Mapping[str, Any], event_type: str, reason: str, message: str) -> None:
         """Queue an Event; never raises: an Event must not break a sync."""
         self._start()
         body = event_body(obj, event_type, reason, message, self._component, dt.datetime.now(dt.UTC))
+        involved = body["involvedObject"]
+        shard = zlib.crc32(f"{involved['namespace']}/{involved['name']}".encode()) % len(self._queues)
         try:
-            self._queue.put_nowait(body)
+            self._queues[shard].put_nowait(body)
         except asyncio.QueueFull:
             self.dropped += 1
-            log.warning("event queue full: dropped %s for %s", reason, body["involvedObject"]["name"])
+            log.warning("event queue full: dropped %s for %s", reason, involved["name"])
 
     async def normal(self, obj: Mapping[str, Any], reason: str, message: str) -> None:
         await self.record(obj, "Normal", reason, message)
@@ -88,9 +92,9 @@ class EventRecorder:
         """Post what is queued (for a while), then stop."""
         if self._tasks:
             try:
-                await asyncio.wait_for(self._queue.join(), timeout_s)
+                await asyncio.wait_for(asyncio.gather(*(q.join() for q in self._queues)), timeout_s)
             except TimeoutError:
-                log.warning("%d events not posted at shutdown", self._queue.qsize())
+                log.warning("%d events not posted at shutdown", sum(q.qsize() for q in self._queues))
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

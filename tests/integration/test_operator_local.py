@@ -313,8 +313,9 @@ def test_an_exhausted_pool_makes_services_wait_until_an_address_is_freed(
 def test_overlapping_pools_are_reported_on_the_pool(
     core: client.CoreV1Api, namespace: str, pools: Pools, operator: OperatorProcess
 ) -> None:
-    older = pools.create(["198.18.213.0/28"])
-    newer = pools.create(["198.18.213.8/29"])
+    # creationTimestamp has one-second resolution; on a tie the name decides, so name them in order
+    older = pools.create(["198.18.213.0/28"], name=f"ovl-a-{namespace}")
+    newer = pools.create(["198.18.213.8/29"], name=f"ovl-b-{namespace}")
 
     def rejected() -> dict[str, str] | None:
         conditions = pools.get(newer["metadata"]["name"]).get("status", {}).get("conditions") or [{}]
