@@ -3,6 +3,9 @@ moto in server mode standing in for EC2 and ELBv2 (real boto3 calls over HTTP)."
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -11,6 +14,7 @@ from kubernetes import client
 
 from lbctl.dev.layout import ClusterInfo
 from lbctl.model.names import load_balancer_name
+from lbctl.model.scope import FINALIZER
 from tests.fakes.aws_world import AwsWorld, build_world, moto_server
 from tests.integration.harness import (
     Nodes,
@@ -176,3 +180,29 @@ def test_a_node_without_provider_id_is_named_and_nothing_is_made(
     found = wait_for_condition(core, namespace, "web", "False", timeout=20)
     assert "aws-no-provider-id" in found.message and "providerID" in found.message
     assert world.elbv2.describe_load_balancers()["LoadBalancers"] == []
+
+
+def test_gc_finds_and_deletes_an_nlb_whose_service_is_gone(
+    cluster: ClusterInfo, core: client.CoreV1Api, namespace: str, world: AwsWorld,
+    start_operator: Callable[..., OperatorProcess],
+) -> None:
+    operator = start_aws(start_operator, world)
+    core.create_namespaced_service(namespace, lb_service("web", lb_class=AWS_CLASS))
+    hostname(core, namespace, "web")
+    name = lb_name(core, namespace, "web")
+    operator.stop()
+    core.patch_namespaced_service("web", namespace, {"metadata": {"$deleteFromPrimitiveList/finalizers": [FINALIZER]}})
+    core.delete_namespaced_service("web", namespace)
+
+    def gc(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "lbctl", "gc", "--provider", "aws", "--cluster-name", world.cluster,
+             "--region", world.region, "--aws-endpoint-url", world.url, *extra],
+            env={**os.environ, "KUBECONFIG": cluster.kubeconfig}, capture_output=True, text=True, timeout=60)
+
+    listed = gc()
+    assert listed.returncode == 0, listed.stderr
+    assert f"orphaned\t{name}\t{namespace}/web" in listed.stdout and balancer(world, name) is not None
+    deleted = gc("--delete")
+    assert deleted.returncode == 0 and f"deleted\t{name}" in deleted.stdout
+    assert balancer(world, name) is None and world.elbv2.describe_target_groups()["TargetGroups"] == []
