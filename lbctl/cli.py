@@ -191,8 +191,7 @@ def _forwarder(args: argparse.Namespace) -> int:
     if problem:
         print(f"lbctl forwarder: {problem}", file=sys.stderr)
         return 1
-    run(config)
-    return 0
+    return run(config)
 
 
 def _add_forwarder(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

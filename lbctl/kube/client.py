@@ -48,7 +48,7 @@ def load_configuration(kubeconfig: str | None = None) -> k8s_client.Configuratio
 class KubeClient:
     def __init__(self, configuration: k8s_client.Configuration, user_agent: str = "lbctl") -> None:
         self._configuration = configuration
-        self._base = configuration.host.rstrip("/")
+        self.base = str(configuration.host).rstrip("/")
         context = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
         if configuration.cert_file:
             context.load_cert_chain(configuration.cert_file, configuration.key_file)
@@ -68,7 +68,7 @@ class KubeClient:
     def configuration(self) -> k8s_client.Configuration:
         return self._configuration
 
-    def _headers(self, content_type: str | None) -> dict[str, str]:
+    def headers(self, content_type: str | None = None) -> dict[str, str]:
         headers = {"Accept": "application/json", "User-Agent": self._user_agent}
         # refreshes when due; the loaders store "Bearer <token>" under BearerToken
         token = self._configuration.get_api_key_with_prefix("BearerToken", alias="authorization")
@@ -78,7 +78,7 @@ class KubeClient:
             headers["Content-Type"] = content_type
         return headers
 
-    def _open(self) -> aiohttp.ClientSession:
+    def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(ssl=self._ssl, limit=64)
             self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60))
@@ -93,13 +93,13 @@ class KubeClient:
         content_type: str | None = None,
         params: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        session = self._open()
+        session = self.session()
         self.requests_sent += 1
         REQUESTS.labels(verb=method).inc()
         if body is not None and content_type is None:
             content_type = "application/json"
         async with session.request(
-            method, self._base + path, json=body, params=params, headers=self._headers(content_type)
+            method, self.base + path, json=body, params=params, headers=self.headers(content_type)
         ) as response:
             try:
                 payload = await response.json(content_type=None)
@@ -125,20 +125,32 @@ class KubeClient:
         self, path: str, resource_version: str, timeout_s: int = 300
     ) -> AsyncIterator[dict[str, Any]]:
         """Watch events ({"type": …, "object": …}) from `resource_version` until the server ends it."""
-        session = self._open()
         params = {"watch": "1", "resourceVersion": resource_version, "allowWatchBookmarks": "false",
                   "timeoutSeconds": str(timeout_s)}
-        async with session.get(self._base + path, params=params, headers=self._headers(None),
-                               timeout=aiohttp.ClientTimeout(total=None, sock_read=timeout_s + 30)) as response:
+        async with self.session().get(self.base + path, params=params, headers=self.headers(None),
+                                      timeout=aiohttp.ClientTimeout(total=None, sock_read=timeout_s + 30)) as response:
             if response.status >= 400:
                 raise ApiError(response.status, "WATCH", path, await response.text())
-            async for line in response.content:
-                if line.strip():
-                    yield json.loads(line)
+            async for event in json_lines(response):
+                yield event
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+async def json_lines(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+    """A watch stream's events, one JSON object per line; lines may be far longer than aiohttp's
+    readline limit (64 KiB), so the stream is split here."""
+    buffer = b""
+    async for chunk in response.content.iter_any():
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            if line.strip():
+                event = json.loads(line)
+                if isinstance(event, dict):
+                    yield event
 
 
 def service_path(namespace: str, name: str, subresource: str = "") -> str:

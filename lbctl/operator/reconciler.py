@@ -46,6 +46,10 @@ class ReconcilerSettings:
     gc_interval_s: float = 300.0
 
 
+# Annotations lbctl's own components write on Services; a change of them is no reason to sync.
+_WRITTEN_BY_LBCTL = frozenset({"lbctl.io/announcing-node"})
+
+
 def _key(body: Mapping[str, Any]) -> str:
     meta = body.get("metadata") or {}
     return f"{meta.get('namespace')}/{meta.get('name')}"
@@ -57,8 +61,9 @@ def _relevant(body: Mapping[str, Any] | None) -> tuple[Any, ...] | None:
     if body is None:
         return None
     meta = body.get("metadata") or {}
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k not in _WRITTEN_BY_LBCTL}
     # the spec itself, not metadata.generation: the apiserver does not maintain it for Services
-    return (meta.get("uid"), body.get("spec"), meta.get("annotations"), meta.get("labels"),
+    return (meta.get("uid"), body.get("spec"), annotations, meta.get("labels"),
             tuple(meta.get("finalizers") or ()), meta.get("deletionTimestamp"))
 
 

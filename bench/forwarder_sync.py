@@ -1,0 +1,144 @@
+"""Forwarder sync cost: N Services × E endpoints, from Kubernetes objects to the kernel.
+
+Makes Service and EndpointSlice objects like the watch caches hold them and turns them into state
+(lbctl.forwarder.desired: build_s, reported apart); then measures what a sync costs: planning the
+transaction (lbctl.forwarder.render) and applying it with `nft` in a scratch network namespace it
+makes and removes (root needed; no control plane).
+
+    python3 bench/forwarder_sync.py --services 10000 --endpoints 5
+
+Prints JSON: services, endpoints, build_s, full_sync_s (start-up sync: plan + apply of everything,
+the table replaced), resync_s (the periodic full rewrite, affinity kept), incremental_sync_s
+(median; one endpoint of one Service changed: build + plan + apply), the parts of each, rss_mb
+(this process's peak: state and planner; the objects are not kept, unlike the forwarder's watch
+caches) and nft_peak_rss_mb (the nft process at its largest). Targets at 10,000 × 5: full ≤ 2 s,
+incremental ≤ 50 ms, RSS ≤ 100 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+from lbctl.forwarder.apply import Nft
+from lbctl.forwarder.desired import BuildContext, build_service
+from lbctl.forwarder.lab.netns import Lab
+from lbctl.forwarder.render import Planner
+from lbctl.forwarder.state import ServiceState
+from lbctl.model.scope import Scope
+
+CONTEXT = BuildContext(node="node-1", scope=Scope("lbctl.io/local"))
+
+
+def objects(index: int, endpoints: int, generation: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The Service and EndpointSlice of Service `index` (pods spread over three nodes)."""
+    ns, name = f"ns{index % 100}", f"svc{index}"
+    service = {
+        "metadata": {"name": name, "namespace": ns, "uid": f"uid-{index}", "resourceVersion": str(index),
+                     "creationTimestamp": "2024-01-01T00:00:00Z"},
+        "spec": {"type": "LoadBalancer", "loadBalancerClass": "lbctl.io/local", "externalTrafficPolicy": "Cluster",
+                 "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080,
+                            "nodePort": 30000 + index % 25000}]},
+        "status": {"loadBalancer": {"ingress": [
+            {"ip": f"100.{64 + (index >> 16)}.{(index >> 8) & 255}.{index & 255}", "ipMode": "VIP"}]}},
+    }
+    endpoint_list = [
+        {"addresses": [f"10.{(index >> 8) & 255}.{index & 255}.{(j + generation) % 250 + 1}"],
+         "conditions": {"ready": True, "serving": True, "terminating": False}, "nodeName": f"node-{j % 3 + 1}"}
+        for j in range(endpoints)
+    ]
+    endpoint_slice = {
+        "metadata": {"name": f"{name}-abcde", "namespace": ns, "labels": {"kubernetes.io/service-name": name}},
+        "addressType": "IPv4", "endpoints": endpoint_list,
+        "ports": [{"name": "http", "protocol": "TCP", "port": 8080}],
+    }
+    return service, endpoint_slice
+
+
+def build(service: dict[str, Any], endpoint_slice: dict[str, Any]) -> ServiceState:
+    state, problems = build_service(service, [endpoint_slice], CONTEXT)
+    assert state is not None and not problems, problems
+    return state
+
+
+def run(services: int, endpoints: int) -> dict[str, Any]:
+    lab = Lab(prefix=f"lbxb{os.getpid() % 4096:03x}")
+    try:
+        namespace = lab.add_namespace("sync")
+        nft = Nft(("ip", "netns", "exec", namespace, "nft"))
+        planner = Planner()
+
+        started = time.perf_counter()
+        states = [build(*objects(i, endpoints)) for i in range(services)]
+        build_s = time.perf_counter() - started
+        gc.collect()
+        started = time.perf_counter()
+        plan = planner.plan_full(states, replace=True)
+        planned = time.perf_counter()
+        nft.apply(plan.texts)
+        applied = time.perf_counter()
+        planner.commit(plan)
+        del plan
+        full = {"full_sync_s": applied - started, "full_plan_s": planned - started, "full_apply_s": applied - planned}
+
+        started = time.perf_counter()
+        plan = planner.plan_full(states)
+        planned = time.perf_counter()
+        nft.apply(plan.texts)
+        applied = time.perf_counter()
+        planner.commit(plan)
+        del plan
+        resync = {"resync_s": applied - started, "resync_plan_s": planned - started,
+                  "resync_apply_s": applied - planned}
+
+        samples, plan_samples = [], []
+        for round_ in range(1, 21):
+            index = (round_ * 7919) % services
+            service, endpoint_slice = objects(index, endpoints, generation=round_)  # one endpoint moved
+            started = time.perf_counter()
+            state = build(service, endpoint_slice)
+            plan = planner.plan_update({state.key: state})
+            planned = time.perf_counter()
+            nft.apply(plan.texts)
+            samples.append(time.perf_counter() - started)
+            plan_samples.append(planned - started)
+            planner.commit(plan)
+        table = nft.list_table("ip", "lbctl")
+        assert table.count("chain svc/") == services, "not every Service made it into the kernel"
+    finally:
+        problems = lab.close()
+        assert not problems, problems
+    return {
+        "services": services, "endpoints": endpoints, "build_s": round(build_s, 3),
+        **{k: round(v, 3) for k, v in full.items()},
+        **{k: round(v, 3) for k, v in resync.items()},
+        "incremental_sync_s": round(statistics.median(samples), 4),
+        "incremental_plan_s": round(statistics.median(plan_samples), 4),
+        "incremental_sync_max_s": round(max(samples), 4),
+        "rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "nft_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--services", type=int, default=10_000)
+    parser.add_argument("--endpoints", type=int, default=5)
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("forwarder_sync: needs root (it makes a scratch network namespace for nft)", file=sys.stderr)
+        return 1
+    print(json.dumps(run(args.services, args.endpoints)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Runs nftables transactions with the `nft` CLI: `nft -f -` is one atomic transaction (all or
+nothing), `nft -c -f -` checks one without applying it. A rejected transaction raises NftError
+naming the offending lines; the kernel keeps the previous ruleset untouched."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+_CHUNK_LINES = 2000
+_LOCATION = re.compile(r"^(?:/dev/stdin|<cmdline>):(\d+):\d+(?:-\d+)?: Error: (.*)$", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class RejectedLine:
+    number: int  # 1-based line of the transaction text
+    text: str
+    error: str
+
+
+class NftError(RuntimeError):
+    def __init__(self, stderr: str, transaction: str | Sequence[str]) -> None:
+        self.stderr = stderr.strip()
+        lines = transaction.splitlines() if isinstance(transaction, str) else transaction
+        self.rejected = tuple(
+            RejectedLine(int(m.group(1)), lines[int(m.group(1)) - 1] if 0 < int(m.group(1)) <= len(lines) else "",
+                         m.group(2))
+            for m in _LOCATION.finditer(stderr)
+        )
+        if self.rejected:
+            first = self.rejected[0]
+            summary = f"line {first.number}: {first.error}: {first.text}"
+            if len(self.rejected) > 1:
+                summary += f" (and {len(self.rejected) - 1} more)"
+        else:
+            summary = self.stderr.splitlines()[0] if self.stderr else "nft failed without a message"
+        super().__init__(f"nft rejected the transaction: {summary}")
+
+
+class NftNotFoundError(RuntimeError):
+    pass
+
+
+class Nft:
+    """`command` is how to call nft, e.g. ("nft",) or ("ip", "netns", "exec", NS, "nft")."""
+
+    def __init__(self, command: Sequence[str] = ("nft",)) -> None:
+        self.command = tuple(command)
+
+    def _run(self, args: Sequence[str], transaction: str | Sequence[str]) -> str:
+        """Feed `transaction` (text, or lines without their newline) to nft on stdin."""
+        try:
+            proc = subprocess.Popen([*self.command, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)
+        except FileNotFoundError as exc:
+            raise NftNotFoundError(f"{self.command[0]} not found: install nftables (Debian: apt-get install "
+                                   "nftables)") from exc
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        # nft reads all of stdin before it writes anything, so writing first cannot deadlock
+        try:
+            if isinstance(transaction, str):
+                proc.stdin.write(transaction.encode())
+            else:  # in slices: no copy of a whole large transaction
+                for start in range(0, len(transaction), _CHUNK_LINES):
+                    chunk = transaction[start:start + _CHUNK_LINES]
+                    proc.stdin.write(("\n".join(chunk) + "\n").encode())
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass  # nft stopped reading: its exit status and stderr say why
+        stdout, stderr = proc.stdout.read(), proc.stderr.read()
+        if proc.wait() != 0:
+            raise NftError((stderr or stdout).decode(errors="replace"), transaction)
+        return stdout.decode(errors="replace")
+
+    def apply(self, transaction: str | Sequence[str]) -> None:
+        self._run(("-f", "-"), transaction)
+
+    def check(self, transaction: str | Sequence[str]) -> None:
+        self._run(("-c", "-f", "-"), transaction)
+
+    def list_table(self, family: str, table: str) -> str:
+        return self._run(("list", "table", family, table), "")
+
+    def delete_table(self, family: str, table: str) -> None:
+        """Remove the table if it exists (leaving: nothing of ours stays in the kernel)."""
+        with contextlib.suppress(NftError, NftNotFoundError):
+            self._run(("-f", "-"), f"add table {family} {table}\ndelete table {family} {table}\n")
+
+    async def apply_async(self, transaction: str) -> None:
+        await asyncio.to_thread(self.apply, transaction)

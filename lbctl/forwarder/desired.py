@@ -1,0 +1,257 @@
+"""Kubernetes objects → ServiceState (pure). Objects may be malformed: every field is read
+defensively, and what cannot be used is reported as a Problem and left out, never raised.
+
+Endpoint choice follows kube-proxy: ready endpoints; when there are none, endpoints that are
+serving and terminating (so connections drain instead of failing); for externalTrafficPolicy
+Local only this node's.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lbctl.forwarder.state import TCP, UDP, Backend, Problem, ServicePort, ServiceState
+from lbctl.model.scope import Scope
+
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+SOURCE_RANGES_ANNOTATION = "service.beta.kubernetes.io/load-balancer-source-ranges"
+DEFAULT_AFFINITY_TIMEOUT = 10800  # Kubernetes' default for sessionAffinityConfig.clientIP
+MAX_AFFINITY_TIMEOUT = 86400
+_PROTOCOLS = {"TCP": TCP, "UDP": UDP}
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What building depends on besides the objects themselves."""
+
+    node: str
+    scope: Scope
+    announce_classes: frozenset[str] = frozenset({"lbctl.io/local"})
+    # Endpoints must lie in one of these (empty: anywhere but loopback, link-local, multicast…)
+    pod_networks: tuple[ipaddress.IPv4Network, ...] = ()
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _sequence(value: Any) -> Sequence[Any]:
+    return value if isinstance(value, list | tuple) else ()
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _port(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        return None
+    return value
+
+
+def service_key(obj: Mapping[str, Any]) -> str:
+    meta = _mapping(obj.get("metadata"))
+    return f"{_text(meta.get('namespace'))}/{_text(meta.get('name'))}"
+
+
+def slice_service_key(obj: Mapping[str, Any]) -> str | None:
+    """The Service an EndpointSlice belongs to (its kubernetes.io/service-name label)."""
+    meta = _mapping(obj.get("metadata"))
+    name = _text(_mapping(meta.get("labels")).get(SERVICE_NAME_LABEL))
+    return f"{_text(meta.get('namespace'))}/{name}" if name else None
+
+
+def endpoint_ip_problem(ip: str, pod_networks: Sequence[ipaddress.IPv4Network]) -> str | None:
+    """Why `ip` must not be a DNAT target, or None when it may be."""
+    try:
+        address = ipaddress.IPv4Address(ip)
+    except ValueError:
+        return f"{ip!r} is not an IPv4 address"
+    if address.is_loopback or address.is_link_local or address.is_multicast or address.is_unspecified \
+            or address.is_reserved or address == ipaddress.IPv4Address("255.255.255.255"):
+        return f"{ip} is a loopback, link-local, multicast or reserved address"
+    if pod_networks and not any(address in net for net in pod_networks):
+        nets = ", ".join(str(n) for n in pod_networks)
+        return f"{ip} is outside the pod network ({nets})"
+    return None
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    ip: str
+    node: str
+    ready: bool
+    serving: bool
+    terminating: bool
+
+
+def _slice_endpoints(
+    key: str, slices: Iterable[Mapping[str, Any]], pod_networks: Sequence[ipaddress.IPv4Network],
+    problems: list[Problem],
+) -> list[tuple[Mapping[str, Any], list[_Endpoint]]]:
+    """Per IPv4 slice: the slice and its usable endpoints."""
+    result = []
+    for obj in slices:
+        if not isinstance(obj, Mapping) or obj.get("addressType") != "IPv4":
+            continue
+        slice_name = _text(_mapping(obj.get("metadata")).get("name"))
+        endpoints = []
+        for index, raw in enumerate(_sequence(obj.get("endpoints"))):
+            item = _mapping(raw)
+            addresses = _sequence(item.get("addresses"))
+            if not addresses:
+                continue
+            ip = _text(addresses[0])
+            problem = endpoint_ip_problem(ip, pod_networks)
+            if problem:
+                problems.append(Problem(key, f"EndpointSlice {slice_name}: endpoints[{index}].addresses[0]",
+                                        f"{problem}; endpoint ignored"))
+                continue
+            conditions = _mapping(item.get("conditions"))
+            ready = conditions.get("ready") is not False  # unset means ready (API contract)
+            serving = conditions.get("serving") is not False if "serving" in conditions else ready
+            endpoints.append(_Endpoint(ip=ip, node=_text(item.get("nodeName")), ready=ready, serving=serving,
+                                       terminating=conditions.get("terminating") is True))
+        result.append((obj, endpoints))
+    return result
+
+
+def _slice_port(obj: Mapping[str, Any], name: str, protocol: str) -> int | None:
+    for raw in _sequence(obj.get("ports")):
+        item = _mapping(raw)
+        if _text(item.get("name")) == name and _PROTOCOLS.get(_text(item.get("protocol")) or "TCP") == protocol:
+            return _port(item.get("port"))
+    return None
+
+
+def _choose(candidates: list[Backend], terminating: list[Backend]) -> tuple[Backend, ...]:
+    chosen = candidates or terminating
+    return tuple(sorted(set(chosen)))
+
+
+def _source_ranges(key: str, spec: Mapping[str, Any], annotations: Mapping[str, Any],
+                   problems: list[Problem]) -> tuple[str, ...] | None:
+    field_name = "spec.loadBalancerSourceRanges"
+    raw: Sequence[Any] = _sequence(spec.get("loadBalancerSourceRanges"))
+    if not raw and _text(annotations.get(SOURCE_RANGES_ANNOTATION)).strip():
+        field_name = f"metadata.annotations[{SOURCE_RANGES_ANNOTATION}]"
+        raw = [part.strip() for part in _text(annotations.get(SOURCE_RANGES_ANNOTATION)).split(",")]
+    if not raw:
+        return None
+    ranges: list[str] = []
+    for index, item in enumerate(raw):
+        try:
+            network = ipaddress.ip_network(_text(item).strip(), strict=False)
+        except ValueError:
+            # Fail closed: a range we cannot read allows nobody, rather than everybody.
+            problems.append(Problem(key, f"{field_name}[{index}]",
+                                    f"{item!r} is not a CIDR; it admits no one (fix the entry, e.g. 203.0.113.0/24)"))
+            continue
+        if network.version == 4 and str(network) not in ranges:
+            ranges.append(str(network))
+    return tuple(ranges)
+
+
+def _affinity(key: str, spec: Mapping[str, Any], problems: list[Problem]) -> int | None:
+    if spec.get("sessionAffinity") != "ClientIP":
+        return None
+    config = _mapping(_mapping(spec.get("sessionAffinityConfig")).get("clientIP"))
+    if "timeoutSeconds" not in config:
+        return DEFAULT_AFFINITY_TIMEOUT
+    timeout = config.get("timeoutSeconds")
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or not 0 < timeout <= MAX_AFFINITY_TIMEOUT:
+        problems.append(Problem(key, "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                                f"{timeout!r} is not 1..{MAX_AFFINITY_TIMEOUT}; using {DEFAULT_AFFINITY_TIMEOUT}"))
+        return DEFAULT_AFFINITY_TIMEOUT
+    return timeout
+
+
+def _lb_ips(key: str, status: Mapping[str, Any], problems: list[Problem]) -> tuple[str, ...]:
+    ips: list[str] = []
+    ingress = _sequence(_mapping(status.get("loadBalancer")).get("ingress"))
+    for index, raw in enumerate(ingress):
+        item = _mapping(raw)
+        ip = _text(item.get("ip"))
+        # ipMode Proxy: the balancer delivers to the node's own address, so the LB IP is not ours
+        if not ip or item.get("ipMode") == "Proxy":
+            continue
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            problems.append(Problem(key, f"status.loadBalancer.ingress[{index}].ip", f"{ip!r} is not an address"))
+            continue
+        if address.version == 4 and ip not in ips:  # the table is IPv4 (see render.py)
+            ips.append(ip)
+    return tuple(ips)
+
+
+def build_service(
+    service: Mapping[str, Any], slices: Iterable[Mapping[str, Any]], context: BuildContext,
+) -> tuple[ServiceState | None, list[Problem]]:
+    """The ServiceState for one Service, or None when it is not ours; never raises on bad data."""
+    problems: list[Problem] = []
+    if not isinstance(service, Mapping) or not context.scope.manages(service):
+        return None, problems
+    key = service_key(service)
+    meta = _mapping(service.get("metadata"))
+    spec = _mapping(service.get("spec"))
+    local_only = spec.get("externalTrafficPolicy") == "Local"
+
+    per_slice = _slice_endpoints(key, slices, context.pod_networks, problems)
+    endpoint_nodes = frozenset(e.node for _, eps in per_slice for e in eps if e.ready and e.node)
+    local_ips = {e.ip for _, eps in per_slice for e in eps if e.ready and e.node == context.node}
+
+    ports: list[ServicePort] = []
+    seen: set[tuple[str, int]] = set()
+    for index, raw in enumerate(_sequence(spec.get("ports"))):
+        item = _mapping(raw)
+        where = f"spec.ports[{index}]"
+        protocol = _PROTOCOLS.get(_text(item.get("protocol")) or "TCP")
+        if protocol is None:
+            problems.append(Problem(key, f"{where}.protocol",
+                                    f"{item.get('protocol')!r} is not carried by the forwarder (TCP and UDP are)"))
+            continue
+        port = _port(item.get("port"))
+        if port is None or (protocol, port) in seen:
+            problems.append(Problem(key, f"{where}.port", f"{item.get('port')!r} is not a usable, unique port"))
+            continue
+        seen.add((protocol, port))
+        node_port = _port(item.get("nodePort")) if item.get("nodePort") is not None else None
+        name = _text(item.get("name"))
+        ready: list[Backend] = []
+        terminating: list[Backend] = []
+        for obj, endpoints in per_slice:
+            target = _slice_port(obj, name, protocol)
+            if target is None:
+                continue
+            for ep in endpoints:
+                if local_only and ep.node != context.node:
+                    continue
+                backend = Backend(ep.ip, target, ep.node)
+                if ep.ready:
+                    ready.append(backend)
+                elif ep.serving and ep.terminating:
+                    terminating.append(backend)
+        ports.append(ServicePort(name=name, protocol=protocol, port=port, node_port=node_port,
+                                 backends=_choose(ready, terminating)))
+
+    status = _mapping(service.get("status"))
+    health = _port(spec.get("healthCheckNodePort")) if local_only else None
+    state = ServiceState(
+        key=key,
+        uid=_text(meta.get("uid")),
+        created=_text(meta.get("creationTimestamp")),
+        ports=tuple(ports),
+        lb_ips=_lb_ips(key, status, problems),
+        local_only=local_only,
+        source_ranges=_source_ranges(key, spec, _mapping(meta.get("annotations")), problems),
+        affinity_timeout=_affinity(key, spec, problems),
+        health_check_node_port=health,
+        announce=_text(spec.get("loadBalancerClass")) in context.announce_classes,
+        endpoint_nodes=endpoint_nodes,
+        local_endpoints=len(local_ips),
+    )
+    return state, problems

@@ -1,0 +1,103 @@
+"""The node's heartbeat: Lease lbctl-forwarder-<node> in lbctl-system, renewed every
+`renew_s`; other forwarders take the node for dead once it has not been renewed for `duration_s`."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from typing import Any
+
+from lbctl.kube.client import MERGE_PATCH, ApiError, KubeClient
+
+log = logging.getLogger(__name__)
+
+LEASE_NAMESPACE = "lbctl-system"
+LEASE_PREFIX = "lbctl-forwarder-"
+LEASE_LABEL = "lbctl.io/forwarder-node"
+
+
+def lease_name(node: str) -> str:
+    return f"{LEASE_PREFIX}{node}"
+
+
+def leases_path(namespace: str, name: str = "") -> str:
+    path = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+    return f"{path}/{name}" if name else path
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def lease_body(node: str, duration_s: int) -> dict[str, Any]:
+    now = _now()
+    return {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": lease_name(node), "labels": {LEASE_LABEL: node}},
+        "spec": {"holderIdentity": node, "leaseDurationSeconds": duration_s, "acquireTime": now, "renewTime": now},
+    }
+
+
+class Heartbeat:
+    def __init__(self, client: KubeClient, node: str, *, namespace: str = LEASE_NAMESPACE, duration_s: int = 2,
+                 renew_s: float = 0.5) -> None:
+        self._client = client
+        self._node = node
+        self._namespace = namespace
+        self.duration_s = duration_s
+        self._renew_s = renew_s
+        self.last_renewed: float | None = None  # monotonic time of the last successful renewal
+        self.renewed = asyncio.Event()
+
+    def alive(self, now: float) -> bool:
+        """Whether the others still count us as live (so we may keep our VIPs)."""
+        return self.last_renewed is not None and now - self.last_renewed < self.duration_s
+
+    async def _ensure_namespace(self) -> None:
+        try:
+            await self._client.request("POST", "/api/v1/namespaces", body={
+                "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": self._namespace}})
+        except ApiError as exc:
+            if exc.status not in (403, 409):  # exists, or we may not create it (it exists in a real deploy)
+                raise
+
+    async def renew_once(self) -> None:
+        path = leases_path(self._namespace, lease_name(self._node))
+        started = time.monotonic()
+        try:
+            await self._client.request("PATCH", path, content_type=MERGE_PATCH, body={
+                "spec": {"holderIdentity": self._node, "leaseDurationSeconds": self.duration_s, "renewTime": _now()}})
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            try:
+                await self._client.request("POST", leases_path(self._namespace),
+                                           body=lease_body(self._node, self.duration_s))
+            except ApiError as create_exc:
+                if create_exc.status != 404:
+                    raise
+                await self._ensure_namespace()
+                await self._client.request("POST", leases_path(self._namespace),
+                                           body=lease_body(self._node, self.duration_s))
+        self.last_renewed = started
+        self.renewed.set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self.renew_once(), timeout=max(self.duration_s - self._renew_s, 0.5))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("lease %s/%s not renewed: %s", self._namespace, lease_name(self._node), exc)
+            await asyncio.sleep(self._renew_s)
+
+    async def release(self) -> None:
+        """On a clean stop: delete the lease so the others take over at once."""
+        try:
+            await self._client.request("DELETE", leases_path(self._namespace, lease_name(self._node)))
+        except (ApiError, OSError) as exc:
+            log.info("could not delete lease on exit: %s", exc)

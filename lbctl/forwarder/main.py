@@ -1,0 +1,395 @@
+"""The forwarder's run loop: watches feed caches; a sync task turns changed Services into one nft
+transaction (full mode) and health-check listeners; an announce task keeps VIP ownership current.
+
+Failure handling: a rejected transaction leaves the kernel as it was (nft transactions are atomic).
+An incremental one is retried at once as a full sync (the kernel may have drifted); if the full
+sync is rejected on lines that belong to certain Services, those Services keep their last good
+rules and are retried with backoff, and everyone else's changes go in without them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import ipaddress
+import logging
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubernetes import client as k8s_client
+
+from lbctl.forwarder import conntrack
+from lbctl.forwarder.addresses import VipAddresses
+from lbctl.forwarder.announce import Announcer
+from lbctl.forwarder.apply import Nft, NftError
+from lbctl.forwarder.desired import BuildContext, build_service, service_key, slice_service_key
+from lbctl.forwarder.health import HealthCheck, HealthServers
+from lbctl.forwarder.leases import LEASE_LABEL, LEASE_NAMESPACE, LEASE_PREFIX, Heartbeat, leases_path
+from lbctl.forwarder.ownership import Liveness, VipOwner, excluded_nodes, vip_owners
+from lbctl.forwarder.render import BASE_DECLARATIONS, BASE_RULES, FAMILY, TABLE, Plan, Planner
+from lbctl.forwarder.state import Problem, ServiceState
+from lbctl.kube.client import KubeClient, load_configuration
+from lbctl.kube.reflector import Reflector, object_key
+from lbctl.model.scope import Scope
+
+log = logging.getLogger("lbctl.forwarder")
+
+MODES = ("announce", "full")
+_MAX_QUARANTINE_S = 60.0
+_MAX_SYNC_BACKOFF_S = 30.0
+
+
+@dataclass(frozen=True)
+class ForwarderConfig:
+    node: str
+    mode: str = "full"
+    kubeconfig: str | None = None
+    lb_class: str = "lbctl.io/local"
+    default_class: bool = False
+    announce_classes: tuple[str, ...] = ("lbctl.io/local",)
+    interface: str | None = None  # uplink for gratuitous ARP (default: the one whose subnet holds the VIP)
+    vip_interface: str | None = None  # default: a dummy lbctl0 if the kernel can, else lo
+    pod_networks: tuple[str, ...] = ()
+    lease_namespace: str = LEASE_NAMESPACE
+    lease_duration_s: int = 2
+    renew_interval_s: float = 0.5
+    resync_interval_s: float = 300.0
+    announce_interval_s: float = 0.2
+    health_bind: str = "0.0.0.0"
+    nft_command: tuple[str, ...] = ("nft",)
+    conntrack_command: tuple[str, ...] = ("conntrack",)
+    garp_repeats: tuple[float, ...] = field(default=(0.3, 1.0, 2.0, 4.0))
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if not self.node:
+            raise ValueError("the node name is empty: pass --node (in a DaemonSet: spec.nodeName via the downward API)")
+
+
+@dataclass
+class _Quarantine:
+    until: float
+    backoff: float
+
+
+class Forwarder:
+    def __init__(self, config: ForwarderConfig) -> None:
+        self.config = config
+        self.full = config.mode == "full"
+        self.context = BuildContext(
+            node=config.node, scope=Scope(config.lb_class, config.default_class),
+            announce_classes=frozenset(config.announce_classes),
+            pod_networks=tuple(ipaddress.IPv4Network(n, strict=False) for n in config.pod_networks),
+        )
+        self.states: dict[str, ServiceState] = {}
+        self.problems: dict[str, tuple[Problem, ...]] = {}
+        self.planner = Planner()
+        self.nft = Nft(config.nft_command)
+        self.health = HealthServers(config.health_bind)
+        self.liveness = Liveness()
+        self._slices: dict[str, dict[str, Mapping[str, Any]]] = {}
+        self._dirty: set[str] = set()
+        self._quarantine: dict[str, _Quarantine] = {}
+        self._sync_wake = asyncio.Event()
+        self._announce_wake = asyncio.Event()
+        self._full_due = True
+        self._replace_due = True
+        self.synced_once = asyncio.Event()
+        self._states_version = 0
+        self._owners_inputs: tuple[int, frozenset[str], frozenset[str]] | None = None
+        self._owners: dict[str, VipOwner] = {}
+
+    # -- cache callbacks (run in the event loop, must be cheap) ---------------------------------
+    def _service_changed(self, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> None:
+        self._dirty.add(service_key(new or old or {}))
+        self._sync_wake.set()
+
+    def _slice_changed(self, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> None:
+        for obj, present in ((old, False), (new, True)):
+            if obj is None:
+                continue
+            key = slice_service_key(obj)
+            if key is None:
+                continue
+            bucket = self._slices.setdefault(key, {})
+            if present:
+                bucket[object_key(obj)] = obj
+            else:
+                bucket.pop(object_key(obj), None)
+                if not bucket:
+                    self._slices.pop(key, None)
+            self._dirty.add(key)
+        self._sync_wake.set()
+
+    def _node_changed(self, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> None:
+        self._announce_wake.set()
+
+    def _lease_changed(self, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> None:
+        obj = new or old or {}
+        meta = obj.get("metadata") or {}
+        node = (meta.get("labels") or {}).get(LEASE_LABEL) or str(meta.get("name") or "").removeprefix(LEASE_PREFIX)
+        if node and node != self.config.node:
+            self.liveness.observe(new, node, time.monotonic(), time.time())
+            self._announce_wake.set()
+
+    # -- building ------------------------------------------------------------------------------
+    def _rebuild(self, keys: set[str], services: Mapping[str, Mapping[str, Any]]) -> None:
+        for key in keys:
+            service = services.get(key)
+            try:
+                state, problems = (build_service(service, self._slices.get(key, {}).values(), self.context)
+                                   if service is not None else (None, []))
+            except Exception as exc:  # a bug, or data no check foresaw: never take the forwarder down
+                log.exception("cannot build %s; keeping its previous rules", key)
+                state, problems = self.states.get(key), [Problem(key, "(object)", f"unexpected: {exc}")]
+            if self.states.get(key) != state:
+                self._states_version += 1
+            if state is None:
+                self.states.pop(key, None)
+            else:
+                self.states[key] = state
+            new_problems = tuple(problems)
+            if new_problems != self.problems.get(key, ()):
+                for problem in new_problems:
+                    log.warning("%s", problem)
+                if new_problems:
+                    self.problems[key] = new_problems
+                else:
+                    self.problems.pop(key, None)
+
+    def _held(self, key: str, now: float) -> bool:
+        """Whether `key` is in quarantine: its last good rules stay until `until`."""
+        quarantine = self._quarantine.get(key)
+        return quarantine is not None and quarantine.until > now
+
+    def _state_for_kernel(self, key: str, now: float) -> ServiceState | None:
+        return self.planner.committed_state(key) if self._held(key, now) else self.states.get(key)
+
+    # -- nftables ------------------------------------------------------------------------------
+    def _apply(self, plan: Plan) -> None:
+        """Blocking: run in a thread."""
+        if plan.texts:
+            self.nft.apply(plan.texts)
+
+    async def _sync_kernel(self, changed: set[str]) -> None:
+        now = time.monotonic()
+        if not self._full_due:
+            keys = changed | {k for k, q in self._quarantine.items() if q.until <= now}
+            plan = self.planner.plan_update({k: self._state_for_kernel(k, now) for k in keys})
+            try:
+                await asyncio.to_thread(self._apply, plan)
+            except NftError as exc:
+                log.warning("incremental sync rejected (%s); doing a full sync", exc)
+                self._full_due = True
+            else:
+                self._committed(plan, now)
+                return
+        for _attempt in range(5):
+            keys = set(self.states) | self.planner.keys
+            states = [s for s in (self._state_for_kernel(k, now) for k in sorted(keys)) if s is not None]
+            plan = self.planner.plan_full(states, replace=self._replace_due)
+            try:
+                await asyncio.to_thread(self._apply, plan)
+            except NftError as exc:
+                owners = {plan.owner_of_line(r.number) for r in exc.rejected}
+                for rejected in exc.rejected:
+                    log.error("nft rejected line %d (%s): %s", rejected.number, rejected.error, rejected.text)
+                if not exc.rejected or None in owners:
+                    if not self._replace_due:
+                        self._replace_due = True  # something in the table we did not expect: start over
+                        continue
+                    raise
+                for key in owners:
+                    assert key is not None
+                    previous = self._quarantine.get(key)
+                    backoff = min(previous.backoff * 2, _MAX_QUARANTINE_S) if previous else 1.0
+                    self._quarantine[key] = _Quarantine(now + backoff, backoff)
+                    log.error("%s: its rules were rejected; keeping its previous rules, retrying in %.0fs",
+                              key, backoff)
+                continue
+            self._committed(plan, now)
+            self._full_due = self._replace_due = False
+            return
+        raise RuntimeError("full sync kept being rejected")
+
+    def _committed(self, plan: Plan, now: float) -> None:
+        self.planner.commit(plan)
+        for key in [k for k in self._quarantine if not self._held(k, now) and k in plan.changes]:
+            self._quarantine.pop(key)  # its retry went in
+        for conflict in plan.conflicts:
+            log.warning("%s and %s both want %s %s; %s (the older Service) keeps it",
+                        conflict.winner, conflict.loser, conflict.collection, conflict.key, conflict.winner)
+        if plan.udp_backends_gone:
+            conntrack.flush_udp(plan.udp_backends_gone, self.config.conntrack_command)
+
+    async def _sync_health(self) -> None:
+        checks: dict[int, HealthCheck] = {}
+        for state in self.states.values():
+            if state.local_only and state.health_check_node_port:
+                namespace, _, name = state.key.partition("/")
+                checks[state.health_check_node_port] = HealthCheck(namespace, name, state.local_endpoints)
+        await self.health.update(checks)
+
+    async def _sync_loop(self, services: Reflector) -> None:
+        backoff = 0.5
+        next_full = time.monotonic() + self.config.resync_interval_s
+        while True:
+            now = time.monotonic()
+            deadline = next_full
+            if self._quarantine:
+                deadline = min(deadline, min(q.until for q in self._quarantine.values()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sync_wake.wait(), timeout=max(deadline - now, 0.0))
+            self._sync_wake.clear()
+            await asyncio.sleep(0.01)  # let a burst of watch events land in one transaction
+            now = time.monotonic()
+            if now >= next_full:
+                self._full_due = True
+                next_full = now + self.config.resync_interval_s
+            changed, self._dirty = self._dirty, set()
+            self._rebuild(changed, services.cache)
+            self._announce_wake.set()
+            if not self.full:
+                self.synced_once.set()
+                continue
+            try:
+                started = time.monotonic()
+                await self._sync_kernel(changed)
+                log.debug("synced %d change(s) in %.3fs", len(changed), time.monotonic() - started)
+                backoff = 0.5
+                if not self.synced_once.is_set():
+                    # the caches and state built so far live long: keep the cyclic GC from rescanning them
+                    gc.collect()
+                    gc.freeze()
+                    self.synced_once.set()
+            except Exception as exc:
+                self._dirty |= changed
+                log.error("sync failed: %s; retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_SYNC_BACKOFF_S)
+                self._sync_wake.set()
+                continue
+            try:
+                await self._sync_health()
+            except Exception as exc:
+                log.error("health-check listeners: %s", exc)
+
+    # -- ownership -----------------------------------------------------------------------------
+    def owners(self, heartbeat: Heartbeat, nodes: Reflector) -> dict[str, VipOwner]:
+        now = time.monotonic()
+        live = set(self.liveness.live(now))
+        if heartbeat.alive(now):
+            live.add(self.config.node)  # our own view of ourselves comes from our renewals
+        inputs = (self._states_version, frozenset(live), excluded_nodes(nodes.cache.values()))
+        if inputs != self._owners_inputs:  # most wake-ups only check for expired leases
+            self._owners = vip_owners(self.states.values(), inputs[1], inputs[2])
+            self._owners_inputs = inputs
+        return self._owners
+
+    async def _announce_loop(self, announcer: Announcer, heartbeat: Heartbeat, nodes: Reflector) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._announce_wake.wait(), timeout=self.config.announce_interval_s)
+            self._announce_wake.clear()
+            try:
+                await announcer.reconcile(self.owners(heartbeat, nodes))
+            except Exception as exc:
+                log.error("announce: %s", exc)
+
+    # -- run -----------------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event, configuration: k8s_client.Configuration) -> None:
+        client = KubeClient(configuration, user_agent="lbctl-forwarder")
+        services = Reflector(client, "/api/v1/services", self._service_changed, name="services")
+        slices = Reflector(client, "/apis/discovery.k8s.io/v1/endpointslices", self._slice_changed,
+                           name="endpointslices", params={"labelSelector": "kubernetes.io/service-name"})
+        nodes = Reflector(client, "/api/v1/nodes", self._node_changed, name="nodes")
+        leases = Reflector(client, leases_path(self.config.lease_namespace), self._lease_changed, name="leases",
+                           params={"labelSelector": LEASE_LABEL})
+        heartbeat = Heartbeat(client, self.config.node, namespace=self.config.lease_namespace,
+                              duration_s=self.config.lease_duration_s, renew_s=self.config.renew_interval_s)
+        addresses = VipAddresses(self.config.vip_interface, self.config.interface)
+        announcer = Announcer(self.config.node, addresses, client, lambda key: services.cache.get(key),
+                              self.config.garp_repeats)
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            await announcer.start()
+            if not self.full:
+                # kube-proxy carries the traffic: rules an earlier full-mode run left would compete
+                await asyncio.to_thread(self.nft.delete_table, FAMILY, TABLE)
+            tasks = [asyncio.create_task(r.run(), name=r.name) for r in (services, slices, nodes, leases)]
+            tasks.append(asyncio.create_task(heartbeat.run(), name="heartbeat"))
+            for reflector in (services, slices):
+                await _until(reflector.synced.wait(), stop)
+            if stop.is_set():
+                return
+            log.info("caches filled: %d Services, %d EndpointSlices", len(services.cache), len(slices.cache))
+            self._dirty |= set(services.cache)
+            self._sync_wake.set()
+            tasks.append(asyncio.create_task(self._sync_loop(services), name="sync"))
+            await _until(self.synced_once.wait(), stop)
+            for waiter in (leases.synced.wait(), nodes.synced.wait(), heartbeat.renewed.wait()):
+                await _until(waiter, stop)
+            tasks.append(asyncio.create_task(self._announce_loop(announcer, heartbeat, nodes), name="announce"))
+            log.info("forwarder on node %s running (%s mode, VIPs on %s)", self.config.node, self.config.mode,
+                     addresses.interface)
+            await stop.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await heartbeat.release()
+            with contextlib.suppress(Exception):
+                await announcer.release_all()
+            await self.health.close()
+            await client.close()
+
+
+async def _until(waiter: Any, stop: asyncio.Event) -> None:
+    """Await `waiter` unless `stop` is set first."""
+    wait_task = asyncio.ensure_future(waiter)
+    stop_task = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({wait_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (wait_task, stop_task):
+            task.cancel()
+
+
+def check_tools(config: ForwarderConfig) -> str | None:
+    """Why the forwarder cannot run here, or None."""
+    if config.mode != "full":
+        return None
+    try:
+        # a check-only transaction of the base table: proves nft runs, we may use it, and the
+        # kernel has every expression we need (nat, fib, numgen, maps)
+        Nft(config.nft_command).check("".join(line + "\n" for line in (*BASE_DECLARATIONS, *BASE_RULES)))
+    except Exception as exc:
+        return f"nftables is not usable here: {exc}"
+    return None
+
+
+def run(config: ForwarderConfig) -> int:
+    """Run until SIGINT or SIGTERM; the exit status."""
+    try:
+        configuration = load_configuration(config.kubeconfig)
+    except Exception as exc:
+        print(f"lbctl forwarder: no Kubernetes configuration ({type(exc).__name__}: {exc}); pass --kubeconfig, "
+              "set KUBECONFIG, or run it in a pod", file=sys.stderr)
+        return 1
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await Forwarder(config).run(stop, configuration)
+
+    asyncio.run(main())
+    return 0

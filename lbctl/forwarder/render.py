@@ -1,0 +1,654 @@
+"""ServiceState → nftables ruleset text (pure).
+
+One table, `ip lbctl`. Packets are dispatched by verdict maps, not rule lists, so the cost per
+packet does not grow with the number of Services:
+
+  prerouting/output (nat) → chain services:
+      ip daddr . meta l4proto . th dport vmap @service-ips      (LB ingress IPs)
+      fib daddr type local … meta l4proto . th dport vmap @node-ports
+  svc/<ns>/<name>/<proto>/<port>:   [mark for masquerade]
+      meta l4proto tcp dnat to numgen random mod N offset B map @endpoints-tcp/<shard>
+  lb/<ns>/<name>/<proto>/<port>:    ip saddr <cidr> goto svc/…  …  drop        (loadBalancerSourceRanges)
+  postrouting (nat): marked → masquerade (externalTrafficPolicy Cluster only)
+  input (filter): an LB IP on a port no Service claims is dropped: the address sits on a local
+      interface, and the node's own listeners must not answer on it.
+
+Endpoints live in named maps keyed by an integer slot; each service port owns a slot range and
+picks `numgen random mod N offset B`. Anonymous maps (one per rule, `numgen … vmap { 0 : …, 1 :
+… }`) read better but the kernel names each one by scanning the table's sets: a 10,000-Service
+ruleset took 11 s to load. One shared named map instead cost O(elements × rules bound to it)
+(8 s), hence 64 shards per protocol, declared when first used (see SHARDS).
+
+ClientIP affinity: one chain and one timeout set per endpoint; `ip saddr @aff… goto ep…` first,
+then the random pick through @endpoint-chains/<shard>; the endpoint chain records the client.
+
+Changes are planned per Service ("program"): chains rewritten with `flush chain` + rules, map
+elements deleted/added by key, all in one transaction. A full sync either replaces the table
+(start-up) or flushes every rule and map of it (the periodic resync: affinity sets keep their
+entries) and writes everything again, one `add element` per map with one element per line.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import zlib
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from lbctl.forwarder.state import PROTOCOLS, UDP, ServicePort, ServiceState
+
+FAMILY = "ip"
+TABLE = "lbctl"
+MASQUERADE_MARK = 0x00004000  # the bit kube-proxy uses for the same purpose
+SERVICE_IPS = "service-ips"
+NODE_PORTS = "node-ports"
+ENDPOINTS = "endpoints"
+ENDPOINT_CHAINS = "endpoint-chains"
+LB_IPS = "lb-ips"
+# The endpoint maps are split in shards: the kernel checks each element added to a map against
+# every rule bound to it, and each rule bound to a map against its elements, so one map shared by
+# 10,000 Services cost O(elements × rules) (8 s for 10,000 Services × 5 endpoints).
+SHARDS = 64
+# Per protocol: a map typed "ip daddr . th dport" is rejected by nft 1.0.6 next to `meta l4proto
+# tcp` once it is read back from the kernel ("conflicting protocols specified: tcp vs. th").
+ENDPOINT_MAPS = {proto: tuple(f"{ENDPOINTS}-{proto}/{n:03d}" for n in range(SHARDS)) for proto in PROTOCOLS}
+ENDPOINT_CHAIN_MAPS = tuple(f"{ENDPOINT_CHAINS}/{n:03d}" for n in range(SHARDS))
+MAPS = (SERVICE_IPS, NODE_PORTS)  # the shards are declared when first used
+SETS = (LB_IPS,)
+
+_PREFIX = f"{FAMILY} {TABLE}"
+
+BASE_DECLARATIONS = (
+    f"add table {_PREFIX}",
+    f"add map {_PREFIX} {SERVICE_IPS} {{ type ipv4_addr . inet_proto . inet_service : verdict; }}",
+    f"add map {_PREFIX} {NODE_PORTS} {{ type inet_proto . inet_service : verdict; }}",
+    f"add set {_PREFIX} {LB_IPS} {{ type ipv4_addr; }}",
+    f"add chain {_PREFIX} services",
+    f"add chain {_PREFIX} prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}",
+    # `dstnat` is only a name in prerouting; -100 is the same priority
+    f"add chain {_PREFIX} output {{ type nat hook output priority -100; policy accept; }}",
+    f"add chain {_PREFIX} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}",
+    f"add chain {_PREFIX} input {{ type filter hook input priority filter; policy accept; }}",
+)
+BASE_RULES = (
+    f"add rule {_PREFIX} prerouting jump services",
+    f"add rule {_PREFIX} output jump services",
+    f"add rule {_PREFIX} services ip daddr . meta l4proto . th dport vmap @{SERVICE_IPS}",
+    # NodePorts answer on every local address but loopback (route_localnet stays off)
+    f"add rule {_PREFIX} services fib daddr type local ip daddr != 127.0.0.0/8 "
+    f"meta l4proto . th dport vmap @{NODE_PORTS}",
+    f"add rule {_PREFIX} postrouting meta mark & 0x{MASQUERADE_MARK:08x} != 0 masquerade",
+    f"add rule {_PREFIX} input meta l4proto tcp ip daddr @{LB_IPS} drop",
+    f"add rule {_PREFIX} input meta l4proto udp ip daddr @{LB_IPS} drop",
+)
+
+
+class SlotRange(NamedTuple):
+    base: int
+    size: int
+
+
+# NamedTuples, not frozen dataclasses: a full sync makes ~100,000 of these
+class Element(NamedTuple):
+    """One element of a named map or set; `value` is "" for a set."""
+
+    collection: str
+    key: str
+    value: str = ""
+
+
+@dataclass(frozen=True)
+class Program:
+    """What one Service puts into the table."""
+
+    key: str
+    priority: tuple[str, str]  # (creationTimestamp, key): the older Service keeps a clashing address
+    chains: Mapping[str, tuple[str, ...]]  # chain name → rule bodies
+    sets: Mapping[str, str]  # set name → declaration "{ … }"
+    elements: tuple[Element, ...]
+    slots: Mapping[str, SlotRange] = field(default_factory=dict)  # port id → its range in @endpoints
+    udp_backends: frozenset[tuple[str, int]] = frozenset()
+
+
+class Line(NamedTuple):
+    """One command of a transaction and the Service it belongs to (None: the table itself)."""
+
+    owner: str | None
+    text: str
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """A map key two Services both want; `winner` keeps it."""
+
+    collection: str
+    key: str
+    winner: str
+    loser: str
+
+
+class SlotAllocator:
+    """Slot ranges in @endpoints: powers of two, reused after release (no I/O; copy before planning)."""
+
+    def __init__(self, start: int = 1) -> None:
+        self._next = start
+        self._free: dict[int, list[int]] = {}
+
+    def copy(self) -> SlotAllocator:
+        other = SlotAllocator(self._next)
+        other._free = {size: list(bases) for size, bases in self._free.items()}
+        return other
+
+    @staticmethod
+    def size_for(count: int) -> int:
+        return max(2, 1 << (count - 1).bit_length())
+
+    def take(self, count: int) -> SlotRange:
+        size = self.size_for(count)
+        free = self._free.get(size)
+        if free:
+            return SlotRange(free.pop(), size)
+        base, self._next = self._next, self._next + size
+        return SlotRange(base, size)
+
+    def give(self, slots: SlotRange) -> None:
+        self._free.setdefault(slots.size, []).append(slots.base)
+
+
+def port_id(state: ServiceState, port: ServicePort) -> str:
+    # namespace and name are DNS labels, so '/' cannot occur inside them: ids are unambiguous
+    return f"{state.key}/{port.protocol}/{port.port}"
+
+
+def slot_needs(state: ServiceState) -> dict[str, int]:
+    """Ports whose endpoints are picked at random need a slot range of this many slots."""
+    return {port_id(state, p): len(p.backends) for p in state.ports if len(p.backends) > 1}
+
+
+def allocate(state: ServiceState, previous: Mapping[str, SlotRange], allocator: SlotAllocator) -> dict[str, SlotRange]:
+    """Keep a port's range while it is big enough; release the rest to `allocator`."""
+    needs = slot_needs(state)
+    slots: dict[str, SlotRange] = {}
+    for pid, old in previous.items():
+        if pid in needs and old.size >= needs[pid]:
+            slots[pid] = old
+        else:
+            allocator.give(old)
+    for pid, count in sorted(needs.items()):
+        if pid not in slots:
+            slots[pid] = allocator.take(count)
+    return slots
+
+
+_SHARD_PREFIXES = (*(f"{ENDPOINTS}-{proto}/" for proto in PROTOCOLS), f"{ENDPOINT_CHAINS}/")
+
+
+def shard_declaration(name: str) -> str:
+    """`add map` for an endpoint shard (idempotent: harmless when the map exists)."""
+    if name.startswith(ENDPOINT_CHAINS):
+        data = "verdict"
+    else:
+        data = f"ip daddr . {name.removeprefix(ENDPOINTS + '-').split('/')[0]} dport"
+    return f"add map {_PREFIX} {name} {{ typeof numgen random mod 1 : {data}; }}"
+
+
+def _shards(programs: Iterable[Program | None]) -> list[str]:
+    names = {el.collection for p in programs if p is not None for el in p.elements
+             if el.collection.startswith(_SHARD_PREFIXES)}
+    return sorted(names)
+
+
+def shard(pid: str) -> int:
+    """The endpoint map shard of a port id (stable across runs: crc32, not hash())."""
+    return zlib.crc32(pid.encode()) % SHARDS
+
+
+def _endpoint_chain(pid: str, ip: str, port: int) -> str:
+    return f"ep/{pid}/{ip}/{port}"
+
+
+def _affinity_set(pid: str, ip: str, port: int, timeout: int) -> str:
+    return f"aff/{pid}/{ip}/{port}/{timeout}"
+
+
+def render_program(state: ServiceState, slots: Mapping[str, SlotRange]) -> Program:
+    chains: dict[str, tuple[str, ...]] = {}
+    sets: dict[str, str] = {}
+    elements: list[Element] = []
+    udp: set[tuple[str, int]] = set()
+    for port in state.ports:
+        pid = port_id(state, port)
+        svc = f"svc/{pid}"
+        rules: list[str] = []
+        backends = port.backends
+        if port.protocol == UDP:
+            udp.update((b.ip, b.port) for b in backends)
+        if not backends:
+            rules.append("drop")  # no endpoint (for ETP=Local: none on this node)
+        else:
+            if state.masquerade:
+                rules.append(f"meta mark set meta mark | 0x{MASQUERADE_MARK:08x}")
+            if state.affinity_timeout is not None:
+                for b in backends:
+                    ep = _endpoint_chain(pid, b.ip, b.port)
+                    aff = _affinity_set(pid, b.ip, b.port, state.affinity_timeout)
+                    sets[aff] = f"{{ type ipv4_addr; flags dynamic,timeout; timeout {state.affinity_timeout}s; }}"
+                    chains[ep] = (f"update @{aff} {{ ip saddr }}",
+                                  f"meta l4proto {port.protocol} dnat to {b.ip}:{b.port}")
+                    rules.append(f"ip saddr @{aff} goto {ep}")
+                if len(backends) == 1:
+                    rules.append(f"goto {_endpoint_chain(pid, backends[0].ip, backends[0].port)}")
+                else:
+                    base = slots[pid].base
+                    vmap = ENDPOINT_CHAIN_MAPS[shard(pid)]
+                    rules.append(f"numgen random mod {len(backends)} offset {base} vmap @{vmap}")
+                    elements.extend(
+                        Element(vmap, str(base + i), f"goto {_endpoint_chain(pid, b.ip, b.port)}")
+                        for i, b in enumerate(backends))
+            elif len(backends) == 1:
+                rules.append(f"meta l4proto {port.protocol} dnat to {backends[0].ip}:{backends[0].port}")
+            else:
+                base = slots[pid].base
+                dmap = ENDPOINT_MAPS[port.protocol][shard(pid)]
+                rules.append(f"meta l4proto {port.protocol} dnat to numgen random mod {len(backends)} "
+                             f"offset {base} map @{dmap}")
+                elements.extend(Element(dmap, str(base + i), f"{b.ip} . {b.port}")
+                                for i, b in enumerate(backends))
+        chains[svc] = tuple(rules)
+
+        entry = svc
+        if state.source_ranges is not None:
+            entry = f"lb/{pid}"
+            chains[entry] = (*(f"ip saddr {cidr} goto {svc}" for cidr in state.source_ranges), "drop")
+        for ip in state.lb_ips:
+            elements.append(Element(SERVICE_IPS, f"{ip} . {port.protocol} . {port.port}", f"goto {entry}"))
+        if port.node_port is not None:
+            elements.append(Element(NODE_PORTS, f"{port.protocol} . {port.node_port}", f"goto {svc}"))
+    if state.ports:
+        elements.extend(Element(LB_IPS, ip) for ip in state.lb_ips)
+    return Program(key=state.key, priority=(state.created, state.key), chains=chains, sets=sets,
+                   elements=tuple(elements), slots=dict(slots), udp_backends=frozenset(udp))
+
+
+def _element_text(element: Element) -> str:
+    return f"{element.key} : {element.value}" if element.value else element.key
+
+
+# Keys two Services may both want (a clash: the older Service keeps it). Slot keys are handed out
+# by the planner itself and so are never shared.
+SHARED = frozenset({SERVICE_IPS, NODE_PORTS, LB_IPS})
+ElementKey = tuple[str, str]  # (collection, key)
+
+
+@dataclass(frozen=True)
+class Committed:
+    """What the kernel holds for one Service: its state and slot ranges (its Program is rendered
+    again from them when needed, rather than kept: at 10,000 Services that saves ~60 MB)."""
+
+    state: ServiceState
+    slots: Mapping[str, SlotRange]
+
+    @property
+    def priority(self) -> tuple[str, str]:
+        return (self.state.created, self.state.key)
+
+    def program(self) -> Program:
+        return render_program(self.state, self.slots)
+
+
+class _Transaction:
+    """Commands and, line by line, the Service each belongs to (None: the table itself)."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.owners: list[str | None] = []
+
+    def add(self, owner: str | None, *texts: str) -> None:
+        self.texts.extend(texts)
+        self.owners.extend([owner] * len(texts))
+
+
+@dataclass
+class Plan:
+    """A transaction and what the planner becomes once the kernel has taken it."""
+
+    texts: list[str]  # one command per line
+    owners: list[str | None]  # the Service each line belongs to
+    changes: dict[str, Committed | None]  # changed keys → new committed state (None: removed)
+    allocator: SlotAllocator
+    full: bool
+    conflicts: list[Conflict] = field(default_factory=list)
+    udp_backends_gone: list[tuple[str, int]] = field(default_factory=list)
+    # full plans: all shared keys' winners and claimants; updates: only the keys touched (None: gone)
+    winners: dict[ElementKey, str | None] = field(default_factory=dict)
+    contested: dict[ElementKey, tuple[str, ...] | None] = field(default_factory=dict)
+    udp: Counter[tuple[str, int]] = field(default_factory=Counter)  # full: all; update: the change
+
+    @property
+    def lines(self) -> list[Line]:
+        return [Line(owner, text) for owner, text in zip(self.owners, self.texts, strict=True)]
+
+    @property
+    def text(self) -> str:
+        return "".join(text + "\n" for text in self.texts)
+
+    def owner_of_line(self, number: int) -> str | None:
+        """The Service of 1-based line `number` of `text`."""
+        if 1 <= number <= len(self.owners):
+            return self.owners[number - 1]
+        return None
+
+
+class Planner:
+    """Keeps what the kernel holds and plans the transaction to the next state.
+
+    No I/O: `plan_*` returns a Plan, `commit` records it once `nft` has accepted it. A rejected
+    Plan is simply dropped; the committed state still matches the kernel (transactions are atomic).
+    """
+
+    def __init__(self) -> None:
+        self._committed: dict[str, Committed] = {}
+        self._allocator = SlotAllocator()
+        self._winners: dict[ElementKey, str] = {}  # shared key → the Service whose element is installed
+        self._contested: dict[ElementKey, tuple[str, ...]] = {}  # shared keys with several claimants
+        self._udp = Counter[tuple[str, int]]()
+        self.synced = False  # whether a full sync has been committed
+
+    def committed_state(self, key: str) -> ServiceState | None:
+        committed = self._committed.get(key)
+        return committed.state if committed else None
+
+    def program(self, key: str) -> Program | None:
+        committed = self._committed.get(key)
+        return committed.program() if committed else None
+
+    @property
+    def keys(self) -> frozenset[str]:
+        return frozenset(self._committed)
+
+    # -- full ---------------------------------------------------------------------------------
+    def plan_full(self, states: Iterable[ServiceState], replace: bool = False) -> Plan:
+        """Everything from scratch. `replace` deletes the table first (start-up: nothing is known
+        about what an earlier run left); otherwise rules and maps are flushed but affinity sets kept."""
+        with _cyclic_gc_paused():
+            return self._plan_full(states, replace)
+
+    def _plan_full(self, states: Iterable[ServiceState], replace: bool) -> Plan:
+        # Each Service is rendered, written out and dropped in turn (oldest first, so the first
+        # claimant of a shared key is the one that keeps it): at 10,000 Services holding every
+        # Program at once would cost ~60 MB more at the peak.
+        ordered = sorted(states, key=lambda s: s.key)
+        allocator = SlotAllocator()
+        changes: dict[str, Committed | None] = {}
+        for state in ordered:
+            changes[state.key] = Committed(state, {pid: allocator.take(count)
+                                                   for pid, count in sorted(slot_needs(state).items())})
+        stale: list[Program] = []  # what the kernel may hold that the new state lacks
+        if not replace:
+            changes.update({k: None for k in self._committed if k not in changes})
+            stale = [c.program() for k, c in self._committed.items() if changes.get(k) != c]
+
+        out = _Transaction()
+        if replace:
+            out.add(None, f"add table {_PREFIX}", f"delete table {_PREFIX}")
+        out.add(None, *BASE_DECLARATIONS)
+        declared: set[str] = set()
+
+        def declare(shards: Iterable[str]) -> None:
+            for name in shards:
+                if name not in declared:
+                    declared.add(name)
+                    out.add(None, shard_declaration(name))
+                    if not replace:
+                        out.add(None, f"flush map {_PREFIX} {name}")
+
+        if not replace:
+            out.add(None, f"flush table {_PREFIX}", *(f"flush map {_PREFIX} {name}" for name in MAPS),
+                    *(f"flush set {_PREFIX} {name}" for name in SETS))
+            declare(_shards(stale))
+        out.add(None, *BASE_RULES)
+
+        winners: dict[ElementKey, str | None] = {}
+        values: dict[ElementKey, str] = {}
+        contested: dict[ElementKey, tuple[str, ...] | None] = {}
+        conflicts: list[Conflict] = []
+        udp = Counter[tuple[str, int]]()
+        kept_chains: dict[str, frozenset[str]] = {}
+        kept_sets: dict[str, frozenset[str]] = {}
+        # one `add element` per collection, one element per line (nft names the line of a bad
+        # element): 40,000 commands of a few elements each took nft half a second and 50 MB more
+        elements: dict[str, _Transaction] = {}
+        for state in sorted(ordered, key=lambda s: (s.created, s.key)):
+            key = state.key
+            committed = changes[key]
+            assert committed is not None
+            program = render_program(state, committed.slots)
+            declare(_shards([program]))
+            out.add(key, *(f"add chain {_PREFIX} {name}" for name in program.chains))
+            out.add(key, *(f"add set {_PREFIX} {name} {decl}" for name, decl in program.sets.items()))
+            for name, rules in program.chains.items():
+                out.add(key, *(f"add rule {_PREFIX} {name} {rule}" for rule in rules))
+            for el in program.elements:
+                if el.collection in SHARED:
+                    ck = (el.collection, el.key)
+                    winner = winners.get(ck)
+                    if winner is not None:
+                        contested[ck] = (*(contested.get(ck) or (winner,)), key)
+                        if values[ck] != el.value:
+                            conflicts.append(Conflict(el.collection, el.key, winner, key))
+                        continue
+                    winners[ck] = key
+                    values[ck] = el.value
+                if el.collection not in elements:
+                    elements[el.collection] = _Transaction()
+                elements[el.collection].add(key, f"\t{_element_text(el)},")
+            udp.update(program.udp_backends)
+            if not replace and key in self._committed:
+                kept_chains[key], kept_sets[key] = frozenset(program.chains), frozenset(program.sets)
+        for name, listed in elements.items():
+            out.add(None, f"add element {_PREFIX} {name} {{")
+            out.texts += listed.texts
+            out.owners += listed.owners
+            out.add(None, "}")
+        for program in stale:  # chains and sets the new state has no more
+            chains, sets = kept_chains.get(program.key, frozenset()), kept_sets.get(program.key, frozenset())
+            out.add(program.key, *(f"delete chain {_PREFIX} {n}" for n in program.chains if n not in chains))
+            out.add(program.key, *(f"delete set {_PREFIX} {n}" for n in program.sets if n not in sets))
+        gone = sorted(b for b in self._udp if b not in udp)
+        return Plan(texts=out.texts, owners=out.owners, changes=changes, allocator=allocator, full=True,
+                    conflicts=conflicts, udp_backends_gone=gone, winners=winners, contested=contested, udp=udp)
+
+    # -- incremental --------------------------------------------------------------------------
+    def plan_update(self, states: Mapping[str, ServiceState | None]) -> Plan:
+        """Only the given Services (None: gone) change; the rest of the table is untouched."""
+        allocator = self._allocator.copy()
+        old: dict[str, Program | None] = {}
+        new: dict[str, Program | None] = {}
+        changes: dict[str, Committed | None] = {}
+        for key in sorted(states):
+            state, committed = states[key], self._committed.get(key)
+            if state is None:
+                if committed is not None:
+                    for released in committed.slots.values():
+                        allocator.give(released)
+                    old[key], new[key], changes[key] = committed.program(), None, None
+                continue
+            if committed is not None and committed.state == state:
+                continue
+            slots = allocate(state, committed.slots if committed else {}, allocator)
+            old[key] = committed.program() if committed else None
+            new[key] = render_program(state, slots)
+            changes[key] = Committed(state, slots)
+
+        lines: list[Line] = []
+        # 1. new chains, sets and shards (rules and elements below refer to them)
+        lines += [Line(None, shard_declaration(name)) for name in _shards(new.values())]
+        for key, program in new.items():
+            if program is not None:
+                before = old[key]
+                lines += [Line(key, f"add chain {_PREFIX} {n}") for n in program.chains if not _has_chain(before, n)]
+                lines += [Line(key, f"add set {_PREFIX} {n} {d}") for n, d in program.sets.items()
+                          if not _has_set(before, n)]
+        # 2. rules of new and changed chains
+        for key, program in new.items():
+            if program is None:
+                continue
+            before = old[key]
+            for name, rules in program.chains.items():
+                if before is not None and before.chains.get(name) == rules:
+                    continue
+                if _has_chain(before, name):
+                    lines.append(Line(key, f"flush chain {_PREFIX} {name}"))
+                lines += [Line(key, f"add rule {_PREFIX} {name} {rule}") for rule in rules]
+        # 3. elements: deletions first (a slot or key may pass to another Service in this plan)
+        deletes: list[Line] = []
+        adds: list[Line] = []
+        for key in changes:
+            before_own = _own_elements(old[key])
+            after_own = _own_elements(new[key])
+            for ck, value in before_own.items():
+                if after_own.get(ck) != value:
+                    deletes.append(Line(key, f"delete element {_PREFIX} {ck[0]} {{ {ck[1]} }}"))
+            for ck, value in after_own.items():
+                if before_own.get(ck) != value:
+                    adds.append(Line(key, f"add element {_PREFIX} {ck[0]} {{ {_element_text(Element(*ck, value))} }}"))
+        winners, contested, conflicts = self._shared_changes(changes, old, new, deletes, adds)
+        lines += deletes
+        lines += adds
+        # 4. chains and sets no longer used: emptied first, as they may jump to one another
+        going = [(key, n) for key, program in old.items() if program is not None
+                 for n in program.chains if not _has_chain(new[key], n)]
+        lines += [Line(key, f"flush chain {_PREFIX} {name}") for key, name in going]
+        lines += [Line(key, f"delete chain {_PREFIX} {name}") for key, name in going]
+        for key, program in old.items():
+            if program is not None:
+                lines += [Line(key, f"delete set {_PREFIX} {n}") for n in program.sets if not _has_set(new[key], n)]
+
+        udp = Counter[tuple[str, int]]()
+        for key in changes:
+            udp.subtract(old[key].udp_backends if old[key] else ())  # type: ignore[union-attr]
+            udp.update(new[key].udp_backends if new[key] else ())  # type: ignore[union-attr]
+        gone = sorted(b for b, n in udp.items() if n < 0 and self._udp.get(b, 0) + n <= 0)
+        return Plan(texts=[line.text for line in lines], owners=[line.owner for line in lines], changes=changes,
+                    allocator=allocator, full=False, conflicts=conflicts, udp_backends_gone=gone, winners=winners,
+                    contested=contested, udp=udp)
+
+    def _shared_changes(
+        self, changes: Mapping[str, Committed | None], old: Mapping[str, Program | None],
+        new: Mapping[str, Program | None], deletes: list[Line], adds: list[Line],
+    ) -> tuple[dict[ElementKey, str | None], dict[ElementKey, tuple[str, ...] | None], list[Conflict]]:
+        """Shared keys touched by the changed Services: who holds each now, and the element lines."""
+        touched: set[ElementKey] = set()
+        for key in changes:
+            for program in (old[key], new[key]):
+                touched.update(_shared_elements(program))
+        rendered: dict[str, Program] = {}
+
+        def program_of(owner: str, after: bool) -> Program | None:
+            if owner in changes:
+                return new[owner] if after else old[owner]
+            if owner not in rendered:
+                rendered[owner] = self._committed[owner].program()
+            return rendered[owner]
+
+        def priority(owner: str) -> tuple[str, str]:
+            committed = changes[owner] if owner in changes else self._committed[owner]
+            return committed.priority if committed else ("", owner)
+
+        winners: dict[ElementKey, str | None] = {}
+        contested: dict[ElementKey, tuple[str, ...] | None] = {}
+        conflicts: list[Conflict] = []
+        for ck in sorted(touched):
+            before = self._contested.get(ck) or ((self._winners[ck],) if ck in self._winners else ())
+            after = [c for c in before if c not in changes]
+            after += [k for k in changes if ck in _shared_elements(new[k])]
+            winner_before = self._winners.get(ck)
+            winner_after = min(after, key=priority) if after else None
+            value_before = _value(program_of(winner_before, False), ck) if winner_before else None
+            value_after = _value(program_of(winner_after, True), ck) if winner_after else None
+            for claimant in after:
+                if claimant != winner_after and claimant in changes \
+                        and _value(new[claimant], ck) != value_after:
+                    conflicts.append(Conflict(ck[0], ck[1], winner_after or "", claimant))
+            winners[ck] = winner_after
+            contested[ck] = tuple(after) if len(after) > 1 else None
+            if winner_before == winner_after and value_before == value_after:
+                continue
+            if value_before is not None and value_after is not None and value_before == value_after:
+                continue  # another Service holds it now, with the same element
+            if winner_before is not None:
+                deletes.append(Line(winner_before, f"delete element {_PREFIX} {ck[0]} {{ {ck[1]} }}"))
+            if winner_after is not None and value_after is not None:
+                text = _element_text(Element(ck[0], ck[1], value_after))
+                adds.append(Line(winner_after, f"add element {_PREFIX} {ck[0]} {{ {text} }}"))
+        return winners, contested, conflicts
+
+    def commit(self, plan: Plan) -> None:
+        """Record that the kernel took `plan`."""
+        if plan.full:
+            self._committed = {k: c for k, c in plan.changes.items() if c is not None}
+            self._winners = {k: w for k, w in plan.winners.items() if w is not None}
+            self._contested = {k: c for k, c in plan.contested.items() if c is not None}
+            self._udp = +plan.udp
+            self.synced = True
+        else:
+            for key, committed in plan.changes.items():
+                if committed is None:
+                    self._committed.pop(key, None)
+                else:
+                    self._committed[key] = committed
+            for ck, winner in plan.winners.items():
+                if winner is None:
+                    self._winners.pop(ck, None)
+                else:
+                    self._winners[ck] = winner
+            for ck, claimants in plan.contested.items():
+                if claimants is None:
+                    self._contested.pop(ck, None)
+                else:
+                    self._contested[ck] = claimants
+            self._udp.update(plan.udp)
+            self._udp = +self._udp  # drop zero and negative counts
+        self._allocator = plan.allocator
+
+
+def _own_elements(program: Program | None) -> dict[ElementKey, str]:
+    if program is None:
+        return {}
+    return {(el.collection, el.key): el.value for el in program.elements if el.collection not in SHARED}
+
+
+def _shared_elements(program: Program | None) -> set[ElementKey]:
+    if program is None:
+        return set()
+    return {(el.collection, el.key) for el in program.elements if el.collection in SHARED}
+
+
+def _value(program: Program | None, ck: ElementKey) -> str | None:
+    for el in program.elements if program else ():
+        if el.collection == ck[0] and el.key == ck[1]:
+            return el.value
+    return None
+
+
+@contextlib.contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Planning makes ~10 objects per endpoint and no reference cycles; the cyclic collector would
+    rescan every live object each time that many are made (it doubled a 10,000-Service plan)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _has_chain(program: Program | None, name: str) -> bool:
+    return program is not None and name in program.chains
+
+
+def _has_set(program: Program | None, name: str) -> bool:
+    return program is not None and name in program.sets

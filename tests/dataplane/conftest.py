@@ -1,0 +1,105 @@
+"""The dataplane suite's cluster: a control plane listening also on the lab bridge's address, the
+operator (local provider), three node namespaces each running `lbctl forwarder --mode full`, and
+two client namespaces. Pods are namespaces with a real server; their Pod objects get a Ready
+status through the API, and the real endpointslice controller makes the EndpointSlices.
+
+Needs root, iproute2, nftables and conntrack. Without them the tests FAIL (CI runs as root); they
+are never skipped. Everything made here is removed at the end, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from lbctl.dev import controlplane
+from lbctl.forwarder.lab.kube import LabKube, wait_for
+from lbctl.forwarder.lab.netns import Lab, leftovers
+from tests.dataplane.harness import NODES, DataplaneEnv, require_root_tools
+
+_ENV: DataplaneEnv | None = None
+
+
+@pytest.fixture(scope="session")
+def dp() -> Iterator[DataplaneEnv]:
+    global _ENV
+    require_root_tools()
+    workdir = Path(tempfile.mkdtemp(prefix="lbctl-dataplane-"))
+    lab = Lab(log_dir=workdir)
+    cp_dir = workdir / "controlplane"
+    kube: LabKube | None = None
+    try:
+        lab.add_bridge()
+        clients = [lab.add_client(0), lab.add_client(1)]
+        for index in NODES:
+            lab.add_node(index)
+        info = controlplane.up(cp_dir, extra_addresses=(lab.bridge_address,))
+        kubeconfig = str(cp_dir / "kubeconfig")
+        kube = LabKube(kubeconfig)
+        kube.install_pool_crd()
+        # the forwarders authenticate as the DaemonSet's ServiceAccount, with its RBAC only
+        kube.install_forwarder_rbac()
+        port = info.server.rsplit(":", 1)[1]
+        node_kubeconfig = kube.service_account_kubeconfig(
+            "lbctl-system", "lbctl-forwarder", f"https://{lab.bridge_address}:{port}", info.ca_file,
+            workdir / "kubeconfig-forwarder")
+        for index in NODES:
+            kube.create_node(f"node-{index}", lab.node_address(index))
+        operator = lab.start(None, [sys.executable, "-m", "lbctl", "operator", "--provider", "local",
+                                    "--node-port-range", "30000-54999", "--log-level", "info"],
+                             "operator.log", env={**os.environ, "KUBECONFIG": kubeconfig})
+        env = DataplaneEnv(lab=lab, kube=kube, workdir=workdir, clients=clients,
+                           node_kubeconfig=node_kubeconfig,
+                           forwarder_args=["--pod-cidr", "198.19.0.0/16", "--resync-interval", "20"])
+        for index in NODES:
+            env.start_forwarder(index)
+
+        coordination = client.CoordinationV1Api(kube.api)
+
+        def all_leases() -> bool:
+            try:
+                return len(coordination.list_namespaced_lease("lbctl-system").items) == len(NODES)
+            except ApiException:
+                return False
+        wait_for(all_leases, 60, "a Lease from every forwarder", interval=0.2)
+        assert operator.poll() is None, (workdir / "operator.log").read_text()
+        _ENV = env
+        yield env
+    finally:
+        _ENV = None
+        problems = lab.close()
+        if kube is not None:
+            kube.close()
+        controlplane.down(cp_dir)
+        left = leftovers(lab.prefix)
+        shutil.rmtree(workdir, ignore_errors=True)
+        assert not problems and not left, f"dataplane teardown left things behind: {problems} {left}"
+
+
+@pytest.fixture
+def k8s_namespace(dp: DataplaneEnv) -> Iterator[str]:
+    """A Kubernetes namespace with its own address pool; forwarders and links restored afterwards."""
+    name, pool = dp.new_namespace()
+    try:
+        yield name
+    finally:
+        dp.ensure_forwarders()
+        dp.kube.delete_namespace(name)
+        dp.kube.delete_pool(pool)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
+    report = yield
+    if getattr(report, "failed", False) and _ENV is not None and "dp" in getattr(item, "fixturenames", ()):
+        for title, text in _ENV.tail_logs():
+            report.sections.append((title, text))  # type: ignore[attr-defined]
+    return report

@@ -1,0 +1,77 @@
+"""`lbctl demo` end to end: it prints the Service and the page fetched through the VIP, exits 0,
+and leaves no namespace, link or process behind — also when interrupted."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lbctl.forwarder.lab.netns import leftovers
+from tests.dataplane.harness import require_root_tools
+
+pytestmark = pytest.mark.dataplane
+
+
+def lab_things() -> set[str]:
+    return set(leftovers("lbx"))
+
+
+def demo_children(pid: int) -> list[int]:
+    """Processes started by the demo still around (by their parent chain)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                status = (proc / "status").read_text()
+            except OSError:
+                continue
+            parent = re.search(r"^PPid:\s+(\d+)", status, re.MULTILINE)
+            if parent and int(parent.group(1)) == pid:
+                found.append(int(proc.name))
+    return found
+
+
+def test_demo_fetches_a_page_through_the_vip_and_cleans_up() -> None:
+    require_root_tools()
+    before = lab_things()
+    proc = subprocess.run([sys.executable, "-m", "lbctl", "demo"], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"^NAME\s+TYPE\s+CLUSTER-IP\s+EXTERNAL-IP\s+PORT\(S\)\s+AGE$", proc.stdout, re.MULTILINE)
+    vip = re.search(r"^hello\s+LoadBalancer\s+\S+\s+(198\.18\.\d+\.\d+)\s+80:\d+/TCP", proc.stdout, re.MULTILINE)
+    assert vip, proc.stdout
+    assert re.search(r"^Hello from pod hello-[12] on node-[12], through lbctl!", proc.stdout, re.MULTILINE)
+    assert lab_things() <= before
+
+
+def test_interrupted_demo_cleans_up() -> None:
+    require_root_tools()
+    before = lab_things()
+    proc = subprocess.Popen([sys.executable, "-m", "lbctl", "demo", "--keep", "120"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 180
+    for line in proc.stdout:  # interrupt once it is all up
+        if "leaving it up" in line or time.monotonic() > deadline:
+            break
+    children = demo_children(proc.pid)
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130, rest
+    assert "interrupted" in rest and "removing everything" in rest
+    assert lab_things() <= before
+    assert children, "the demo started no process?"
+    assert not [pid for pid in children if running(pid)]
+
+
+def running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended

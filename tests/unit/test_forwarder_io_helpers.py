@@ -1,0 +1,82 @@
+"""The pure parts of the forwarder's I/O modules: health answers, ARP frames, nft error parsing,
+conntrack commands."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pytest
+
+from lbctl.demo import kubectl_get_svc
+from lbctl.forwarder.addresses import gratuitous_arp_frame, label_for
+from lbctl.forwarder.apply import NftError
+from lbctl.forwarder.conntrack import flush_command
+from lbctl.forwarder.health import HealthCheck, health_response
+
+
+@pytest.mark.parametrize(("count", "status"), [(0, 503), (1, 200), (3, 200)])
+def test_health_answer_follows_kube_proxy(count: int, status: int) -> None:
+    code, headers, body = health_response(HealthCheck("ns", "web", count))
+    assert code == status
+    assert json.loads(body) == {"service": {"namespace": "ns", "name": "web"}, "localEndpoints": count,
+                                "serviceProxyHealthy": True}
+    assert headers["Content-Type"] == "application/json"
+    assert headers["X-Load-Balancing-Endpoint-Weight"] == str(count)
+
+
+def test_gratuitous_arp_frame() -> None:
+    frame = gratuitous_arp_frame("02:00:00:00:00:0a", "198.18.0.200")
+    assert len(frame) == 42
+    assert frame[:6] == b"\xff" * 6 and frame[6:12] == bytes.fromhex("02000000000a")
+    assert frame[12:14] == b"\x08\x06"
+    arp = frame[14:]
+    assert arp[:8] == bytes.fromhex("0001080006040001")  # Ethernet/IPv4, request
+    assert arp[8:14] == bytes.fromhex("02000000000a")
+    assert arp[14:18] == bytes([198, 18, 0, 200]) == arp[24:28]  # sender and target: the VIP
+    assert arp[18:24] == b"\x00" * 6
+    with pytest.raises(ValueError):
+        gratuitous_arp_frame("02:00", "198.18.0.200")
+
+
+def test_address_label_fits_ifnamsiz() -> None:
+    assert label_for("lo") == "lo:lbctl"
+    assert len(label_for("enp0s31f6verylong")) == 15
+
+
+def test_nft_error_names_the_offending_lines() -> None:
+    transaction = "add table ip lbctl\nadd chain ip lbctl ok\nadd rule ip lbctl ok ip daddr 1.2.3.4 gotoo x\n"
+    stderr = ("/dev/stdin:3:39-43: Error: No symbol type information\n"
+              "add rule ip lbctl ok ip daddr 1.2.3.4 gotoo x\n"
+              "                                      ^^^^^\n")
+    error = NftError(stderr, transaction)
+    assert [(r.number, r.text, r.error) for r in error.rejected] == [
+        (3, "add rule ip lbctl ok ip daddr 1.2.3.4 gotoo x", "No symbol type information")]
+    assert "line 3: No symbol type information: add rule ip lbctl ok ip daddr 1.2.3.4 gotoo x" in str(error)
+
+
+def test_nft_error_without_location() -> None:
+    error = NftError("netlink: Error: cache initialization failed: Operation not permitted\n", "x\n")
+    assert error.rejected == ()
+    assert "Operation not permitted" in str(error)
+
+
+def test_conntrack_flush_targets_the_endpoint_as_reply_source() -> None:
+    assert flush_command("10.244.1.2", 53) == [
+        "conntrack", "-D", "-p", "udp", "--reply-src", "10.244.1.2", "--reply-port-src", "53"]
+
+
+def test_demo_prints_the_service_like_kubectl() -> None:
+    service = {
+        "metadata": {"name": "hello", "creationTimestamp": "2024-05-01T12:00:00Z"},
+        "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10",
+                 "ports": [{"port": 80, "nodePort": 31234, "protocol": "TCP"}, {"port": 53, "protocol": "UDP"}]},
+        "status": {"loadBalancer": {"ingress": [{"ip": "198.18.7.200"}]}},
+    }
+    now = dt.datetime(2024, 5, 1, 12, 0, 42, tzinfo=dt.UTC).timestamp()
+    assert kubectl_get_svc(service, now).splitlines() == [
+        "NAME    TYPE           CLUSTER-IP   EXTERNAL-IP    PORT(S)               AGE",
+        "hello   LoadBalancer   10.96.0.10   198.18.7.200   80:31234/TCP,53/UDP   42s",
+    ]
+    pending = {**service, "status": {}}
+    assert "<pending>" in kubectl_get_svc(pending, now)

@@ -1,0 +1,229 @@
+"""The renderer and planner (lbctl.forwarder.render): golden rulesets, incremental plans, claims.
+
+Golden files live in tests/unit/golden/; after an intended change, regenerate them with
+LBCTL_UPDATE_GOLDEN=1 python3 -m pytest tests/unit/test_forwarder_render.py and review the diff.
+(tests/dataplane/test_forwarder_nft.py feeds the same rulesets to `nft -c` and to a kernel.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from lbctl.forwarder.render import (
+    ENDPOINTS,
+    LB_IPS,
+    NODE_PORTS,
+    SERVICE_IPS,
+    Planner,
+    SlotAllocator,
+    SlotRange,
+    allocate,
+    render_program,
+)
+from lbctl.forwarder.state import Backend, ServicePort, ServiceState
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("LBCTL_UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert path.exists(), f"{path} is missing; create it with LBCTL_UPDATE_GOLDEN=1"
+    assert text == path.read_text(), f"rendering differs from {path}; if intended, LBCTL_UPDATE_GOLDEN=1"
+
+
+def web(**changes: object) -> ServiceState:
+    state = ServiceState(
+        key="default/web", uid="u1", created="2024-01-01T00:00:00Z",
+        ports=(ServicePort("http", "tcp", 80, 30080,
+                           (Backend("10.244.1.2", 8080, "a"), Backend("10.244.2.3", 8080, "b"))),
+               ServicePort("dns", "udp", 53, 30053, (Backend("10.244.1.2", 5353, "a"),))),
+        lb_ips=("192.0.2.10",), source_ranges=("203.0.113.0/24", "198.51.100.7/32"),
+    )
+    return dataclasses.replace(state, **changes)  # type: ignore[arg-type]
+
+
+def api(**changes: object) -> ServiceState:
+    state = ServiceState(
+        key="prod/api", uid="u2", created="2024-01-02T00:00:00Z",
+        ports=(ServicePort("", "tcp", 443, 31443, (Backend("10.244.1.5", 8443), Backend("10.244.1.6", 8443))),),
+        lb_ips=("192.0.2.11",), local_only=True, affinity_timeout=600, health_check_node_port=31999,
+    )
+    return dataclasses.replace(state, **changes)  # type: ignore[arg-type]
+
+
+def empty(**changes: object) -> ServiceState:
+    state = ServiceState(key="prod/empty", uid="u3", created="2024-01-03T00:00:00Z",
+                         ports=(ServicePort("", "tcp", 8000, 30081, ()),), lb_ips=("192.0.2.10",))
+    return dataclasses.replace(state, **changes)  # type: ignore[arg-type]
+
+
+def committed(*states: ServiceState) -> Planner:
+    planner = Planner()
+    planner.commit(planner.plan_full(states, replace=True))
+    return planner
+
+
+def test_full_ruleset_golden() -> None:
+    golden("forwarder_full.nft", Planner().plan_full([web(), api(), empty()], replace=True).text)
+
+
+def test_full_resync_keeps_affinity_sets_and_drops_what_went_golden() -> None:
+    planner = committed(web(), api(), empty())
+    golden("forwarder_resync.nft", planner.plan_full([web(), api(affinity_timeout=None)]).text)
+
+
+def test_incremental_endpoint_change_golden() -> None:
+    planner = committed(web(), api(), empty())
+    fewer = web(ports=(dataclasses.replace(web().ports[0], backends=(Backend("10.244.2.3", 8080),)), web().ports[1]))
+    golden("forwarder_update.nft", planner.plan_update({"default/web": fewer, "prod/empty": None}).text)
+
+
+def test_rules_dnat_to_every_backend_through_numgen() -> None:
+    text = Planner().plan_full([web()]).text
+    assert "add rule ip lbctl svc/default/web/tcp/80 meta mark set meta mark | 0x00004000" in text
+    match = re.search(r"svc/default/web/tcp/80 meta l4proto tcp dnat to numgen random mod 2 offset (\d+) "
+                      r"map @(endpoints-tcp/\d+)", text)
+    assert match, text
+    base, shard = int(match.group(1)), match.group(2)
+    elements = f"\n\t{base} : 10.244.1.2 . 8080,\n\t{base + 1} : 10.244.2.3 . 8080,\n}}"
+    assert f"add element ip lbctl {shard} {{{elements}" in text
+    assert "svc/default/web/udp/53 meta l4proto udp dnat to 10.244.1.2:5353" in text
+
+
+def test_source_ranges_guard_the_lb_address_but_not_the_node_port() -> None:
+    text = Planner().plan_full([web()]).text
+    assert "lb/default/web/tcp/80 ip saddr 203.0.113.0/24 goto svc/default/web/tcp/80" in text
+    assert "add rule ip lbctl lb/default/web/tcp/80 drop" in text
+    assert "192.0.2.10 . tcp . 80 : goto lb/default/web/tcp/80" in text
+    assert "tcp . 30080 : goto svc/default/web/tcp/80" in text
+
+
+def test_local_policy_does_not_masquerade_and_no_endpoints_drops() -> None:
+    text = Planner().plan_full([api(), empty()]).text
+    assert not re.search(r"svc/prod/api/\S+ meta mark set", text)
+    assert "add rule ip lbctl svc/prod/empty/tcp/8000 drop" in text
+
+
+def test_unchanged_update_plans_nothing() -> None:
+    planner = committed(web(), api())
+    assert planner.plan_update({"default/web": web(), "prod/api": api()}).lines == []
+
+
+def test_removing_a_service_deletes_its_elements_and_chains_only() -> None:
+    planner = committed(web(), api())
+    text = planner.plan_update({"prod/api": None}).text
+    assert "delete element ip lbctl service-ips { 192.0.2.11 . tcp . 443 }" in text
+    assert "delete element ip lbctl lb-ips { 192.0.2.11 }" in text
+    assert "delete chain ip lbctl svc/prod/api/tcp/443" in text
+    assert "delete set ip lbctl aff/prod/api/tcp/443/10.244.1.5/8443/600" in text
+    assert "default/web" not in text
+    # deletions of chains come after the elements that jump to them
+    lines = text.splitlines()
+    assert lines.index("delete chain ip lbctl svc/prod/api/tcp/443") > max(
+        i for i, line in enumerate(lines) if line.startswith("delete element"))
+
+
+def test_new_chains_come_before_elements_that_jump_to_them() -> None:
+    planner = committed(web())
+    lines = planner.plan_update({"prod/api": api()}).text.splitlines()
+    chain = lines.index("add chain ip lbctl svc/prod/api/tcp/443")
+    element = next(i for i, line in enumerate(lines) if "goto svc/prod/api/tcp/443" in line)
+    assert chain < element
+
+
+def test_shared_address_with_disjoint_ports_keeps_the_lb_ip_until_both_are_gone() -> None:
+    planner = committed(web(), empty())
+    text = planner.plan_update({"prod/empty": None}).text
+    assert "lb-ips" not in text  # web still uses 192.0.2.10
+    planner.commit(planner.plan_update({"prod/empty": None}))
+    assert "delete element ip lbctl lb-ips { 192.0.2.10 }" in planner.plan_update({"default/web": None}).text
+
+
+def test_clashing_address_goes_to_the_older_service_then_to_the_younger_when_it_leaves() -> None:
+    older = empty(key="a/old", created="2024-01-01T00:00:00Z")
+    younger = empty(key="b/new", created="2024-02-01T00:00:00Z",
+                    ports=(ServicePort("", "tcp", 8000, 30082, (Backend("10.244.3.3", 80),)),))
+    plan = Planner().plan_full([younger, older])
+    assert "192.0.2.10 . tcp . 8000 : goto svc/a/old/tcp/8000" in plan.text
+    assert "goto svc/b/new/tcp/8000 }" not in plan.text.replace("30082 : goto svc/b/new/tcp/8000", "")
+    assert [(c.collection, c.winner, c.loser) for c in plan.conflicts] == [(SERVICE_IPS, "a/old", "b/new")]
+
+    planner = Planner()
+    planner.commit(plan)
+    handover = planner.plan_update({"a/old": None}).text
+    assert "delete element ip lbctl service-ips { 192.0.2.10 . tcp . 8000 }" in handover
+    assert "add element ip lbctl service-ips { 192.0.2.10 . tcp . 8000 : goto svc/b/new/tcp/8000 }" in handover
+
+
+def test_udp_backends_that_go_away_are_reported_for_conntrack() -> None:
+    planner = committed(web())
+    moved = web(ports=(web().ports[0], dataclasses.replace(web().ports[1], backends=(Backend("10.244.2.3", 5353),))))
+    plan = planner.plan_update({"default/web": moved})
+    assert plan.udp_backends_gone == [("10.244.1.2", 5353)]
+    assert planner.plan_full([web()]).udp_backends_gone == []
+    assert planner.plan_full([]).udp_backends_gone == [("10.244.1.2", 5353)]
+
+
+def test_slot_ranges_are_kept_while_big_enough_and_reused_after_release() -> None:
+    allocator = SlotAllocator()
+    state = web()
+    first = allocate(state, {}, allocator)
+    assert first == {"default/web/tcp/80": SlotRange(1, 2)}
+    assert allocate(state, first, allocator) == first
+    more = web(ports=(dataclasses.replace(web().ports[0], backends=tuple(Backend(f"10.244.1.{i}", 80)
+                                                                          for i in range(3, 8))),))
+    grown = allocate(more, first, allocator)
+    assert grown == {"default/web/tcp/80": SlotRange(3, 8)}
+    assert allocator.take(2) == SlotRange(1, 2)  # the released range
+
+
+def test_incremental_plans_follow_slot_moves() -> None:
+    planner = committed(web())
+    five = tuple(Backend(f"10.244.1.{i}", 8080) for i in range(10, 15))
+    bigger = web(ports=(dataclasses.replace(web().ports[0], backends=five), web().ports[1]))
+    text = planner.plan_update({"default/web": bigger}).text
+    assert "flush chain ip lbctl svc/default/web/tcp/80" in text
+    assert "numgen random mod 5 offset 3 map" in text
+    assert re.search(r"delete element ip lbctl endpoints-tcp/\d+ \{ 1 \}", text)
+
+
+def test_hundreds_of_ports_render_one_chain_each() -> None:
+    ports = tuple(ServicePort(f"p{i}", "tcp", 1000 + i, 31000 + i, (Backend("10.244.1.3", 2000 + i),))
+                  for i in range(400))
+    program = render_program(web(ports=ports, source_ranges=None), {})
+    assert len(program.chains) == 400
+    assert sum(1 for el in program.elements if el.collection == NODE_PORTS) == 400
+
+
+def test_lines_are_attributed_to_their_service() -> None:
+    plan = Planner().plan_full([web(), api()], replace=True)
+    for number, line in enumerate(plan.text.splitlines(), start=1):
+        owner = plan.owner_of_line(number)
+        if "prod/api" in line or "192.0.2.11" in line or "10.244.1.5" in line:
+            assert owner == "prod/api", line
+        elif "default/web" in line or "10.244.1.2" in line or "10.244.2.3" in line or "192.0.2.10" in line:
+            assert owner == "default/web", line
+        else:
+            assert owner is None, line
+    assert plan.owner_of_line(0) is None and plan.owner_of_line(10**6) is None
+
+
+def test_full_resync_deletes_chains_the_new_state_lacks() -> None:
+    planner = committed(web(), api())
+    text = planner.plan_full([web()]).text
+    assert "flush table ip lbctl" in text and "delete table" not in text
+    assert "delete chain ip lbctl svc/prod/api/tcp/443" in text
+    assert text.index("flush table ip lbctl") < text.index("delete chain ip lbctl svc/prod/api/tcp/443")
+
+
+@pytest.mark.parametrize("collection", [SERVICE_IPS, NODE_PORTS, LB_IPS])
+def test_every_fixed_collection_is_declared(collection: str) -> None:
+    assert f"add {'set' if collection == LB_IPS else 'map'} ip lbctl {collection} " in Planner().plan_full([]).text
+    assert ENDPOINTS == "endpoints"
