@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lbctl.model.errors import InvalidServiceError, NoEligibleNodesError, TransientProviderError
+from lbctl.model.spec import parse_cidrs
 from lbctl.model.types import (
     EMPTY,
     Ingress,
@@ -281,20 +282,8 @@ def _key_values(ann: Mapping[str, str], key: str, *, reserved: bool) -> dict[str
 
 
 def normalize_source_ranges(ranges: Sequence[str]) -> tuple[str, ...]:
-    if not ranges:
-        return EVERYONE
-    result: list[str] = []
-    for i, cidr in enumerate(ranges):
-        try:
-            net = ipaddress.ip_network(cidr.strip(), strict=False)
-        except ValueError:
-            raise InvalidServiceError(
-                f"{cidr!r} is not a CIDR", field=f"spec.loadBalancerSourceRanges[{i}]",
-                fix="write an address range like 203.0.113.0/24",
-            ) from None
-        if str(net) not in result:
-            result.append(str(net))
-    return tuple(result)
+    """Everyone when none are given (the Kubernetes default)."""
+    return tuple(str(n) for n in parse_cidrs(ranges)) or EVERYONE
 
 
 def _int_annotation(ann: Mapping[str, str], key: str, low: int, high: int) -> int | None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from lbctl.model.errors import InvalidServiceError, NoEligibleNodesError, PendingError
+from lbctl.model.spec import parse_cidrs
 from lbctl.model.types import Ingress, LoadBalancerRef, LoadBalancerSpec, LoadBalancerStatus, NodeTarget, PortStatus
 
 LB_TYPE_ANNOTATION = "networking.gke.io/load-balancer-type"
@@ -342,22 +343,15 @@ def read_ports(spec: LoadBalancerSpec) -> tuple[tuple[str, tuple[int, ...]], ...
 
 
 def read_source_ranges(ranges: Iterable[str]) -> tuple[str, ...]:
-    out: set[str] = set()
-    for index, text in enumerate(ranges):
-        try:
-            network = ipaddress.ip_network(text.strip(), strict=False)
-        except ValueError:
-            raise InvalidServiceError(
-                f"{text!r} is not a CIDR", field=f"spec.loadBalancerSourceRanges[{index}]",
-                fix="write an IPv4 range such as 203.0.113.0/24",
-            ) from None
+    """IPv4 only (the balancers lbctl makes on GCE are); everyone when none are given."""
+    networks = parse_cidrs(ranges)
+    for index, network in enumerate(networks):
         if network.version != 4:
             raise InvalidServiceError(
-                f"{text} is an IPv6 range; GCE balancers made by lbctl are IPv4 only",
+                f"{network} is an IPv6 range; GCE balancers made by lbctl are IPv4 only",
                 field=f"spec.loadBalancerSourceRanges[{index}]", fix="use IPv4 ranges",
             )
-        out.add(str(network))
-    return tuple(sorted(out)) or ("0.0.0.0/0",)
+    return tuple(sorted(str(n) for n in networks)) or ("0.0.0.0/0",)
 
 
 def read_requested_ip(value: str | None) -> str | None:

@@ -7,7 +7,7 @@ provider's own plan module.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -16,6 +16,7 @@ from lbctl.model.names import load_balancer_name
 from lbctl.model.status import ingress_from_api
 from lbctl.model.types import LoadBalancerSpec, NodeTarget, PortSpec, ServiceRef
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 SOURCE_RANGES_ANNOTATION = "service.beta.kubernetes.io/load-balancer-source-ranges"
 
 
@@ -36,16 +37,24 @@ def source_ranges(service: Mapping[str, Any]) -> tuple[str, ...]:
         field = f"metadata.annotations[{SOURCE_RANGES_ANNOTATION}]"
     else:
         return ()
-    ranges = []
-    for index, text in enumerate(raw):
+    return tuple(str(n) for n in parse_cidrs(raw, field))
+
+
+def parse_cidrs(texts: Iterable[str], field: str = "spec.loadBalancerSourceRanges") -> list[IPNetwork]:
+    """Each text as a network (host bits allowed, as Go's ParseCIDR), duplicates dropped, order kept;
+    InvalidServiceError naming `field[index]` for the first that is not a CIDR."""
+    networks: list[IPNetwork] = []
+    for index, text in enumerate(texts):
         try:
-            ranges.append(str(ipaddress.ip_network(text.strip(), strict=False)))
+            network = ipaddress.ip_network(text.strip(), strict=False)
         except ValueError:
             raise InvalidServiceError(
                 f"{text!r} is not a CIDR", field=f"{field}[{index}]",
                 fix="use CIDR notation such as 203.0.113.0/24 or 2001:db8::/64",
             ) from None
-    return tuple(ranges)
+        if network not in networks:
+            networks.append(network)
+    return networks
 
 
 def ports(service: Mapping[str, Any]) -> tuple[PortSpec, ...]:
