@@ -26,10 +26,10 @@ import time
 from typing import Any
 
 from lbctl.forwarder.apply import Nft
-from lbctl.forwarder.lab.kube import wait_for
-from lbctl.forwarder.lab.netns import Lab, call_in
 from lbctl.forwarder.render import Planner
 from lbctl.forwarder.state import Backend, ServicePort, ServiceState
+from lbctl.lab.kube import wait_for
+from lbctl.lab.netns import Lab, call_in
 
 IPERF_PORT = 5201
 ACCEPT_PORT = 7000

@@ -29,9 +29,9 @@ from typing import Any
 
 from lbctl.dev import controlplane
 from lbctl.forwarder.announce import ANNOUNCING_NODE_ANNOTATION
-from lbctl.forwarder.lab.kube import LabKube, wait_for
-from lbctl.forwarder.lab.netns import Lab, http_get, pod_gateway
-from lbctl.forwarder.lab.server import parse_answer
+from lbctl.lab.kube import LabKube, wait_for
+from lbctl.lab.netns import Lab, http_get, pod_gateway
+from lbctl.lab.server import parse_answer
 
 NODES = (1, 2, 3)
 
@@ -76,7 +76,7 @@ class Bench:
         kube.create_pool("bench", [f"{lab.lan_address(200)}-{lab.lan_address(210)}"])
         for index in NODES:
             pod_ns, address = lab.add_pod(index)
-            lab.start(pod_ns, [sys.executable, "-m", "lbctl.forwarder.lab.server", "--name", f"web-{index}",
+            lab.start(pod_ns, [sys.executable, "-m", "lbctl.lab.server", "--name", f"web-{index}",
                                "--tcp", "8080"], f"pod-{index}.log")
             kube.create_pod("bench", f"web-{index}", f"node-{index}", address, {"app": "web"},
                             {"http": ("TCP", 8080)})

@@ -29,9 +29,9 @@ from typing import Any
 
 from lbctl.forwarder.apply import Nft
 from lbctl.forwarder.desired import BuildContext, build_service
-from lbctl.forwarder.lab.netns import Lab
 from lbctl.forwarder.render import Planner
 from lbctl.forwarder.state import ServiceState
+from lbctl.lab.netns import Lab
 from lbctl.model.scope import Scope
 
 CONTEXT = BuildContext(node="node-1", scope=Scope("lbctl.io/local"))

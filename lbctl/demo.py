@@ -23,8 +23,8 @@ from typing import Any
 
 from lbctl.dev import controlplane
 from lbctl.forwarder.announce import ANNOUNCING_NODE_ANNOTATION
-from lbctl.forwarder.lab.kube import LabKube, wait_for
-from lbctl.forwarder.lab.netns import Lab, http_get
+from lbctl.lab.kube import LabKube, wait_for
+from lbctl.lab.netns import Lab, http_get
 
 NODES = (1, 2)
 NAMESPACE = "demo"
@@ -111,7 +111,7 @@ class Demo:
         for index, (pod_ns, _address) in pods.items():
             greeting = (f"Hello from pod hello-{index} on node-{index}, through lbctl! "
                         "Below: the pod, and the address the connection came from.")
-            lab.start(pod_ns, [sys.executable, "-m", "lbctl.forwarder.lab.server", "--name", f"hello-{index}",
+            lab.start(pod_ns, [sys.executable, "-m", "lbctl.lab.server", "--name", f"hello-{index}",
                                "--tcp", "8080", "--greeting", greeting], f"pod-{index}.log")
 
         kube.create_namespace(NAMESPACE)

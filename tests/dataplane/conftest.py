@@ -21,8 +21,8 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from lbctl.dev import controlplane
-from lbctl.forwarder.lab.kube import LabKube, wait_for
-from lbctl.forwarder.lab.netns import Lab, leftovers
+from lbctl.lab.kube import LabKube, wait_for
+from lbctl.lab.netns import Lab, leftovers
 from tests.dataplane.harness import NODES, DataplaneEnv, require_root_tools
 
 _ENV: DataplaneEnv | None = None

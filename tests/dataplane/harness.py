@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from lbctl.forwarder.announce import ANNOUNCING_NODE_ANNOTATION
-from lbctl.forwarder.lab.kube import LabKube, wait_for
-from lbctl.forwarder.lab.netns import Lab, http_get, pod_gateway
+from lbctl.lab.kube import LabKube, wait_for
+from lbctl.lab.netns import Lab, http_get, pod_gateway
 
 NODES = (1, 2, 3)
 _LOG_TAIL = 30
@@ -102,7 +102,7 @@ class DataplaneEnv:
     def add_pod(self, namespace: str, app: str, node: int, ready: bool = True) -> Pod:
         netns, address = self.lab.add_pod(node)
         name = f"{app}-{netns.rsplit('-', 2)[-2]}-{netns.rsplit('-', 1)[-1]}"
-        server = self.lab.start(netns, [sys.executable, "-m", "lbctl.forwarder.lab.server", "--name", name,
+        server = self.lab.start(netns, [sys.executable, "-m", "lbctl.lab.server", "--name", name,
                                         "--tcp", "8080", "--udp", "5353"], f"pod-{name}.log")
         def listening() -> bool:
             try:

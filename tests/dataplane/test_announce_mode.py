@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from lbctl.forwarder.lab.kube import wait_for
+from lbctl.lab.kube import wait_for
 from tests.dataplane.harness import DataplaneEnv
 
 pytestmark = pytest.mark.dataplane

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lbctl.forwarder.lab.netns import leftovers
+from lbctl.lab.netns import leftovers
 from tests.dataplane.harness import require_root_tools
 
 pytestmark = pytest.mark.dataplane

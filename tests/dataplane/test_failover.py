@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from lbctl.forwarder.lab.kube import wait_for
-from lbctl.forwarder.lab.netns import http_get
-from lbctl.forwarder.lab.server import parse_answer
+from lbctl.lab.kube import wait_for
+from lbctl.lab.netns import http_get
+from lbctl.lab.server import parse_answer
 from tests.dataplane.harness import NODES, DataplaneEnv
 
 pytestmark = pytest.mark.dataplane

@@ -13,10 +13,10 @@ from collections.abc import Iterator
 import pytest
 
 from lbctl.forwarder.apply import Nft, NftError
-from lbctl.forwarder.lab.netns import Lab
 from lbctl.forwarder.main import Forwarder, ForwarderConfig
 from lbctl.forwarder.render import Planner
 from lbctl.forwarder.state import Backend, ServicePort, ServiceState
+from lbctl.lab.netns import Lab
 from tests.dataplane.harness import require_root_tools
 
 pytestmark = pytest.mark.dataplane

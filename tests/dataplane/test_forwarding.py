@@ -17,9 +17,9 @@ import pytest
 import yaml
 from kubernetes import client
 
-from lbctl.forwarder.lab.kube import wait_for
-from lbctl.forwarder.lab.netns import call_in, http_get
-from lbctl.forwarder.lab.server import parse_answer
+from lbctl.lab.kube import wait_for
+from lbctl.lab.netns import call_in, http_get
+from lbctl.lab.server import parse_answer
 from tests.dataplane.harness import NODES, DataplaneEnv, Pod
 
 pytestmark = pytest.mark.dataplane
@@ -127,7 +127,7 @@ def test_tcp_and_udp_reach_pods_on_every_node_through_the_vip_and_node_ports(
 
     # a port the Service does not have is dropped on the VIP, not answered by the node's own listener
     owner_index = int(owner.rsplit("-", 1)[1])
-    listener = dp.lab.start(dp.lab.nodes[owner_index], [sys.executable, "-m", "lbctl.forwarder.lab.server",
+    listener = dp.lab.start(dp.lab.nodes[owner_index], [sys.executable, "-m", "lbctl.lab.server",
                                                         "--name", "node-itself", "--tcp", "8181"], "node-listener.log")
     try:
         wait_for(lambda: try_ask(client_ns, dp.lab.node_address(owner_index), 8181), 20, "the node's own listener")

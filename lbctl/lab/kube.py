@@ -14,7 +14,7 @@ from kubernetes import client, config, utils
 from kubernetes.client.exceptions import ApiException
 
 T = TypeVar("T")
-_DEPLOY = Path(__file__).resolve().parents[3] / "examples" / "deploy"
+_DEPLOY = Path(__file__).resolve().parents[2] / "examples" / "deploy"
 POOL_CRD = _DEPLOY / "crd-loadbalancerpool.yaml"
 FORWARDER_MANIFESTS = (_DEPLOY / "namespace.yaml", _DEPLOY / "forwarder-daemonset.yaml")
 LOCAL_CLASS = "lbctl.io/local"

@@ -1,7 +1,7 @@
 """The lab pods' server: HTTP on one TCP port and an echo on one UDP port, both answering
 "<name> <peer address>" so a client can tell which pod answered and whose address it saw.
 
-    python3 -m lbctl.forwarder.lab.server --name pod-1 --tcp 8080 --udp 5353 [--greeting TEXT]
+    python3 -m lbctl.lab.server --name pod-1 --tcp 8080 --udp 5353 [--greeting TEXT]
 """
 
 from __future__ import annotations
