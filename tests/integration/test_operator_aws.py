@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,6 +16,7 @@ from kubernetes import client
 from lbctl.dev.layout import ClusterInfo
 from lbctl.model.names import load_balancer_name
 from lbctl.model.scope import FINALIZER
+from tests.fakes.aws_fault_proxy import AwsFaultProxy
 from tests.fakes.aws_world import AwsWorld, build_world, moto_server
 from tests.integration.harness import (
     Nodes,
@@ -206,3 +208,93 @@ def test_gc_finds_and_deletes_an_nlb_whose_service_is_gone(
     deleted = gc("--delete")
     assert deleted.returncode == 0 and f"deleted\t{name}" in deleted.stdout
     assert balancer(world, name) is None and world.elbv2.describe_target_groups()["TargetGroups"] == []
+
+
+# ---- with the operator's AWS calls going through a fault-injecting proxy ----------------------------
+
+
+@pytest.fixture
+def proxy(world: AwsWorld) -> Iterator[AwsFaultProxy]:
+    with AwsFaultProxy(world.url) as running:
+        yield running
+
+
+def start_via(start: Callable[..., OperatorProcess], world: AwsWorld, proxy: AwsFaultProxy) -> OperatorProcess:
+    return start("--provider", "aws", "--cluster-name", world.cluster, "--region", world.region,
+                 "--aws-endpoint-url", proxy.url, "--provider-option", "state_cache_s=0")
+
+
+def listeners(world: AwsWorld, lb_arn: str) -> dict[int, dict[str, Any]]:
+    found = world.elbv2.describe_listeners(LoadBalancerArn=lb_arn)["Listeners"]
+    return {int(listener["Port"]): listener for listener in found}
+
+
+def test_a_kill_between_the_nlb_and_its_listeners_converges_to_one_complete_nlb(
+    core: client.CoreV1Api, namespace: str, world: AwsWorld, proxy: AwsFaultProxy,
+    start_operator: Callable[..., OperatorProcess],
+) -> None:
+    proxy.inject("CreateListener", status=500, code="InternalFailure", times=-1)
+    operator = start_via(start_operator, world, proxy)
+    core.create_namespaced_service(namespace, lb_service("web", [80, 443], lb_class=AWS_CLASS))
+    name = lb_name(core, namespace, "web")
+    wait_until(lambda: balancer(world, name) is not None and "CreateListener" in proxy.calls, timeout=20,
+               what="the NLB made and a listener attempted")
+    operator.kill()
+    proxy.clear()
+    operator.start()
+    hostname(core, namespace, "web")
+    (lb,) = [b for b in world.elbv2.describe_load_balancers()["LoadBalancers"] if b["LoadBalancerName"] == name]
+    assert sorted(listeners(world, lb["LoadBalancerArn"])) == [80, 443]
+    assert proxy.calls.count("CreateLoadBalancer") == 1
+
+
+def test_throttling_is_retried_until_it_converges(
+    core: client.CoreV1Api, namespace: str, world: AwsWorld, proxy: AwsFaultProxy,
+    start_operator: Callable[..., OperatorProcess],
+) -> None:
+    proxy.inject("CreateLoadBalancer", status=400, code="Throttling", times=3)
+    proxy.inject("RegisterTargets", status=503, code="ServiceUnavailable", times=2)
+    start_via(start_operator, world, proxy)
+    core.create_namespaced_service(namespace, lb_service("web", lb_class=AWS_CLASS))
+    hostname(core, namespace, "web")
+    assert proxy.calls.count("CreateLoadBalancer") == 4  # three throttled, then one made
+    assert len(world.elbv2.describe_load_balancers()["LoadBalancers"]) == 1
+
+
+def test_a_port_change_touches_only_its_listener_and_a_resync_writes_nothing(
+    core: client.CoreV1Api, namespace: str, world: AwsWorld, proxy: AwsFaultProxy,
+    start_operator: Callable[..., OperatorProcess],
+) -> None:
+    operator = start_via(start_operator, world, proxy)
+    core.create_namespaced_service(namespace, lb_service(
+        "web", [80, 443], lb_class=AWS_CLASS, loadBalancerSourceRanges=["203.0.113.0/24"]))
+    hostname(core, namespace, "web")
+    lb = balancer(world, lb_name(core, namespace, "web"))
+    assert lb is not None
+    groups = world.ec2.describe_security_groups(GroupIds=lb["SecurityGroups"])["SecurityGroups"]
+    allowed = {(rule["FromPort"], r["CidrIp"]) for g in groups for rule in g["IpPermissions"]
+               for r in rule.get("IpRanges", [])}
+    assert {(80, "203.0.113.0/24"), (443, "203.0.113.0/24")} <= allowed
+    assert not any(cidr == "0.0.0.0/0" for _, cidr in allowed)
+    before = listeners(world, lb["LoadBalancerArn"])
+
+    proxy.reset_calls()
+    operator.stop()
+    operator.start()  # every Service is synced again at start-up: reads only
+    wait_until(lambda: "DescribeLoadBalancers" in proxy.calls, what="the resync reached AWS")
+    time.sleep(1.5)
+    assert proxy.writes() == []
+
+    proxy.reset_calls()
+    service = core.read_namespaced_service("web", namespace)
+    ports = [{"name": p.name, "port": 8443 if p.port == 443 else p.port, "protocol": p.protocol}
+             for p in service.spec.ports]
+    core.patch_namespaced_service("web", namespace, [{"op": "replace", "path": "/spec/ports", "value": ports}])
+    wait_until(lambda: sorted(listeners(world, lb["LoadBalancerArn"])) == [80, 8443], timeout=20,
+               what="listener 443 replaced by 8443")
+    after = listeners(world, lb["LoadBalancerArn"])
+    assert after[80]["ListenerArn"] == before[80]["ListenerArn"]
+    assert after[80]["DefaultActions"] == before[80]["DefaultActions"]
+    writes = proxy.writes()
+    assert "CreateLoadBalancer" not in writes and "DeleteLoadBalancer" not in writes
+    assert writes.count("CreateListener") == 1 and writes.count("DeleteListener") == 1
