@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from google.auth.credentials import AnonymousCredentials
@@ -179,3 +180,48 @@ def test_gc_finds_and_deletes_balancers_whose_service_is_gone(
     deleted = gc("--delete")
     assert deleted.returncode == 0 and f"deleted\t{lb}" in deleted.stdout
     assert owned(gce, lb) == {k: [] for k in LB_COLLECTIONS}
+
+
+def compute(fake: GceFakeServer, cls: type[Any]) -> Any:
+    return cls(credentials=AnonymousCredentials(), transport="rest", client_options={"api_endpoint": fake.url})
+
+
+def test_ports_internal_scheme_requested_address_and_rate_limits_with_the_operator_running(
+    core: client.CoreV1Api, namespace: str, nodes: Nodes, gce: GceFakeServer,
+    start_operator: Callable[..., OperatorProcess],
+) -> None:
+    add_vm_node(gce, nodes, "pn-0")
+    addresses = compute(gce, compute_v1.AddressesClient)
+    addresses.insert_unary(project=PROJECT, region=REGION, address_resource=compute_v1.Address(name="reserved"))
+    reserved = addresses.get(project=PROJECT, region=REGION, address="reserved").address
+    gce.inject("forwardingRules.insert", status=429, reason="rateLimitExceeded", times=3)
+    start_operator(*operator_args(gce))
+
+    core.create_namespaced_service(namespace, lb_service("web", [80], lb_class=GCE_CLASS, loadBalancerIP=reserved))
+    assert wait_for_ips(core, namespace, "web", timeout=30) == [reserved]  # through three 429s
+    lb = load_balancer_name(uid_of(core, namespace, "web"))
+    (rule,) = [r for r in gce.resources("forwardingRules") if lb in r["name"]]
+    assert gce.count("forwardingRules.insert") == 4  # the three 429s were really served, then one rule made
+    gce.reset_calls()
+    core.patch_namespaced_service("web", namespace, [{"op": "replace", "path": "/spec/ports/0/port", "value": 8080}])
+
+    def rule_ports() -> str:
+        rules = [r for r in gce.resources("forwardingRules") if lb in r["name"]]
+        return str(rules[0].get("portRange", "")) if rules else ""
+
+    wait_until(lambda: rule_ports() == "8080-8080", what="the rule moved to port 8080")
+    writes = write_methods(gce)
+    assert "addresses.insert" not in writes and "targetPools.insert" not in writes  # only the rule and firewall
+    assert [r["IPAddress"] for r in gce.resources("forwardingRules") if lb in r["name"]] == [rule["IPAddress"]]
+
+    core.create_namespaced_service(namespace, lb_service(
+        "internal", [9000], lb_class=GCE_CLASS, annotations={"networking.gke.io/load-balancer-type": "Internal"}))
+    wait_for_ips(core, namespace, "internal", timeout=30)
+    internal = load_balancer_name(uid_of(core, namespace, "internal"))
+    assert [r["loadBalancingScheme"] for r in gce.resources("forwardingRules") if internal in r["name"]] == [
+        "INTERNAL"]
+    assert [b["name"] for b in gce.resources("regionBackendServices") if internal in b["name"]]
+
+    core.delete_namespaced_service("web", namespace)
+    wait_until(lambda: not owned(gce, lb)["forwardingRules"], what="web's rule deleted")
+    assert "reserved" in gce.names("addresses")  # a requested address is never released
