@@ -14,7 +14,7 @@ from prometheus_client import start_http_server
 
 from lbctl.kube.client import KubeClient
 from lbctl.model.scope import Scope, default_class
-from lbctl.operator.reconciler import Reconciler, ReconcilerSettings
+from lbctl.operator.reconciler import MissingResourceError, Reconciler, ReconcilerSettings
 from providers import registry as provider_registry
 from providers.base import ProviderSettings, WatchedResource
 
@@ -54,7 +54,11 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
         settings.posting.enabled = False  # our Events carry the service controller's reasons
         settings.scanning.disabled = True  # no CRD/namespace discovery: the RBAC stays minimal
         settings.watching.server_timeout = 300
-        await reconciler.start()
+        try:
+            await reconciler.start()
+        except MissingResourceError as exc:
+            log.error("%s; retrying in 5s", exc)
+            raise kopf.TemporaryError(str(exc), delay=5) from None
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
@@ -111,6 +115,14 @@ async def run(
         start_http_server(config.metrics_port)
     log.info("lbctl operator: provider %s, class %s%s, cluster %s", config.provider, config.scope.lb_class,
              " (and class-less Services)" if config.default_class else "", config.cluster_name)
+    try:
+        await _run_kopf(config, reconciler, stop_flag, ready_flag)
+    finally:
+        await client.close()  # also when start-up never completed, so kopf's cleanup never ran
+
+
+async def _run_kopf(config: OperatorConfig, reconciler: Reconciler, stop_flag: asyncio.Event | None,
+                    ready_flag: asyncio.Event | None) -> None:
     await kopf.operator(
         registry=build_registry(reconciler),
         standalone=True,  # one replica (Deployment strategy Recreate); no peering CRD needed

@@ -35,6 +35,10 @@ from providers.base import Provider, WatchedResource
 log = logging.getLogger("lbctl.operator")
 
 
+class MissingResourceError(RuntimeError):
+    """A resource the provider reads is not served (its CRD is not installed)."""
+
+
 @dataclass(frozen=True)
 class ReconcilerSettings:
     cluster_name: str
@@ -122,7 +126,15 @@ class Reconciler:
         self.eligible = eligible_nodes(self.nodes.values())
         for resource in self.provider.watched_resources:
             path = f"/apis/{resource.group}/{resource.version}/{resource.plural}"
-            self.resources[resource] = {o["metadata"]["name"]: o async for o in self.client.list_all(path)}
+            try:
+                self.resources[resource] = {o["metadata"]["name"]: o async for o in self.client.list_all(path)}
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+                raise MissingResourceError(
+                    f"the {self.provider.name} provider needs {resource.plural}.{resource.group}/{resource.version}, "
+                    "which this cluster does not serve: install its CRD "
+                    "(kubectl apply -f examples/deploy/crd-loadbalancerpool.yaml)") from None
             await self.provider.resources_changed(resource, list(self.resources[resource].values()))
         paths = [f"/api/v1/namespaces/{ns}/services" for ns in sorted(self.scope.namespaces)]
         for path in paths or ["/api/v1/services"]:

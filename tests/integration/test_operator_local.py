@@ -6,13 +6,17 @@ from __future__ import annotations
 import ipaddress
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-from kubernetes import client
+import yaml
+from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
+from lbctl.dev import controlplane
 from lbctl.model.scope import FINALIZER
 from tests.integration.harness import (
     LOCAL_CLASS,
+    POOL_CRD,
     OperatorProcess,
     Pools,
     condition,
@@ -356,3 +360,20 @@ def test_namespace_flags_limit_the_operator_to_those_namespaces(
     assert wait_for_ips(core, namespace, "outside")
     service = _service(core, namespace, "outside")
     assert service.metadata.finalizers == [FINALIZER]
+
+
+def test_a_missing_pool_crd_is_named_and_the_operator_starts_once_it_is_installed(tmp_path: Path) -> None:
+    """On a cluster of its own, which has never had the CRD."""
+    info = controlplane.up(tmp_path / "cp")
+    try:
+        operator = OperatorProcess(info, tmp_path, ["--provider", "local"], {})
+        operator.start(wait=False)
+        wait_until(lambda: "install its CRD" in operator.log(), what="the missing CRD named in the log")
+        assert "crd-loadbalancerpool.yaml" in operator.log() and operator.alive()
+        with config.new_client_from_config(config_file=info.kubeconfig) as api:
+            extensions = client.ApiextensionsV1Api(api)
+            extensions.create_custom_resource_definition(yaml.safe_load(POOL_CRD.read_text()))
+        wait_until(lambda: "started:" in operator.log(), timeout=30, what="start-up once the CRD exists")
+        operator.stop()
+    finally:
+        controlplane.down(tmp_path / "cp")
