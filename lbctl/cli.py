@@ -40,6 +40,8 @@ def _dev_build(args: argparse.Namespace) -> int:
 
 
 def _env(name: str, default: str | None = None) -> str | None:
+    """LBCTL_<name>, else the default. As a flag's default it goes through the flag's `type`
+    like a command-line value (argparse converts string defaults), so bad values are reported alike."""
     return os.environ.get(f"LBCTL_{name}", default)
 
 
@@ -122,14 +124,14 @@ def _add_operator(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     op = commands.add_parser(
         "operator", help="run the operator (every flag also reads LBCTL_<FLAG>, e.g. LBCTL_PROVIDER)")
     _add_provider_args(op)
-    op.add_argument("--workers", type=int, default=int(_env("WORKERS", "32") or 32), help="concurrent syncs")
-    op.add_argument("--node-port-range", type=_port_range, default=_port_range(_env("NODE_PORT_RANGE", "30000-32767")
-                    or "30000-32767"), help="the apiserver's --service-node-port-range (for claiming NodePorts)")
-    op.add_argument("--gc-interval", type=float, default=float(_env("GC_INTERVAL", "300") or 300),
+    op.add_argument("--workers", type=int, default=_env("WORKERS", "32"), help="concurrent syncs")
+    op.add_argument("--node-port-range", type=_port_range, default=_env("NODE_PORT_RANGE", "30000-32767"),
+                    help="the apiserver's --service-node-port-range (for claiming NodePorts)")
+    op.add_argument("--gc-interval", type=float, default=_env("GC_INTERVAL", "300"),
                     help="seconds between orphan sweeps")
-    op.add_argument("--resync-interval", type=float, default=float(_env("RESYNC_INTERVAL", "600") or 600),
+    op.add_argument("--resync-interval", type=float, default=_env("RESYNC_INTERVAL", "600"),
                     help="seconds between full re-syncs of every Service")
-    op.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", "0") or 0),
+    op.add_argument("--metrics-port", type=int, default=_env("METRICS_PORT", "0"),
                     help="serve Prometheus metrics on this port (0: off)")
     op.add_argument("--liveness-endpoint", default=_env("LIVENESS_ENDPOINT"),
                     help="kopf liveness probe endpoint, e.g. http://0.0.0.0:8080/healthz")
@@ -211,11 +213,11 @@ def _add_forwarder(commands: argparse._SubParsersAction[argparse.ArgumentParser]
                     help="classes whose VIPs are announced (repeatable; default: --class)")
     fw.add_argument("--pod-cidr", action="append", default=[], metavar="CIDR",
                     help="endpoints must lie in these (repeatable; default: any unicast address)")
-    fw.add_argument("--lease-duration", type=int, default=int(_env("LEASE_DURATION", "2") or 2),
+    fw.add_argument("--lease-duration", type=int, default=_env("LEASE_DURATION", "2"),
                     help="seconds without renewal before a node counts as dead")
-    fw.add_argument("--renew-interval", type=float, default=float(_env("RENEW_INTERVAL", "0.5") or 0.5),
+    fw.add_argument("--renew-interval", type=float, default=_env("RENEW_INTERVAL", "0.5"),
                     help="seconds between lease renewals")
-    fw.add_argument("--resync-interval", type=float, default=float(_env("RESYNC_INTERVAL", "300") or 300),
+    fw.add_argument("--resync-interval", type=float, default=_env("RESYNC_INTERVAL", "300"),
                     help="seconds between full rewrites of the nftables table")
     fw.add_argument("--nft", default=_env("NFT", "nft"), help="the nft command")
     fw.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), help="debug, info, warning")
