@@ -92,14 +92,16 @@ class KubeClient:
         body: Any = None,
         content_type: str | None = None,
         params: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
     ) -> dict[str, Any]:
         session = self.session()
         self.requests_sent += 1
         REQUESTS.labels(verb=method).inc()
         if body is not None and content_type is None:
             content_type = "application/json"
+        timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s is not None else session.timeout
         async with session.request(
-            method, self.base + path, json=body, params=params, headers=self.headers(content_type)
+            method, self.base + path, json=body, params=params, headers=self.headers(content_type), timeout=timeout,
         ) as response:
             try:
                 payload = await response.json(content_type=None)

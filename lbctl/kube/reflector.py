@@ -1,8 +1,17 @@
-"""List-then-watch caches of Kubernetes objects (the forwarder's informers), one per resource.
+"""List-then-watch caches of Kubernetes objects (informers), one per resource: the one watch
+implementation of both the operator and the forwarder.
 
 Each Reflector keeps {namespace/name: object} and reports every change as (old, new) to its
-callback; after a relist (start-up, 410 Gone, a broken stream) the differences to the old cache
-are reported the same way, so consumers never see a gap.
+callback, `new` None for a deletion. A re-list is the truth: after one (start-up, `410 Gone`, a
+watch that could not be resumed) the differences to the old cache are reported the same way, so
+an object deleted while the watch was down is reported deleted, exactly like a DELETED event.
+(kopf's own watches do not do this: after `410 Gone` they re-list and yield what exists, and never
+a deletion for what vanished in the gap.)
+
+Failures follow client-go's reflector: a broken stream is resumed from the last resourceVersion
+after a backoff; `410 Gone` (as an HTTP status or as an ERROR event) means that version is no
+longer served, so the reflector re-lists. The cache is never cleared because the apiserver cannot
+be reached: the last known state stays until a successful re-list replaces it (static stability).
 """
 
 from __future__ import annotations
@@ -10,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,11 +31,28 @@ log = logging.getLogger(__name__)
 
 Change = Callable[[Mapping[str, Any] | None, Mapping[str, Any] | None], None]
 _WATCH_TIMEOUT_S = 290
+#: a watch that keeps failing this many times in a row is given up for a re-list
+_RESUME_ATTEMPTS = 3
 
 
 def object_key(obj: Mapping[str, Any]) -> str:
     meta = obj.get("metadata") or {}
     return f"{meta.get('namespace') or ''}/{meta.get('name') or ''}"
+
+
+def relist_changes(
+    old: Mapping[str, Mapping[str, Any]], fresh: Mapping[str, Mapping[str, Any]]
+) -> list[tuple[Mapping[str, Any] | None, Mapping[str, Any] | None]]:
+    """What a re-list says happened since the cache was last right: deletions first (objects
+    absent from the list), then additions and changes (by resourceVersion); unchanged objects
+    are not reported."""
+    changes: list[tuple[Mapping[str, Any] | None, Mapping[str, Any] | None]] = [
+        (old[key], None) for key in old.keys() - fresh.keys()]
+    for key, obj in fresh.items():
+        previous = old.get(key)
+        if previous is None or _version(previous) != _version(obj):
+            changes.append((previous, obj))
+    return changes
 
 
 class _Gone(Exception):
@@ -43,23 +70,34 @@ class Reflector:
         self.cache: dict[str, Mapping[str, Any]] = {}
         self.synced = asyncio.Event()
         self._resource_version = ""
+        self.relists = 0  # how many lists succeeded (the first one included)
 
     async def run(self) -> None:
         backoff = 0.2
+        listed = False
+        failed_watches = 0
         while True:
+            listing = not listed
             try:
-                await self._list()
-                backoff = 0.2
-                while True:
-                    await self._watch()
+                if listing:
+                    await self._list()
+                    listed, failed_watches, backoff = True, 0, 0.2
+                started = time.monotonic()
+                await self._watch()  # returns when the server ends the watch (its timeout)
+                failed_watches, backoff = 0, 0.2
+                if time.monotonic() - started < 1.0:
+                    await asyncio.sleep(backoff)  # a server that ends every watch at once
             except asyncio.CancelledError:
                 raise
             except _Gone:
-                log.debug("%s: resource version expired, relisting", self.name)
-                continue
-            except Exception as exc:  # network, apiserver restarts, bad payloads: relist
-                log.warning("%s: watch failed (%s: %s); relisting in %.1fs", self.name, type(exc).__name__, exc,
-                            backoff)
+                log.info("%s: resource version %s is gone (410): relisting", self.name, self._resource_version)
+                listed = False
+            except Exception as exc:  # network, apiserver restarts, bad payloads
+                if not listing:
+                    failed_watches += 1
+                    listed = failed_watches < _RESUME_ATTEMPTS
+                log.warning("%s: %s failed (%s: %s); %s in %.1fs", self.name, "list" if listing else "watch",
+                            type(exc).__name__, exc, "resuming the watch" if listed else "relisting", backoff)
                 await asyncio.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, 10.0)
 
@@ -92,12 +130,14 @@ class Reflector:
         old = self.cache
         self.cache = fresh
         self._resource_version = version
-        for key in old.keys() - fresh.keys():
-            self._on_change(old[key], None)
-        for key, obj in fresh.items():
-            previous = old.get(key)
-            if previous is None or _version(previous) != _version(obj):
-                self._on_change(previous, obj)
+        changes = relist_changes(old, fresh)
+        if self.synced.is_set():
+            gone = sum(1 for _, new in changes if new is None)
+            log.info("%s: relisted %d objects: %d changed while unwatched, %d of them deleted", self.name,
+                     len(fresh), len(changes), gone)
+        self.relists += 1
+        for previous, obj in changes:
+            self._report(previous, obj)
         self.synced.set()
 
     async def _watch(self) -> None:
@@ -128,10 +168,17 @@ class Reflector:
                 previous = self.cache.get(key)
                 if kind == "DELETED":
                     self.cache.pop(key, None)
-                    self._on_change(previous, None)
+                    self._report(previous if previous is not None else obj, None)
                 else:
                     self.cache[key] = self._trim(obj)
-                    self._on_change(previous, obj)
+                    self._report(previous, obj)
+
+    def _report(self, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> None:
+        """A consumer's bug must not break the watch (its event would be skipped on resume)."""
+        try:
+            self._on_change(old, new)
+        except Exception:
+            log.exception("%s: handling a change of %s failed", self.name, object_key(new or old or {}))
 
 
 def _version(obj: Mapping[str, Any]) -> str:
