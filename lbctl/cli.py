@@ -113,8 +113,15 @@ def _operator(args: argparse.Namespace) -> int:
         default_class=args.default_class, namespaces=tuple(args.namespace), kubeconfig=args.kubeconfig,
         provider_options=_provider_options(args), workers=args.workers, node_port_range=args.node_port_range,
         gc_interval_s=args.gc_interval, resync_interval_s=args.resync_interval, metrics_port=args.metrics_port,
-        liveness_endpoint=args.liveness_endpoint,
+        liveness_endpoint=args.liveness_endpoint, leader_elect=args.leader_elect, lease_name=args.leader_elect_lease,
+        lease_namespace=args.leader_elect_namespace, lease_duration_s=args.leader_elect_lease_duration,
+        renew_deadline_s=args.leader_elect_renew_deadline, retry_period_s=args.leader_elect_retry_period,
     )
+    try:
+        config.election_timing.check()
+    except ValueError as exc:
+        print(f"lbctl operator: {exc}", file=sys.stderr)
+        return 2
     _logging(args.log_level)
     asyncio.run(run(config))
     return 0
@@ -135,6 +142,19 @@ def _add_operator(commands: argparse._SubParsersAction[argparse.ArgumentParser])
                     help="serve Prometheus metrics on this port (0: off)")
     op.add_argument("--liveness-endpoint", default=_env("LIVENESS_ENDPOINT"),
                     help="kopf liveness probe endpoint, e.g. http://0.0.0.0:8080/healthz")
+    op.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=_env_flag("LEADER_ELECT"),
+                    help="run as one of several replicas: only the holder of a Lease acts (LBCTL_LEADER_ELECT)")
+    op.add_argument("--leader-elect-lease", default=_env("LEADER_ELECT_LEASE", "lbctl-operator"),
+                    help="the Lease's name (LBCTL_LEADER_ELECT_LEASE)")
+    op.add_argument("--leader-elect-namespace",
+                    default=_env("LEADER_ELECT_NAMESPACE", os.environ.get("POD_NAMESPACE", "lbctl-system")),
+                    help="the Lease's namespace (LBCTL_LEADER_ELECT_NAMESPACE, else POD_NAMESPACE, else lbctl-system)")
+    op.add_argument("--leader-elect-lease-duration", type=int, default=_env("LEADER_ELECT_LEASE_DURATION", "3"),
+                    help="seconds a standby waits after the Lease last changed before taking it")
+    op.add_argument("--leader-elect-renew-deadline", type=float, default=_env("LEADER_ELECT_RENEW_DEADLINE", "2"),
+                    help="seconds the leader may fail to renew before it stops acting (< lease duration)")
+    op.add_argument("--leader-elect-retry-period", type=float, default=_env("LEADER_ELECT_RETRY_PERIOD", "0.5"),
+                    help="seconds between attempts to renew or acquire the Lease")
     op.set_defaults(func=_operator)
 
 

@@ -114,8 +114,11 @@ def up(
     apiserver_port: int | None = None,
     extra_addresses: tuple[str, ...] = (),
     timeout_s: float = 90.0,
+    apiserver_flags: tuple[str, ...] = (),
 ) -> ClusterInfo:
-    """Start a control plane in `directory`; extra_addresses are also served (and in the cert)."""
+    """Start a control plane in `directory`; extra_addresses are also served (and in the cert);
+    apiserver_flags are appended to kube-apiserver's command line (tests that need, say, a short
+    watch history pass `--watch-cache=false --etcd-compaction-interval=2s`)."""
     lay = Layout(directory.resolve())
     already = running(lay)
     if already:
@@ -180,7 +183,7 @@ def up(
 
         _log(f"starting kube-apiserver v{versions.KUBERNETES_VERSION} on {server}")
         processes.spawn(
-            layout.apiserver_args(binaries.kube_apiserver, lay, etcd_url, port, bind),
+            [*layout.apiserver_args(binaries.kube_apiserver, lay, etcd_url, port, bind), *apiserver_flags],
             lay.log("kube-apiserver"), lay.pid_file("kube-apiserver"),
         )
         _wait(

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 
 def event_body(obj: Mapping[str, Any], event_type: str, reason: str, message: str, component: str,
-               now: dt.datetime) -> dict[str, Any]:
+               now: dt.datetime, instance: str = "") -> dict[str, Any]:
     meta = obj.get("metadata") or {}
     stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
     return {
@@ -32,8 +32,9 @@ def event_body(obj: Mapping[str, Any], event_type: str, reason: str, message: st
         "type": event_type,
         "reason": reason,
         "message": message[:1024],
-        "source": {"component": component},
+        "source": {"component": component, **({"host": instance} if instance else {})},
         "reportingComponent": component,
+        "reportingInstance": instance,
         "firstTimestamp": stamp,
         "lastTimestamp": stamp,
         "count": 1,
@@ -46,9 +47,10 @@ class EventRecorder:
     Events go through one poster, so they keep their order."""
 
     def __init__(self, client: KubeClient, component: str = "lbctl", posters: int = 2,
-                 capacity: int = 20_000) -> None:
+                 capacity: int = 20_000, instance: str = "") -> None:
         self._client = client
         self._component = component
+        self._instance = instance  # which replica (reportingInstance, and source.host for kubectl)
         self._queues: list[asyncio.Queue[dict[str, Any]]] = [
             asyncio.Queue(max(1, capacity // posters)) for _ in range(posters)]
         self._tasks: list[asyncio.Task[None]] = []
@@ -73,7 +75,8 @@ class EventRecorder:
     async def record(self, obj: Mapping[str, Any], event_type: str, reason: str, message: str) -> None:
         """Queue an Event; never raises: an Event must not break a sync."""
         self._start()
-        body = event_body(obj, event_type, reason, message, self._component, dt.datetime.now(dt.UTC))
+        body = event_body(obj, event_type, reason, message, self._component, dt.datetime.now(dt.UTC),
+                          self._instance)
         involved = body["involvedObject"]
         shard = zlib.crc32(f"{involved['namespace']}/{involved['name']}".encode()) % len(self._queues)
         try:

@@ -77,11 +77,12 @@ class Reflector:
         listed = False
         failed_watches = 0
         while True:
-            listing = not listed
+            phase = "list" if not listed else "watch"
             try:
-                if listing:
+                if not listed:
                     await self._list()
                     listed, failed_watches, backoff = True, 0, 0.2
+                    phase = "watch"
                 started = time.monotonic()
                 await self._watch()  # returns when the server ends the watch (its timeout)
                 failed_watches, backoff = 0, 0.2
@@ -93,11 +94,11 @@ class Reflector:
                 log.info("%s: resource version %s is gone (410): relisting", self.name, self._resource_version)
                 listed = False
             except Exception as exc:  # network, apiserver restarts, bad payloads
-                if not listing:
+                if phase == "watch":
                     failed_watches += 1
                     listed = failed_watches < _RESUME_ATTEMPTS
-                log.warning("%s: %s failed (%s: %s); %s in %.1fs", self.name, "list" if listing else "watch",
-                            type(exc).__name__, exc, "resuming the watch" if listed else "relisting", backoff)
+                log.warning("%s: %s failed (%s: %s); %s in %.1fs", self.name, phase, type(exc).__name__, exc,
+                            "resuming the watch" if listed else "relisting", backoff)
                 await asyncio.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, 10.0)
 

@@ -1,10 +1,11 @@
-"""Wires kopf to the reconciler: watch handlers stay one line each; start-up lists and restores
-before kopf's watches begin; kopf's finalizer name is the service controller's."""
+"""Wires one operator process together: kopf runs it (start-up, login, liveness, cleanup), lbctl's
+reflectors feed the reconciler, and with --leader-elect a Lease decides which replica acts."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,10 +14,14 @@ import kopf
 from prometheus_client import start_http_server
 
 from lbctl.kube.client import KubeClient
+from lbctl.kube.election import Timing
+from lbctl.kube.elector import LeaderElector, default_identity
 from lbctl.model.scope import Scope, default_class
+from lbctl.operator import metrics
+from lbctl.operator.informers import Informers
 from lbctl.operator.reconciler import MissingResourceError, Reconciler, ReconcilerSettings
 from providers import registry as provider_registry
-from providers.base import ProviderSettings, WatchedResource
+from providers.base import ProviderSettings
 
 log = logging.getLogger("lbctl.operator")
 
@@ -36,33 +41,96 @@ class OperatorConfig:
     resync_interval_s: float = 600.0
     metrics_port: int = 0
     liveness_endpoint: str | None = None
+    leader_elect: bool = False
+    lease_name: str = "lbctl-operator"
+    lease_namespace: str = "lbctl-system"
+    lease_duration_s: int = 3
+    renew_deadline_s: float = 2.0
+    retry_period_s: float = 0.5
+    identity: str | None = None  # default: POD_NAME, else host_pid_random
+
+    @property
+    def election_timing(self) -> Timing:
+        return Timing(self.lease_duration_s, self.renew_deadline_s, self.retry_period_s)
 
     @property
     def scope(self) -> Scope:
         return Scope(self.lb_class or default_class(self.provider), self.default_class, frozenset(self.namespaces))
 
 
-def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
+class Operator:
+    """The parts of one operator process and their order: reflectors fill the caches (leader or
+    not), leader election (when on) decides when the reconciler may act, and a clean stop stops
+    acting before it hands the Lease back."""
+
+    def __init__(self, config: OperatorConfig, reconciler: Reconciler, informers: Informers,
+                 elector: LeaderElector | None) -> None:
+        self.config = config
+        self.reconciler = reconciler
+        self.informers = informers
+        self.elector = elector
+        self._elector_task: asyncio.Task[None] | None = None
+        self._lead_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.informers.check_served()
+        self.informers.start()
+        await self.informers.synced()
+        if self.elector is None:
+            await self.reconciler.lead()
+            metrics.LEADER.set(1)
+            return
+        self.reconciler.may_act = self.elector.may_act
+        log.info("standing by: caches filled (%d services, %d nodes); waiting for lease %s/%s as %s",
+                 len(self.reconciler.services), len(self.reconciler.nodes), self.elector.namespace,
+                 self.elector.name, self.elector.identity)
+        self._elector_task = asyncio.create_task(self.elector.run(), name="leader election")
+
+    def started_leading(self) -> None:
+        metrics.LEADER.set(1)
+        self._lead_task = asyncio.create_task(self.reconciler.lead(), name="take over")
+
+    @staticmethod
+    def stopped_leading() -> None:
+        """Stop acting at once, as kube-controller-manager does: exiting ends every sync, cloud
+        call and thread in flight, which cancelling tasks could not (calls run in threads). The
+        Deployment restarts the process, which comes back as a standby."""
+        metrics.LEADER.set(0)
+        log.critical("leader election lost: exiting so that nothing more is written")
+        logging.shutdown()
+        os._exit(1)
+
+    async def stop(self) -> None:
+        await self.informers.stop()
+        await self.reconciler.stop()  # stop acting first (the Lease is still renewed meanwhile) ...
+        if self._elector_task is not None:
+            self._elector_task.cancel()
+            await asyncio.gather(self._elector_task, return_exceptions=True)
+        if self.elector is not None:
+            await self.elector.release()  # ... then hand the Lease to a standby
+        metrics.LEADER.set(0)
+
+
+def build_registry(operator: Operator) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
+    reconciler = operator.reconciler
 
     @kopf.on.startup(registry=registry)
     async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
-        # Only event handlers are registered, so kopf adds no finalizer of its own and the service
-        # controller's (FINALIZER) is the only one on a Service; the reconciler adds and removes it.
-        # It must not be kopf's configured finalizer too: kopf strips that one from objects for
-        # which no handler needs a finalizer.
+        # No resource handlers at all: the watches are lbctl's own reflectors (see
+        # lbctl.operator.informers for why), so kopf adds no finalizer, watches nothing, and the
+        # service controller's finalizer (FINALIZER) is added and removed by the reconciler.
         settings.posting.enabled = False  # our Events carry the service controller's reasons
         settings.scanning.disabled = True  # no CRD/namespace discovery: the RBAC stays minimal
-        settings.watching.server_timeout = 300
         try:
-            await reconciler.start()
+            await operator.start()
         except MissingResourceError as exc:
             log.error("%s; retrying in 5s", exc)
             raise kopf.TemporaryError(str(exc), delay=5) from None
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
-        # kopf's watches and our client use one configuration (kubeconfig or in-cluster)
+        # kopf and our client use one configuration (kubeconfig or in-cluster)
         conf = reconciler.client.configuration
         token = conf.get_api_key_with_prefix("BearerToken", alias="authorization") or ""
         scheme, _sep, value = token.partition(" ")
@@ -74,28 +142,9 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
 
     @kopf.on.cleanup(registry=registry)
     async def stop(**_: Any) -> None:
-        await reconciler.stop()
+        await operator.stop()
 
-    # Handlers are coroutines: kopf runs plain functions in a thread pool, and the reconciler's
-    # state belongs to the event loop.
-    @kopf.on.event("v1", "services", registry=registry)
-    async def service_event(event: kopf.RawEvent, **_: Any) -> None:
-        reconciler.service_event(event.get("type"), event["object"])
-
-    if reconciler.provider.uses_nodes:
-        @kopf.on.event("v1", "nodes", registry=registry)
-        async def node_event(event: kopf.RawEvent, **_: Any) -> None:
-            reconciler.node_event(event.get("type"), event["object"])
-
-    for resource in reconciler.provider.watched_resources:
-        _register_resource(registry, reconciler, resource)
     return registry
-
-
-def _register_resource(registry: kopf.OperatorRegistry, reconciler: Reconciler, resource: WatchedResource) -> None:
-    @kopf.on.event(resource.group, resource.version, resource.plural, registry=registry)
-    async def resource_event(event: kopf.RawEvent, **_: Any) -> None:
-        reconciler.resource_event(resource, event.get("type"), event["object"])
 
 
 async def run(
@@ -103,29 +152,42 @@ async def run(
 ) -> None:
     provider = provider_registry.load(config.provider, ProviderSettings(config.cluster_name, config.provider_options))
     client = KubeClient.from_kubeconfig(config.kubeconfig, user_agent=f"lbctl-operator/{config.provider}")
+    identity = config.identity or default_identity()
     reconciler = Reconciler(
         ReconcilerSettings(
             cluster_name=config.cluster_name, scope=config.scope, workers=config.workers,
             node_port_range=config.node_port_range, gc_interval_s=config.gc_interval_s,
-            resync_interval_s=config.resync_interval_s,
+            resync_interval_s=config.resync_interval_s, instance=identity,
         ),
         provider, client,
     )
+    elector_client: KubeClient | None = None
+    elector: LeaderElector | None = None
+    operator = Operator(config, reconciler, Informers(client, reconciler, config.namespaces), None)
+    if config.leader_elect:
+        # its own connections: a renewal never queues behind the workers' requests
+        elector_client = KubeClient(client.configuration, user_agent=f"lbctl-operator/{config.provider}/election")
+        elector = LeaderElector(elector_client, config.lease_namespace, config.lease_name, identity,
+                                config.election_timing, operator.started_leading, operator.stopped_leading)
+        operator.elector = elector
+    metrics.LEADER.set(0)
     if config.metrics_port:
         start_http_server(config.metrics_port)
-    log.info("lbctl operator: provider %s, class %s%s, cluster %s", config.provider, config.scope.lb_class,
-             " (and class-less Services)" if config.default_class else "", config.cluster_name)
+    log.info("lbctl operator %s: provider %s, class %s%s, cluster %s", identity, config.provider,
+             config.scope.lb_class, " (and class-less Services)" if config.default_class else "", config.cluster_name)
     try:
-        await _run_kopf(config, reconciler, stop_flag, ready_flag)
+        await _run_kopf(config, operator, stop_flag, ready_flag)
     finally:
         await client.close()  # also when start-up never completed, so kopf's cleanup never ran
+        if elector_client is not None:
+            await elector_client.close()
 
 
-async def _run_kopf(config: OperatorConfig, reconciler: Reconciler, stop_flag: asyncio.Event | None,
+async def _run_kopf(config: OperatorConfig, operator: Operator, stop_flag: asyncio.Event | None,
                     ready_flag: asyncio.Event | None) -> None:
     await kopf.operator(
-        registry=build_registry(reconciler),
-        standalone=True,  # one replica (Deployment strategy Recreate); no peering CRD needed
+        registry=build_registry(operator),
+        standalone=True,  # no kopf peering: one leader is chosen by lbctl's own Lease (--leader-elect)
         clusterwide=not config.namespaces,
         namespaces=list(config.namespaces),
         stop_flag=stop_flag,

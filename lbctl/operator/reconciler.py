@@ -1,5 +1,8 @@
-"""Drives Services to their balancers: caches what the watches deliver, queues keys, and for each
-key decides (with lbctl.model) and acts (provider, status patch, Events).
+"""Drives Services to their balancers: caches what the reflectors deliver, queues keys, and for
+each key decides (with lbctl.model) and acts (provider, status patch, Events).
+
+The caches are filled whether or not this replica leads (a standby stays warm); only `lead()`
+starts the workers, the orphan sweep and every write.
 
 Like the Kubernetes service controller: one key is never synced by two workers at once, failures
 come back with backoff, a node change re-syncs only the Services whose node set changed, and a
@@ -13,7 +16,7 @@ import datetime as dt
 import logging
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +42,10 @@ class MissingResourceError(RuntimeError):
     """A resource the provider reads is not served (its CRD is not installed)."""
 
 
+class NotLeadingError(RuntimeError):
+    """This replica may no longer act (its Lease was not renewed in time); nothing more is written."""
+
+
 @dataclass(frozen=True)
 class ReconcilerSettings:
     cluster_name: str
@@ -48,6 +55,7 @@ class ReconcilerSettings:
     node_debounce_s: float = 0.2
     resync_interval_s: float = 600.0
     gc_interval_s: float = 300.0
+    instance: str = ""  # this replica's identity, as Events' reportingInstance
 
 
 # Annotations lbctl's own components write on Services; a change of them is no reason to sync.
@@ -85,6 +93,13 @@ def _same_resource_spec(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return a.get("spec") == b.get("spec") and deleting[0] == deleting[1]
 
 
+def _ref(body: Mapping[str, Any], cluster_name: str) -> LoadBalancerRef:
+    meta = body.get("metadata") or {}
+    return LoadBalancerRef(name=load_balancer_name(meta.get("uid", "")), cluster_name=cluster_name,
+                           namespace=meta.get("namespace", ""), service_name=meta.get("name", ""),
+                           uid=meta.get("uid"))
+
+
 def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -98,7 +113,7 @@ class Reconciler:
         self.settings = settings
         self.provider = provider
         self.client = client
-        self.events = EventRecorder(client)
+        self.events = EventRecorder(client, instance=settings.instance)
         self.scope = settings.scope
         self.queue = WorkQueue()
         self.services: dict[str, dict[str, Any]] = {}
@@ -115,31 +130,21 @@ class Reconciler:
         self._claimed_ports: set[int] = set()
         self._status_refresh: asyncio.Task[None] | None = None
         self.started = asyncio.Event()
+        #: whether this replica may act right now (leader election's fence; always, without it)
+        self.may_act: Callable[[], bool] = lambda: True
+
+    def _fence(self) -> None:
+        if not self.may_act():
+            raise NotLeadingError("this replica no longer holds the leader Lease")
 
     # ---- start-up and shutdown -------------------------------------------------------------
 
-    async def start(self) -> None:
-        """List nodes, provider resources and Services; let the provider rebuild its state from the
-        Services' status; then start the workers. Runs before kopf starts its watches."""
-        async for node in self.client.list_all("/api/v1/nodes"):
-            self.nodes[node["metadata"]["name"]] = node
-        self.eligible = eligible_nodes(self.nodes.values())
+    async def lead(self) -> None:
+        """Start acting, from the caches the reflectors filled (their first list, or everything
+        seen since while standing by): hand the provider the current pools and let it rebuild its
+        state from the Services' status; then start the workers, Services without an address first."""
         for resource in self.provider.watched_resources:
-            path = f"/apis/{resource.group}/{resource.version}/{resource.plural}"
-            try:
-                self.resources[resource] = {o["metadata"]["name"]: o async for o in self.client.list_all(path)}
-            except ApiError as exc:
-                if exc.status != 404:
-                    raise
-                raise MissingResourceError(
-                    f"the {self.provider.name} provider needs {resource.plural}.{resource.group}/{resource.version}, "
-                    "which this cluster does not serve: install its CRD "
-                    "(kubectl apply -f examples/deploy/crd-loadbalancerpool.yaml)") from None
-            await self.provider.resources_changed(resource, list(self.resources[resource].values()))
-        paths = [f"/api/v1/namespaces/{ns}/services" for ns in sorted(self.scope.namespaces)]
-        for path in paths or ["/api/v1/services"]:
-            async for service in self.client.list_all(path):
-                self.services[_key(service)] = {"kind": "Service", "apiVersion": "v1", **service}
+            await self.provider.resources_changed(resource, list(self.resources.get(resource, {}).values()))
         specs = []
         for service in self.services.values():
             if self.scope.manages(service) and (service.get("status") or {}).get("loadBalancer", {}).get("ingress"):
@@ -148,18 +153,21 @@ class Reconciler:
                 except LoadBalancerError:
                     continue  # reported when its key is synced
         await self.provider.restore(specs)
+        self.eligible = eligible_nodes(self.nodes.values())
         for resource in self.provider.watched_resources:
             await self._write_resource_status(resource)
-        for key, service in self.services.items():
-            if self.scope.concerns(service):
-                self.queue.add(key)
+        ours = [key for key, service in self.services.items() if self.scope.concerns(service)]
+        # the Services users are waiting for go first; the rest are usually no-op re-syncs
+        ours.sort(key=lambda k: bool(((self.services[k].get("status") or {}).get("loadBalancer") or {}).get("ingress")))
+        for key in ours:
+            self.queue.add(key)
         for _ in range(self.settings.workers):
             self._tasks.append(asyncio.create_task(self._worker()))
         self._tasks.append(asyncio.create_task(self._periodic(self.settings.gc_interval_s, self.collect_orphans)))
         self._tasks.append(asyncio.create_task(self._periodic(self.settings.resync_interval_s, self._resync)))
         self.started.set()
-        log.info("started: %d services (%d ours), %d nodes (%d eligible)", len(self.services),
-                 sum(1 for s in self.services.values() if self.scope.concerns(s)), len(self.nodes), len(self.eligible))
+        log.info("started: %d services (%d ours), %d nodes (%d eligible)", len(self.services), len(ours),
+                 len(self.nodes), len(self.eligible))
 
     async def stop(self) -> None:
         self.queue.shutdown()
@@ -183,31 +191,40 @@ class Reconciler:
             if self.scope.manages(service):
                 self.queue.add(key)
 
-    # ---- watch events (called by the kopf handlers) -------------------------------------
+    # ---- changes reported by the reflectors (lbctl.operator.informers) ---------------------
+    # `new` is None for a deletion, whether a DELETED event or an object missing from a re-list.
 
-    def service_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
-        key = _key(body)
-        if event_type == "DELETED":
-            self.services.pop(key, None)
-            if key in self._refs:
-                self.queue.add(key)  # the finalizer was removed behind our back: release anyway
+    def on_service(self, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> None:
+        if new is None:
+            if old is not None:
+                self._service_gone(_key(old))
             return
+        key = _key(new)
         cached = self.services.get(key)
-        if not _newer(body, cached):
+        if not _newer(new, cached):
             return
-        self.services[key] = {"kind": "Service", "apiVersion": "v1", **body}
-        ours = self.scope.concerns(body) or key in self._refs
-        changed = _relevant(body) != _relevant(cached)
-        log.debug("service %s %s: ours=%s changed=%s", event_type, key, ours, changed)
+        self.services[key] = {"kind": "Service", "apiVersion": "v1", **new}
+        ours = self.scope.concerns(new) or key in self._refs
+        changed = _relevant(new) != _relevant(cached)
+        log.debug("service %s: ours=%s changed=%s", key, ours, changed)
         if self.started.is_set() and ours and changed:
             self.queue.add(key)
 
-    def node_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
-        name = body["metadata"]["name"]
-        if event_type == "DELETED":
-            self.nodes.pop(name, None)
+    def _service_gone(self, key: str) -> None:
+        cached = self.services.pop(key, None)
+        if key not in self._refs and cached is not None and self.scope.holds(cached):
+            # it still had our finalizer when last seen: the finalizer was removed by hand (maybe
+            # while the watch was down), so its balancer was never released
+            self._refs[key] = _ref(cached, self.settings.cluster_name)
+        if key in self._refs and self.started.is_set():
+            self.queue.add(key)  # reconcile() finds no body and releases the balancer
+
+    def on_node(self, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> None:
+        if new is None:
+            if old is not None:
+                self.nodes.pop(old["metadata"]["name"], None)
         else:
-            self.nodes[name] = dict(body)
+            self.nodes[new["metadata"]["name"]] = dict(new)
         if self.started.is_set() and self._node_timer is None:
             # one batch per burst of node changes
             self._node_timer = asyncio.get_running_loop().call_later(self.settings.node_debounce_s, self._nodes_settled)
@@ -228,15 +245,18 @@ class Reconciler:
         for key in affected:
             self.queue.add(key)
 
-    def resource_event(self, resource: WatchedResource, event_type: str | None, body: Mapping[str, Any]) -> None:
+    def on_resource(self, resource: WatchedResource, old: Mapping[str, Any] | None,
+                    new: Mapping[str, Any] | None) -> None:
         objects = self.resources.setdefault(resource, {})
-        name = body["metadata"]["name"]
-        if event_type == "DELETED":
-            objects.pop(name, None)
+        if new is None:
+            if old is None:
+                return
+            objects.pop(old["metadata"]["name"], None)
         else:
+            name = new["metadata"]["name"]
             previous = objects.get(name)
-            objects[name] = dict(body)
-            if previous is not None and _same_resource_spec(previous, body):
+            objects[name] = dict(new)
+            if previous is not None and _same_resource_spec(previous, new):
                 return  # a status write of ours
         if self.started.is_set() and resource not in self._resource_timers:
             self._resource_timers[resource] = asyncio.get_running_loop().call_later(
@@ -270,6 +290,7 @@ class Reconciler:
             if current is None or current.get("status") == status:
                 continue
             path = f"/apis/{resource.group}/{resource.version}/{resource.plural}/{name}/status"
+            self._fence()
             try:
                 updated = await self.client.request("PATCH", path, body={"status": status}, content_type=MERGE_PATCH)
                 self.resources[resource][name] = updated
@@ -289,6 +310,8 @@ class Reconciler:
             started = time.monotonic()
             try:
                 await self.reconcile(key)
+            except NotLeadingError:
+                return  # the process is stopping: leader election lost
             except Exception:  # never let one Service stop a worker
                 log.exception("unexpected error syncing %s", key)
                 self.queue.retry_later(key)
@@ -297,11 +320,14 @@ class Reconciler:
                 metrics.SYNC_SECONDS.observe(time.monotonic() - started)
 
     async def reconcile(self, key: str) -> None:
+        self._fence()
         body = self.services.get(key)
         if body is None:
-            ref = self._refs.pop(key, None)
-            if ref is not None:
-                await self.provider.delete(ref)
+            ref = self._refs.get(key)
+            if ref is not None:  # gone without our release (finalizer removed by hand): release now
+                log.info("%s: deleted without its finalizer; releasing balancer %s", key, ref.name)
+                await self.provider.delete(ref)  # on failure the worker retries with backoff
+                self._refs.pop(key, None)
                 self._forget(key)
             return
         try:
@@ -311,6 +337,8 @@ class Reconciler:
                 await self._release(key, body)
             else:
                 self._forget(key)
+        except NotLeadingError:
+            raise
         except LoadBalancerError as exc:
             await self._failed(key, exc, deleting=not self.scope.manages(body))
         except ApiError as exc:
@@ -347,6 +375,7 @@ class Reconciler:
         before = ((body.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
         if not before:
             await self._event(key, body, "Normal", "EnsuringLoadBalancer", "Ensuring load balancer")
+        self._fence()
         status = await self.provider.ensure(spec)
         self._refs[key] = spec.ref
         ingress = ingress_to_api(status.ingress)
@@ -372,9 +401,8 @@ class Reconciler:
     async def _release(self, key: str, body: dict[str, Any]) -> None:
         meta = body.get("metadata") or {}
         await self._event(key, body, "Normal", "DeletingLoadBalancer", "Deleting load balancer")
-        ref = LoadBalancerRef(name=load_balancer_name(meta.get("uid", "")), cluster_name=self.settings.cluster_name,
-                              namespace=meta.get("namespace", ""), service_name=meta.get("name", ""),
-                              uid=meta.get("uid"))
+        ref = _ref(body, self.settings.cluster_name)
+        self._fence()
         await self.provider.delete(ref)
         if not meta.get("deletionTimestamp"):
             await self._write_status(key, body, [], None)
@@ -423,10 +451,7 @@ class Reconciler:
         status too, or clients would be sent to an address that is no longer this Service's."""
         if not ((body.get("status") or {}).get("loadBalancer") or {}).get("ingress"):
             return True
-        meta = body.get("metadata") or {}
-        ref = LoadBalancerRef(name=load_balancer_name(meta.get("uid", "")), cluster_name=self.settings.cluster_name,
-                              namespace=meta.get("namespace", ""), service_name=meta.get("name", ""),
-                              uid=meta.get("uid"))
+        ref = _ref(body, self.settings.cluster_name)
         try:
             return await self.provider.get(ref) is not None
         except Exception:
@@ -436,6 +461,7 @@ class Reconciler:
     # ---- writes -------------------------------------------------------------------------------
 
     async def _patch_service(self, key: str, patch: dict[str, Any]) -> dict[str, Any]:
+        self._fence()
         namespace, name = key.split("/", 1)
         updated = await self.client.request("PATCH", service_path(namespace, name), body=patch,
                                             content_type=STRATEGIC_MERGE_PATCH)
@@ -447,6 +473,7 @@ class Reconciler:
         patch = status_patch(body, ingress, condition)
         if patch is None:
             return
+        self._fence()
         namespace, name = key.split("/", 1)
         updated = await self.client.request("PATCH", service_path(namespace, name, "status"), body=patch,
                                             content_type=MERGE_PATCH)
@@ -469,6 +496,7 @@ class Reconciler:
             raise PendingError(str(exc), field="spec.ports[].nodePort",
                                fix="free NodePorts or set allocateLoadBalancerNodePorts: true") from None
         new_ports = nodeports.with_node_ports(ports, chosen)
+        self._fence()
         rv = body["metadata"]["resourceVersion"]
         namespace, name = key.split("/", 1)
         try:
@@ -503,6 +531,7 @@ class Reconciler:
     async def collect_orphans(self) -> list[LoadBalancerRef]:
         found = orphans(await self.provider.list_owned(), self.services, self.scope)
         for ref in found:
+            self._fence()
             log.info("deleting orphaned load balancer %s (service %s)", ref.name, ref.service_key)
             try:
                 await self.provider.delete(ref)

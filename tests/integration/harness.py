@@ -64,7 +64,8 @@ class OperatorProcess:
                 [sys.executable, "-m", "lbctl", "operator", *self.args], env=env, stdout=log, stderr=subprocess.STDOUT
             )
         if wait:
-            wait_until(lambda: "started:" in self.log() or self.proc is None or self.proc.poll() is not None,
+            wait_until(lambda: "started:" in self.log() or "standing by:" in self.log() or self.proc is None
+                       or self.proc.poll() is not None,
                        timeout=30, what="operator start-up")
             assert self.alive(), f"operator exited at start-up:\n{self.log()}"
 
@@ -83,8 +84,18 @@ class OperatorProcess:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=10)
 
+    def pause(self) -> None:
+        """SIGSTOP: the process and its connections stay, but it reads and writes nothing."""
+        assert self.proc is not None and self.proc.poll() is None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a paused process would not handle SIGTERM
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=15)

@@ -1,5 +1,6 @@
 """The shipped RBAC is enough, and only that: the operator runs with a ServiceAccount token bound
-to examples/deploy/operator-rbac.yaml and does its whole job without one forbidden request."""
+to examples/deploy/operator-rbac.yaml, with leader election on as the shipped Deployment runs it,
+and does its whole job without one forbidden request."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def test_the_operator_works_with_exactly_the_shipped_rbac(
     kubeconfig = tmp_path / "operator.kubeconfig"
     kubeconfig.write_text(kubeconfig_yaml(cluster.server, Path(cluster.ca_file), "lbctl-operator", token))
 
-    operator = start_operator(env={"KUBECONFIG": str(kubeconfig)})
+    operator = start_operator(env={"KUBECONFIG": str(kubeconfig), "LBCTL_LEADER_ELECT": "true"})
+    wait_until(lambda: "now leads" in operator.log(), what="the operator takes the Lease lbctl-system/lbctl-operator")
     pool = pools.create(["198.18.230.0/30"])
     core.create_namespaced_service(namespace, lb_service("web"))
     assert wait_for_ips(core, namespace, "web") == ["198.18.230.0"]  # MetalLB: .0 too, unless avoidBuggyIPs
@@ -53,7 +55,11 @@ def test_the_operator_works_with_exactly_the_shipped_rbac(
                what="pool status written")
     core.delete_namespaced_service("web", namespace)
     wait_until(lambda: not core.list_namespaced_service(namespace).items, what="service released and gone")
+    operator.stop()  # hands the Lease back: get and update by name
+    coordination = client.CoordinationV1Api(api_client)
+    assert coordination.read_namespaced_lease("lbctl-operator", "lbctl-system").spec.holder_identity in ("", None)
     log = operator.log()
+    assert "released lease" in log
     assert 'forbidden: User "system:serviceaccount:lbctl-system:lbctl-operator" cannot' not in log, log[-3000:]
     assert "lbctl-operator" in log or "started:" in log  # the log was read, and is the operator's
 
@@ -66,5 +72,10 @@ def test_the_operator_works_with_exactly_the_shipped_rbac(
         try:
             client.CoreV1Api(limited).list_namespaced_secret("lbctl-system")
             raise AssertionError("the operator's token can read Secrets")
+        except ApiException as exc:
+            assert exc.status == 403
+        try:  # and no Lease but its own
+            client.CoordinationV1Api(limited).read_namespaced_lease("kube-scheduler", "lbctl-system")
+            raise AssertionError("the operator's token can read other Leases")
         except ApiException as exc:
             assert exc.status == 403
