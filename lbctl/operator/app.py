@@ -88,7 +88,15 @@ class Operator:
 
     def started_leading(self) -> None:
         metrics.LEADER.set(1)
-        self._lead_task = asyncio.create_task(self.reconciler.lead(), name="take over")
+        self._lead_task = asyncio.create_task(self._take_over(), name="take over")
+
+    async def _take_over(self) -> None:
+        try:
+            await self.reconciler.lead(sweep_soon=True)
+        except Exception:
+            # holding the Lease without acting would stall every Service: let another replica lead
+            log.exception("taking over failed")
+            self.stopped_leading()
 
     @staticmethod
     def stopped_leading() -> None:

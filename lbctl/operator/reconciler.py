@@ -139,10 +139,12 @@ class Reconciler:
 
     # ---- start-up and shutdown -------------------------------------------------------------
 
-    async def lead(self) -> None:
+    async def lead(self, sweep_soon: bool = False) -> None:
         """Start acting, from the caches the reflectors filled (their first list, or everything
         seen since while standing by): hand the provider the current pools and let it rebuild its
-        state from the Services' status; then start the workers, Services without an address first."""
+        state from the Services' status; then start the workers, Services without an address first.
+        `sweep_soon`: look for orphaned balancers shortly after, not only after --gc-interval (a
+        replica taking over from another cannot know what was deleted while it stood by)."""
         for resource in self.provider.watched_resources:
             await self.provider.resources_changed(resource, list(self.resources.get(resource, {}).values()))
         specs = []
@@ -163,7 +165,8 @@ class Reconciler:
             self.queue.add(key)
         for _ in range(self.settings.workers):
             self._tasks.append(asyncio.create_task(self._worker()))
-        self._tasks.append(asyncio.create_task(self._periodic(self.settings.gc_interval_s, self.collect_orphans)))
+        self._tasks.append(asyncio.create_task(
+            self._periodic(self.settings.gc_interval_s, self.collect_orphans, first_s=10.0 if sweep_soon else None)))
         self._tasks.append(asyncio.create_task(self._periodic(self.settings.resync_interval_s, self._resync)))
         self.started.set()
         log.info("started: %d services (%d ours), %d nodes (%d eligible)", len(self.services), len(ours),
@@ -178,9 +181,11 @@ class Reconciler:
         await self.provider.close()
         await self.client.close()
 
-    async def _periodic(self, interval_s: float, action: Any) -> None:
+    async def _periodic(self, interval_s: float, action: Any, first_s: float | None = None) -> None:
+        delay = first_s
         while True:
-            await asyncio.sleep(interval_s * random.uniform(0.9, 1.1))
+            await asyncio.sleep(delay if delay is not None else interval_s * random.uniform(0.9, 1.1))
+            delay = None
             try:
                 await action()
             except Exception:
@@ -212,11 +217,15 @@ class Reconciler:
 
     def _service_gone(self, key: str) -> None:
         cached = self.services.pop(key, None)
+        if not self.started.is_set():
+            # A standby cannot tell a release by the leader from a finalizer removed by hand (it
+            # never sees the leader's writes first): the sweep at takeover finds what is left.
+            return
         if key not in self._refs and cached is not None and self.scope.holds(cached):
             # it still had our finalizer when last seen: the finalizer was removed by hand (maybe
             # while the watch was down), so its balancer was never released
             self._refs[key] = _ref(cached, self.settings.cluster_name)
-        if key in self._refs and self.started.is_set():
+        if key in self._refs:
             self.queue.add(key)  # reconcile() finds no body and releases the balancer
 
     def on_node(self, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> None:

@@ -8,6 +8,7 @@ import datetime as dt
 import re
 import threading
 import time
+import urllib.request
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,9 +17,13 @@ from pathlib import Path
 import pytest
 from kubernetes import client, watch
 
+from lbctl.dev.controlplane import free_port
 from lbctl.dev.layout import ClusterInfo
+from lbctl.model.names import load_balancer_name
+from tests.fakes.gce_server import GceFakeServer
 from tests.integration.apicut import ApiCut
 from tests.integration.harness import (
+    Nodes,
     OperatorProcess,
     Pools,
     ingress_ips,
@@ -26,6 +31,7 @@ from tests.integration.harness import (
     wait_for_ips,
     wait_until,
 )
+from tests.integration.test_operator_gce import GCE_CLASS, LB_COLLECTIONS, add_vm_node, operator_args, owned
 
 LEASE = "ha-test"
 
@@ -46,6 +52,13 @@ def log_time(operator: OperatorProcess, text: str) -> dt.datetime | None:
         if text in line:
             return dt.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
     return None
+
+
+def leader_metric(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        found = re.search(r"^lbctl_leader ([0-9.]+)$", response.read().decode(), re.M)
+    assert found, "no lbctl_leader metric"
+    return float(found.group(1))
 
 
 def leads(operator: OperatorProcess) -> bool:
@@ -174,9 +187,11 @@ def test_a_clean_stop_hands_the_lease_over_at_once(
     # a long lease: a standby that had to wait for it to expire would take 30 s
     timings = ("--leader-elect-lease-duration", "30", "--leader-elect-renew-deadline", "20")
     pools.create([pools.fresh_v4(28)], wait_seen=False)
-    first = start_operator(*elect(namespace, *timings))
+    ports = [free_port(), free_port()]
+    first = start_operator(*elect(namespace, *timings, "--metrics-port", str(ports[0])))
     wait_until(lambda: leads(first), what="the first replica leads")
-    second = start_operator(*elect(namespace, *timings))
+    second = start_operator(*elect(namespace, *timings, "--metrics-port", str(ports[1])))
+    assert (leader_metric(ports[0]), leader_metric(ports[1])) == (1.0, 0.0)
     first.stop()
     stopped = time.monotonic()
     assert "released lease" in first.log()
@@ -184,6 +199,7 @@ def test_a_clean_stop_hands_the_lease_over_at_once(
     print(f"clean stop -> standby leads: {time.monotonic() - stopped:.2f}s")
     core.create_namespaced_service(namespace, lb_service("after"))
     wait_for_ips(core, namespace, "after")
+    assert leader_metric(ports[1]) == 1.0
     lease = client.CoordinationV1Api(api_client).read_namespaced_lease(LEASE, namespace)
     assert lease.spec.holder_identity == identity(second)
     assert lease.spec.lease_transitions == 1
@@ -213,3 +229,30 @@ def test_a_leader_cut_off_from_the_apiserver_stops_acting_before_the_standby_tak
     assert lost < took_over
     addresses = [ingress_ips(core, namespace, n)[0] for n in names]
     assert len(set(addresses)) == len(names)
+
+
+def test_a_balancer_left_behind_while_a_replica_stood_by_is_swept_after_it_takes_over(
+    core: client.CoreV1Api, namespace: str, nodes: Nodes, start_operator: Callable[..., OperatorProcess],
+) -> None:
+    """The leader dies; before the standby takes over, a Service's finalizer is removed by hand and
+    the Service deleted. Nobody released its balancer: the new leader's first orphan sweep (soon
+    after taking over, not after --gc-interval) does."""
+    with GceFakeServer() as gce:
+        add_vm_node(gce, nodes, "ha-0")
+        args = [*operator_args(gce), *elect(namespace)]
+        first = start_operator(*args)
+        wait_until(lambda: leads(first), what="the first replica leads")
+        second = start_operator(*args)
+        core.create_namespaced_service(namespace, lb_service("doomed", [80], lb_class=GCE_CLASS))
+        wait_for_ips(core, namespace, "doomed", timeout=30)
+        lb = load_balancer_name(str(core.read_namespaced_service("doomed", namespace).metadata.uid))
+        assert any(owned(gce, lb).values())
+        first.kill()
+        core.patch_namespaced_service("doomed", namespace, {"metadata": {"finalizers": None}})
+        core.delete_namespaced_service("doomed", namespace)
+        assert not leads(second), "the standby took over too early for this test to mean anything"
+        wait_until(lambda: leads(second), timeout=15, what="the standby leads")
+        wait_until(lambda: owned(gce, lb) == {k: [] for k in LB_COLLECTIONS}, timeout=30,
+                   what="the orphaned balancer swept")
+        for operator in (first, second):
+            operator.stop()  # before the fake goes away

@@ -10,6 +10,7 @@ resourceVersion is refused with 410 (probed by the test itself), change things, 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +23,8 @@ from kubernetes.client.rest import ApiException
 
 from lbctl.dev import controlplane
 from lbctl.dev.layout import ClusterInfo
+from lbctl.kube.client import KubeClient
+from lbctl.kube.reflector import Reflector
 from lbctl.model.names import load_balancer_name
 from lbctl.model.scope import FINALIZER
 from tests.fakes.aws_world import AwsWorld, build_world, moto_server
@@ -254,3 +257,53 @@ def test_a_pool_deleted_in_a_gap_stops_being_used(
     print(f"converged {time.monotonic() - resumed:.2f}s after resuming")
     service = core.read_namespaced_service("web", namespace)
     assert service.metadata.finalizers == [FINALIZER]
+
+
+def test_the_reflector_keeps_its_cache_while_cut_off_and_a_relist_after_410_reports_deletions(
+    api_client: client.ApiClient, core: client.CoreV1Api, cluster: ClusterInfo, nodes: Nodes, cut: ApiCut,
+    tmp_path: Path,
+) -> None:
+    """The shared reflector itself (as operator and forwarder use it), in-process: while the
+    apiserver cannot be reached it keeps what it knew and reports nothing; when it can again, its
+    resumed watch is refused with 410 and the re-list reports what changed, deletions included."""
+    for name in ("keep", "drop"):
+        nodes.create(f"rf-{name}", ready=False)
+    seen: list[tuple[str | None, str | None]] = []
+
+    def changed(old: Any, new: Any) -> None:
+        seen.append(((old or {}).get("metadata", {}).get("name"), (new or {}).get("metadata", {}).get("name")))
+
+    async def scenario() -> None:
+        kube = KubeClient.from_kubeconfig(cut.kubeconfig(cluster.kubeconfig, tmp_path / "relay.kubeconfig"))
+        reflector = Reflector(kube, "/api/v1/nodes", changed, name="nodes")
+        task = asyncio.create_task(reflector.run())
+        try:
+            await asyncio.wait_for(reflector.synced.wait(), 15)
+            assert {"/rf-keep", "/rf-drop"} <= set(reflector.cache)
+            seen.clear()
+            cut.cut()
+            old_version = await asyncio.to_thread(_list_version, api_client, "nodes")
+            await asyncio.to_thread(nodes.delete, "rf-drop")
+            await asyncio.to_thread(nodes.create, "rf-new", ready=False)
+            counter = 0
+            while not await asyncio.to_thread(_gone_probe, api_client, "nodes", old_version):
+                for _ in range(20):
+                    counter += 1
+                    await asyncio.to_thread(core.patch_node, "rf-keep", {"metadata": {"labels": {"n": str(counter)}}})
+            await asyncio.sleep(2)  # retrying against a closed door meanwhile
+            assert {"/rf-keep", "/rf-drop"} <= set(reflector.cache), "the cache was cleared while cut off"
+            assert seen == [], f"changes reported while cut off: {seen}"
+            relists = reflector.relists
+            cut.restore()
+            deadline = time.monotonic() + 15
+            while "/rf-new" not in reflector.cache or "/rf-drop" in reflector.cache:
+                assert time.monotonic() < deadline, f"not caught up; reported {seen}"
+                await asyncio.sleep(0.05)
+            assert reflector.relists == relists + 1, "caught up without the re-list that 410 demands"
+            assert ("rf-drop", None) in seen and (None, "rf-new") in seen
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await kube.close()
+
+    asyncio.run(scenario())
