@@ -194,7 +194,7 @@ def _add_gc(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def _forwarder(args: argparse.Namespace) -> int:
-    from lbctl.forwarder.main import ForwarderConfig, check_tools, run
+    from lbctl.forwarder.main import ForwarderConfig, check_tools, run, run_cleanup
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -204,11 +204,15 @@ def _forwarder(args: argparse.Namespace) -> int:
             announce_classes=tuple(args.announce_class or [args.lb_class]), interface=args.interface,
             vip_interface=args.vip_interface, pod_networks=tuple(args.pod_cidr), lease_duration_s=args.lease_duration,
             renew_interval_s=args.renew_interval, resync_interval_s=args.resync_interval,
-            nft_command=tuple(args.nft.split()),
+            nft_command=tuple(args.nft.split()), peer_port=args.peer_port,
+            heartbeat_interval_s=args.heartbeat_interval, dead_after_s=args.dead_after,
+            restart_grace_s=args.restart_grace, status_port=args.status_port,
         )
     except ValueError as exc:
         print(f"lbctl forwarder: {exc}", file=sys.stderr)
         return 2
+    if args.cleanup:
+        return run_cleanup(config)
     problem = check_tools(config)
     if problem:
         print(f"lbctl forwarder: {problem}", file=sys.stderr)
@@ -233,10 +237,22 @@ def _add_forwarder(commands: argparse._SubParsersAction[argparse.ArgumentParser]
                     help="classes whose VIPs are announced (repeatable; default: --class)")
     fw.add_argument("--pod-cidr", action="append", default=[], metavar="CIDR",
                     help="endpoints must lie in these (repeatable; default: any unicast address)")
-    fw.add_argument("--lease-duration", type=int, default=_env("LEASE_DURATION", "2"),
-                    help="seconds without renewal before a node counts as dead")
-    fw.add_argument("--renew-interval", type=float, default=_env("RENEW_INTERVAL", "0.5"),
-                    help="seconds between lease renewals")
+    fw.add_argument("--peer-port", type=int, default=_env("PEER_PORT", "7475"),
+                    help="UDP port the forwarders exchange heartbeats on (node network)")
+    fw.add_argument("--heartbeat-interval", type=float, default=_env("HEARTBEAT_INTERVAL", "0.2"),
+                    help="seconds between heartbeats to each peer")
+    fw.add_argument("--dead-after", type=float, default=_env("DEAD_AFTER", "1.0"),
+                    help="seconds a peer may neither heartbeat nor answer ping before its VIPs move")
+    fw.add_argument("--restart-grace", type=float, default=_env("RESTART_GRACE", "15"),
+                    help="seconds a peer whose kernel answers ping keeps its VIPs while its forwarder is away")
+    fw.add_argument("--status-port", type=int, default=_env("STATUS_PORT", "0"),
+                    help="serve /healthz on this port (0: off)")
+    fw.add_argument("--lease-duration", type=int, default=_env("LEASE_DURATION", "40"),
+                    help="leaseDurationSeconds of the node's Lease (a record for tools, not VIP liveness)")
+    fw.add_argument("--renew-interval", type=float, default=_env("RENEW_INTERVAL", "10"),
+                    help="seconds between renewals of the node's Lease")
+    fw.add_argument("--cleanup", action="store_true",
+                    help="remove this node's table, VIPs and Lease, then exit (the node stops running a forwarder)")
     fw.add_argument("--resync-interval", type=float, default=_env("RESYNC_INTERVAL", "300"),
                     help="seconds between full rewrites of the nftables table")
     fw.add_argument("--nft", default=_env("NFT", "nft"), help="the nft command")

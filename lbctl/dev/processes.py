@@ -73,12 +73,12 @@ def stop(pid_file: Path, timeout_s: float = 10.0) -> str:
     os.kill(record.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and is_alive(record):
-        _reap(record.pid)
+        reap(record.pid)
         time.sleep(0.05)
     if is_alive(record):
         os.kill(record.pid, signal.SIGKILL)
         while is_alive(record):
-            _reap(record.pid)
+            reap(record.pid)
             time.sleep(0.02)
         outcome = f"{name}: pid {record.pid} killed after {timeout_s:.0f}s"
     else:
@@ -87,7 +87,7 @@ def stop(pid_file: Path, timeout_s: float = 10.0) -> str:
     return outcome
 
 
-def _reap(pid: int) -> None:
+def reap(pid: int) -> None:
     """Collect our own child so it does not linger as a zombie (no-op for other processes)."""
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)

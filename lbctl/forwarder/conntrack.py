@@ -7,8 +7,8 @@ endpoint's resets end the connection.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import subprocess
 from collections.abc import Iterable, Sequence
 
 log = logging.getLogger(__name__)
@@ -19,14 +19,18 @@ def flush_command(ip: str, port: int, conntrack: Sequence[str] = ("conntrack",))
     return [*conntrack, "-D", "-p", "udp", "--reply-src", ip, "--reply-port-src", str(port)]
 
 
-def flush_udp(backends: Iterable[tuple[str, int]], conntrack: Sequence[str] = ("conntrack",)) -> None:
+async def flush_udp(backends: Iterable[tuple[str, int]], conntrack: Sequence[str] = ("conntrack",)) -> None:
+    """An asyncio subprocess per backend: the forwarder's event loop never waits on conntrack."""
     for ip, port in backends:
         try:
-            proc = subprocess.run(flush_command(ip, port, conntrack), capture_output=True, text=True, check=False)
+            proc = await asyncio.create_subprocess_exec(*flush_command(ip, port, conntrack),
+                                                        stdout=asyncio.subprocess.DEVNULL,
+                                                        stderr=asyncio.subprocess.PIPE)
         except FileNotFoundError:
             log.warning("conntrack not found (Debian: apt-get install conntrack): UDP flows to %s:%d "
                         "stay until they go idle", ip, port)
             return
+        _, stderr = await proc.communicate()
         # exit status 1 with "0 flow entries" just means there was nothing to delete
         if proc.returncode not in (0, 1):
-            log.warning("conntrack -D for %s:%d failed: %s", ip, port, proc.stderr.strip())
+            log.warning("conntrack -D for %s:%d failed: %s", ip, port, stderr.decode(errors="replace").strip())

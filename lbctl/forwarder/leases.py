@@ -1,5 +1,9 @@
-"""The node's heartbeat: Lease lbctl-forwarder-<node> in lbctl-system, renewed every
-`renew_s`; other forwarders take the node for dead once it has not been renewed for `duration_s`."""
+"""The node's record in the apiserver: Lease lbctl-forwarder-<node> in lbctl-system, renewed every
+`renew_s` (10 s, as the kubelet renews its own), so tools can tell which nodes run a forwarder.
+
+It is a record, not the liveness that moves VIPs: that is judged between the forwarders directly
+(membership.py), so an apiserver outage moves nothing and the apiserver carries one write per
+node per 10 s whatever the cluster's size."""
 
 from __future__ import annotations
 
@@ -41,9 +45,9 @@ def lease_body(node: str, duration_s: int) -> dict[str, Any]:
     }
 
 
-class Heartbeat:
-    def __init__(self, client: KubeClient, node: str, *, namespace: str = LEASE_NAMESPACE, duration_s: int = 2,
-                 renew_s: float = 0.5) -> None:
+class NodeLease:
+    def __init__(self, client: KubeClient, node: str, *, namespace: str = LEASE_NAMESPACE, duration_s: int = 40,
+                 renew_s: float = 10.0) -> None:
         self._client = client
         self._node = node
         self._namespace = namespace
@@ -51,10 +55,6 @@ class Heartbeat:
         self._renew_s = renew_s
         self.last_renewed: float | None = None  # monotonic time of the last successful renewal
         self.renewed = asyncio.Event()
-
-    def alive(self, now: float) -> bool:
-        """Whether the others still count us as live (so we may keep our VIPs)."""
-        return self.last_renewed is not None and now - self.last_renewed < self.duration_s
 
     async def _ensure_namespace(self) -> None:
         try:
@@ -92,11 +92,12 @@ class Heartbeat:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                # nothing depends on it second by second: try again at the next renewal
                 log.warning("lease %s/%s not renewed: %s", self._namespace, lease_name(self._node), exc)
             await asyncio.sleep(self._renew_s)
 
     async def release(self) -> None:
-        """On a clean stop: delete the lease so the others take over at once."""
+        """`lbctl forwarder --cleanup`: the node no longer runs a forwarder."""
         try:
             await self._client.request("DELETE", leases_path(self._namespace, lease_name(self._node)))
         except (ApiError, OSError) as exc:

@@ -1,5 +1,11 @@
 """The forwarder's run loop: watches feed caches; a sync task turns changed Services into one nft
-transaction (full mode) and health-check listeners; an announce task keeps VIP ownership current.
+transaction (full mode) and health-check listeners; peering tells which nodes are alive and who
+holds which VIP; an announce task keeps this node's VIPs current.
+
+Static stability: nothing here depends on the apiserver second by second. Without it the caches
+keep their last state, the kernel keeps its rules, and VIP ownership is judged between the
+forwarders on the node network. A stop (SIGTERM) or a crash leaves rules and VIPs in the kernel
+for the next run to adopt; peers keep the node's VIPs where they are while its kernel answers.
 
 Failure handling: a rejected transaction leaves the kernel as it was (nft transactions are atomic).
 An incremental one is retried at once as a full sync (the kernel may have drifted); if the full
@@ -25,14 +31,17 @@ from kubernetes import client as k8s_client
 
 from lbctl.forwarder import conntrack
 from lbctl.forwarder.addresses import VipAddresses
-from lbctl.forwarder.announce import Announcer
+from lbctl.forwarder.announce import Announcer, ServiceMarks
 from lbctl.forwarder.apply import Nft, NftError
 from lbctl.forwarder.desired import BuildContext, build_service, service_key, slice_service_key
 from lbctl.forwarder.health import HealthCheck, HealthServers
-from lbctl.forwarder.leases import LEASE_LABEL, LEASE_NAMESPACE, LEASE_PREFIX, Heartbeat, leases_path
-from lbctl.forwarder.ownership import Liveness, VipOwner, excluded_nodes, vip_owners
+from lbctl.forwarder.leases import LEASE_NAMESPACE, NodeLease
+from lbctl.forwarder.membership import TENTATIVE, Membership, Timing
+from lbctl.forwarder.ownership import VipOwner, excluded_nodes, node_addresses, vip_owners
+from lbctl.forwarder.peering import DEFAULT_PORT, Peering
 from lbctl.forwarder.render import BASE_DECLARATIONS, BASE_RULES, FAMILY, TABLE, Plan, Planner
 from lbctl.forwarder.state import Problem, ServiceState
+from lbctl.forwarder.status import StatusServer
 from lbctl.kube.client import KubeClient, load_configuration
 from lbctl.kube.reflector import Reflector, object_key
 from lbctl.model.scope import Scope
@@ -56,10 +65,15 @@ class ForwarderConfig:
     vip_interface: str | None = None  # default: a dummy lbctl0 if the kernel can, else lo
     pod_networks: tuple[str, ...] = ()
     lease_namespace: str = LEASE_NAMESPACE
-    lease_duration_s: int = 2
-    renew_interval_s: float = 0.5
+    lease_duration_s: int = 40
+    renew_interval_s: float = 10.0
     resync_interval_s: float = 300.0
     announce_interval_s: float = 0.2
+    peer_port: int = DEFAULT_PORT
+    heartbeat_interval_s: float = 0.2
+    dead_after_s: float = 1.0  # a peer neither heard nor answering ping this long is gone
+    restart_grace_s: float = 15.0  # a peer whose kernel answers keeps its VIPs this long
+    status_port: int = 0  # /healthz (0: off)
     health_bind: str = "0.0.0.0"
     nft_command: tuple[str, ...] = ("nft",)
     conntrack_command: tuple[str, ...] = ("conntrack",)
@@ -70,6 +84,12 @@ class ForwarderConfig:
             raise ValueError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
         if not self.node:
             raise ValueError("the node name is empty: pass --node (in a DaemonSet: spec.nodeName via the downward API)")
+        self.timing()  # raises for impossible timings
+
+    def timing(self) -> Timing:
+        return Timing(interval=self.heartbeat_interval_s, probe_after=min(2.5 * self.heartbeat_interval_s,
+                                                                          self.dead_after_s * 0.6),
+                      dead_after=self.dead_after_s, grace=self.restart_grace_s)
 
 
 @dataclass
@@ -92,7 +112,7 @@ class Forwarder:
         self.planner = Planner()
         self.nft = Nft(config.nft_command)
         self.health = HealthServers(config.health_bind)
-        self.liveness = Liveness()
+        self.membership = Membership(config.node, config.timing())
         self._slices: dict[str, dict[str, Mapping[str, Any]]] = {}
         self._dirty: set[str] = set()
         self._quarantine: dict[str, _Quarantine] = {}
@@ -102,8 +122,13 @@ class Forwarder:
         self._replace_due = True
         self.synced_once = asyncio.Event()
         self._states_version = 0
-        self._owners_inputs: tuple[int, frozenset[str], frozenset[str]] | None = None
+        self._owners_inputs: tuple[object, ...] | None = None
         self._owners: dict[str, VipOwner] = {}
+        self._nodes_dirty = True
+        self._background: set[asyncio.Task[None]] = set()
+        self.fenced = False
+        self._rejoined_at: float | None = None
+        self._api_checked: tuple[float, bool] = (float("-inf"), True)
 
     # -- cache callbacks (run in the event loop, must be cheap) ---------------------------------
     def _service_changed(self, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> None:
@@ -128,15 +153,8 @@ class Forwarder:
         self._sync_wake.set()
 
     def _node_changed(self, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> None:
+        self._nodes_dirty = True
         self._announce_wake.set()
-
-    def _lease_changed(self, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> None:
-        obj = new or old or {}
-        meta = obj.get("metadata") or {}
-        node = (meta.get("labels") or {}).get(LEASE_LABEL) or str(meta.get("name") or "").removeprefix(LEASE_PREFIX)
-        if node and node != self.config.node:
-            self.liveness.observe(new, node, time.monotonic(), time.time())
-            self._announce_wake.set()
 
     # -- building ------------------------------------------------------------------------------
     def _rebuild(self, keys: set[str], services: Mapping[str, Mapping[str, Any]]) -> None:
@@ -226,7 +244,12 @@ class Forwarder:
             log.warning("%s and %s both want %s %s; %s (the older Service) keeps it",
                         conflict.winner, conflict.loser, conflict.collection, conflict.key, conflict.winner)
         if plan.udp_backends_gone:
-            conntrack.flush_udp(plan.udp_backends_gone, self.config.conntrack_command)
+            self._in_background(conntrack.flush_udp(plan.udp_backends_gone, self.config.conntrack_command))
+
+    def _in_background(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _sync_health(self) -> None:
         checks: dict[int, HealthCheck] = {}
@@ -281,26 +304,84 @@ class Forwarder:
                 log.error("health-check listeners: %s", exc)
 
     # -- ownership -----------------------------------------------------------------------------
-    def owners(self, heartbeat: Heartbeat, nodes: Reflector) -> dict[str, VipOwner]:
-        now = time.monotonic()
-        live = set(self.liveness.live(now))
-        if heartbeat.alive(now):
-            live.add(self.config.node)  # our own view of ourselves comes from our renewals
-        inputs = (self._states_version, frozenset(live), excluded_nodes(nodes.cache.values()))
-        if inputs != self._owners_inputs:  # most wake-ups only check for expired leases
-            self._owners = vip_owners(self.states.values(), inputs[1], inputs[2])
+    def owners(self, announcer: Announcer, nodes: Reflector, now: float) -> dict[str, VipOwner]:
+        alive = self.membership.alive(now)
+        excluded = excluded_nodes(nodes.cache.values())
+        owned, adopted = frozenset(announcer.owned), frozenset(announcer.adopted)
+        inputs = (self._states_version, alive, excluded, self.membership.claims_version, owned, adopted)
+        if inputs != self._owners_inputs:  # most wake-ups change nothing
+            firm, tentative = self.membership.claims(now)
+            firm_all: dict[str, frozenset[str]] = dict(firm)
+            tentative_all: dict[str, frozenset[str]] = dict(tentative)
+            me = frozenset({self.config.node})
+            for ip in owned - adopted:
+                firm_all[ip] = firm_all.get(ip, frozenset()) | me
+            for ip in adopted:
+                tentative_all[ip] = tentative_all.get(ip, frozenset()) | me
+            self._owners = vip_owners(self.states.values(), alive, excluded, firm_all, tentative_all)
             self._owners_inputs = inputs
         return self._owners
 
-    async def _announce_loop(self, announcer: Announcer, heartbeat: Heartbeat, nodes: Reflector) -> None:
+    def claims(self, announcer: Announcer) -> frozenset[str]:
+        """What our heartbeat says we hold: adopted VIPs only tentatively until the first decision."""
+        return frozenset({TENTATIVE + ip if ip in announcer.adopted else ip for ip in announcer.owned})
+
+    async def _api_reachable(self, client: KubeClient) -> bool:
+        """Asked only when no peer answers: are we cut off, or are they all gone? (cached 2 s)"""
+        now = time.monotonic()
+        checked_at, reachable = self._api_checked
+        if now - checked_at < 2.0:
+            return reachable
+        try:
+            await asyncio.wait_for(client.request("GET", "/version"), timeout=1.0)
+            reachable = True
+        except Exception:
+            reachable = False
+        self._api_checked = (time.monotonic(), reachable)
+        return reachable
+
+    async def _announce_loop(self, announcer: Announcer, marks: ServiceMarks, nodes: Reflector,
+                             client: KubeClient) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._announce_wake.wait(), timeout=self.config.announce_interval_s)
             self._announce_wake.clear()
             try:
-                await announcer.reconcile(self.owners(heartbeat, nodes))
+                await self._announce_once(announcer, marks, nodes, client)
             except Exception as exc:
                 log.error("announce: %s", exc)
+
+    async def _announce_once(self, announcer: Announcer, marks: ServiceMarks, nodes: Reflector,
+                             client: KubeClient) -> None:
+        if self._nodes_dirty:
+            self._nodes_dirty = False
+            self.membership.set_addresses(node_addresses(nodes.cache.values()))
+        now = time.monotonic()
+        if self.membership.isolated(now) and not await self._api_reachable(client):
+            # No peer answers and neither does the apiserver: we are the ones cut off. Our VIPs
+            # have moved to nodes the clients can reach; holding them would answer ARP for them
+            # next to the new holders once our link is back.
+            if not self.fenced:
+                log.warning("no peer and no apiserver answers: this node is cut off; giving up %d VIP(s)",
+                            len(announcer.owned))
+                self.fenced = True
+            await announcer.release_all()
+            marks.update({}, set())
+            return
+        if self.fenced:
+            # the peers we judged while cut off may hold VIPs we cannot know of yet: hear them all first
+            if self._rejoined_at is None:
+                self._rejoined_at = now
+            if not self.membership.settled(self._rejoined_at, now):
+                return
+            log.info("peers answer again: this node takes part in VIP ownership again")
+            self.fenced = False
+            self._rejoined_at = None
+        owners = self.owners(announcer, nodes, now)
+        firm, tentative = self.membership.claims(now)
+        peer_claims = {ip: firm.get(ip, frozenset()) | tentative.get(ip, frozenset()) for ip in {*firm, *tentative}}
+        held = await announcer.reconcile(owners, peer_claims)
+        marks.update(owners, held)
 
     # -- run -----------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event, configuration: k8s_client.Configuration) -> None:
@@ -309,23 +390,26 @@ class Forwarder:
         slices = Reflector(client, "/apis/discovery.k8s.io/v1/endpointslices", self._slice_changed,
                            name="endpointslices", params={"labelSelector": "kubernetes.io/service-name"})
         nodes = Reflector(client, "/api/v1/nodes", self._node_changed, name="nodes")
-        leases = Reflector(client, leases_path(self.config.lease_namespace), self._lease_changed, name="leases",
-                           params={"labelSelector": LEASE_LABEL})
-        heartbeat = Heartbeat(client, self.config.node, namespace=self.config.lease_namespace,
-                              duration_s=self.config.lease_duration_s, renew_s=self.config.renew_interval_s)
+        lease = NodeLease(client, self.config.node, namespace=self.config.lease_namespace,
+                          duration_s=self.config.lease_duration_s, renew_s=self.config.renew_interval_s)
         addresses = VipAddresses(self.config.vip_interface, self.config.interface)
-        announcer = Announcer(self.config.node, addresses, client, lambda key: services.cache.get(key),
-                              self.config.garp_repeats)
+        announcer = Announcer(self.config.node, addresses, self.config.garp_repeats)
+        marks = ServiceMarks(self.config.node, client, lambda key: services.cache.get(key))
+        peering = Peering(self.membership, lambda: self.claims(announcer), port=self.config.peer_port,
+                          on_change=self._announce_wake.set)
+        status = StatusServer(self.config.status_port, lambda: self.status_report(announcer))
         tasks: list[asyncio.Task[None]] = []
         try:
+            await status.start()
             await announcer.start()
+            await peering.start()
+            tasks.append(asyncio.create_task(peering.run(), name="peering"))
             if not self.full:
                 # kube-proxy carries the traffic: rules an earlier full-mode run left would compete
                 await asyncio.to_thread(self.nft.delete_table, FAMILY, TABLE)
-            tasks = [asyncio.create_task(r.run(), name=r.name) for r in (services, slices, nodes, leases)]
-            tasks.append(asyncio.create_task(heartbeat.run(), name="heartbeat"))
-            for reflector in (services, slices):
-                await _until(reflector.synced.wait(), stop)
+            tasks += [asyncio.create_task(r.run(), name=r.name) for r in (services, slices, nodes)]
+            tasks.append(asyncio.create_task(lease.run(), name="lease"))
+            await self._wait_for_state((services, slices), stop)
             if stop.is_set():
                 return
             log.info("caches filled: %d Services, %d EndpointSlices", len(services.cache), len(slices.cache))
@@ -333,22 +417,58 @@ class Forwarder:
             self._sync_wake.set()
             tasks.append(asyncio.create_task(self._sync_loop(services), name="sync"))
             await _until(self.synced_once.wait(), stop)
-            for waiter in (leases.synced.wait(), nodes.synced.wait(), heartbeat.renewed.wait()):
-                await _until(waiter, stop)
-            tasks.append(asyncio.create_task(self._announce_loop(announcer, heartbeat, nodes), name="announce"))
-            log.info("forwarder on node %s running (%s mode, VIPs on %s)", self.config.node, self.config.mode,
-                     addresses.interface)
+            await _until(nodes.synced.wait(), stop)
+            self.membership.set_addresses(node_addresses(nodes.cache.values()))
+            settle_from = time.monotonic()
+            while not stop.is_set() and not self.membership.settled(settle_from, time.monotonic()):
+                await asyncio.sleep(self.config.heartbeat_interval_s / 2)
+            tasks.append(asyncio.create_task(self._announce_loop(announcer, marks, nodes, client), name="announce"))
+            tasks.append(asyncio.create_task(marks.run(), name="marks"))
+            log.info("forwarder on node %s running (%s mode, VIPs on %s, peers on UDP %d)", self.config.node,
+                     self.config.mode, addresses.interface, self.config.peer_port)
             await stop.wait()
+            log.info("stopping: rules and VIPs stay in the kernel for the next run (peers wait %.0fs for it)",
+                     self.config.restart_grace_s)
         finally:
-            for task in tasks:
+            for task in [*tasks, *self._background]:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, *self._background, return_exceptions=True)
+            peering.close()
+            announcer.stop()
             with contextlib.suppress(Exception):
-                await heartbeat.release()
-            with contextlib.suppress(Exception):
-                await announcer.release_all()
+                await marks.close()
             await self.health.close()
+            await status.close()
             await client.close()
+
+    async def _wait_for_state(self, reflectors: tuple[Reflector, ...], stop: asyncio.Event) -> None:
+        """Until the first full list of each: before it we know nothing, so we change nothing (the
+        kernel keeps what an earlier run left) and say so."""
+        waiting: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(*(r.synced.wait() for r in reflectors)))
+        stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+        try:
+            done, _ = await asyncio.wait({waiting, stopping}, timeout=3.0, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                log.warning("no state yet: the apiserver has not answered a list; programming nothing until it "
+                            "does (the kernel keeps what an earlier run left)")
+                await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiting.cancel()
+            stopping.cancel()
+
+    def status_report(self, announcer: Announcer) -> tuple[int, dict[str, Any]]:
+        now = time.monotonic()
+        has_state = self.synced_once.is_set()
+        body: dict[str, Any] = {
+            "node": self.config.node, "mode": self.config.mode,
+            "state": "serving" if has_state else "no-state",
+            "message": ("rules and VIPs follow the cluster" if has_state else
+                        "waiting for a first list from the apiserver: nothing is programmed until then"),
+            "fenced": self.fenced, "vips": sorted(announcer.owned),
+            "peers": [{"node": p.node, "address": p.address, "state": p.state, "heartbeatAgeSeconds": p.heartbeat_age_s}
+                      for p in self.membership.view(now)],
+        }
+        return (200 if has_state else 503), body
 
 
 async def _until(waiter: Any, stop: asyncio.Event) -> None:
@@ -360,6 +480,27 @@ async def _until(waiter: Any, stop: asyncio.Event) -> None:
     finally:
         for task in (wait_task, stop_task):
             task.cancel()
+
+
+async def cleanup(config: ForwarderConfig, configuration: k8s_client.Configuration | None) -> list[str]:
+    """`lbctl forwarder --cleanup`: remove what a forwarder leaves on a node when it stops (its
+    table, its VIPs, its Lease) — for a node that no longer runs one. Returns what failed."""
+    problems = []
+    nft = Nft(config.nft_command)
+    await asyncio.to_thread(nft.delete_table, FAMILY, TABLE)
+    announcer = Announcer(config.node, VipAddresses(config.vip_interface, config.interface))
+    try:
+        await announcer.start()
+        await announcer.release_all()
+    except Exception as exc:
+        problems.append(f"VIPs: {exc}")
+    if configuration is not None:
+        client = KubeClient(configuration, user_agent="lbctl-forwarder")
+        try:
+            await NodeLease(client, config.node, namespace=config.lease_namespace).release()
+        finally:
+            await client.close()
+    return problems
 
 
 def check_tools(config: ForwarderConfig) -> str | None:
@@ -393,3 +534,15 @@ def run(config: ForwarderConfig) -> int:
 
     asyncio.run(main())
     return 0
+
+
+def run_cleanup(config: ForwarderConfig) -> int:
+    try:
+        configuration: k8s_client.Configuration | None = load_configuration(config.kubeconfig)
+    except Exception as exc:
+        print(f"lbctl forwarder --cleanup: no Kubernetes configuration ({exc}); the Lease stays", file=sys.stderr)
+        configuration = None
+    problems = asyncio.run(cleanup(config, configuration))
+    for problem in problems:
+        print(f"lbctl forwarder --cleanup: {problem}", file=sys.stderr)
+    return 1 if problems else 0

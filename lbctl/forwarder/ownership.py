@@ -1,17 +1,18 @@
 """Which node announces which VIP (pure).
 
-Every forwarder computes the same answer from the same inputs, so no election is needed: the
-owner of a VIP is the eligible live node with the highest rendezvous score sha256(node, VIP).
-When a node dies only its VIPs move, and each to a different survivor.
+Every forwarder computes the same answer from the same inputs, so no election is needed.
 
-Liveness: one Lease per node, renewed every fraction of its duration. A node is live while the
-lease has been seen renewed within its duration — measured on the observer's own monotonic clock
-from the moment the renewal was seen, so clock skew between nodes does not matter.
+- A VIP stays with the node that holds it while that node is alive and eligible: every move
+  resets the established flows through the VIP, so nothing moves merely because a node joined or
+  came back (no fail-back). Holders are known from the peers' heartbeats (their claims).
+- A VIP nobody eligible holds goes to the eligible live node with the highest rendezvous score
+  sha256(node, VIP): when a node dies only its VIPs move, each to a different survivor.
+- Two eligible holders (after a partition heals): the higher score keeps it, the other lets go.
+  A tentative holder (a restarted forwarder that found the VIP on its interface) yields to a firm one.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
 import hashlib
 from collections.abc import Iterable, Mapping
@@ -46,12 +47,15 @@ class VipOwner:
 
 def vip_owners(
     states: Iterable[ServiceState], live: Iterable[str], excluded: Iterable[str] = (),
+    holders: Mapping[str, Iterable[str]] | None = None, tentative: Mapping[str, Iterable[str]] | None = None,
 ) -> dict[str, VipOwner]:
     """The owner of every announced VIP.
 
     For externalTrafficPolicy Local only nodes with a ready endpoint of that Service are eligible
     (elsewhere the traffic would be dropped). Services sharing a VIP: nodes eligible for all of
-    them; if none is, nodes eligible for any (better some ports work than none).
+    them; if none is, nodes eligible for any (better some ports work than none). `holders` maps a
+    VIP to the live nodes that hold it now (ours and the peers' claims); `tentative` to those that
+    hold it since before a restart and yield to a firm holder.
     """
     candidates = frozenset(live) - frozenset(excluded)
     groups: dict[str, list[ServiceState]] = {}
@@ -66,7 +70,9 @@ def vip_owners(
         if local_sets:
             both = frozenset.intersection(*local_sets)
             eligible = both if both else frozenset.union(*local_sets)
-        owners[ip] = VipOwner(ip, choose_owner(ip, eligible), tuple(sorted(s.key for s in members)))
+        firm = eligible & frozenset((holders or {}).get(ip, ()))
+        held = firm or eligible & frozenset((tentative or {}).get(ip, ()))
+        owners[ip] = VipOwner(ip, choose_owner(ip, held or eligible), tuple(sorted(s.key for s in members)))
     return owners
 
 
@@ -83,52 +89,19 @@ def excluded_nodes(nodes: Iterable[Mapping[str, Any]]) -> frozenset[str]:
     return frozenset(names)
 
 
-def _parse_time(value: Any) -> float | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
-@dataclass
-class _Seen:
-    marker: str
-    expires: float  # monotonic
-
-
-class Liveness:
-    """Lease observations → live node names. Time is passed in (monotonic and wall clock)."""
-
-    def __init__(self) -> None:
-        self._seen: dict[str, _Seen] = {}
-
-    def observe(self, lease: Mapping[str, Any] | None, node: str, now: float, wall_now: float) -> None:
-        if lease is None:
-            self._seen.pop(node, None)
-            return
-        raw_spec = lease.get("spec")
-        spec: Mapping[str, Any] = raw_spec if isinstance(raw_spec, Mapping) else {}
-        duration = spec.get("leaseDurationSeconds")
-        if isinstance(duration, bool) or not isinstance(duration, int) or duration <= 0:
-            self._seen.pop(node, None)
-            return
-        marker = str(spec.get("renewTime") or "")
-        seen = self._seen.get(node)
-        if seen is not None and seen.marker == marker:
-            return
-        if seen is None:
-            # first sight: trust the holder's clock once, so a long-dead lease is not taken as live
-            renewed = _parse_time(spec.get("renewTime"))
-            remaining = duration - (wall_now - renewed) if renewed is not None else -1.0
-            self._seen[node] = _Seen(marker, now + min(remaining, float(duration)))
-        else:
-            self._seen[node] = _Seen(marker, now + duration)
-
-    def live(self, now: float) -> frozenset[str]:
-        return frozenset(node for node, seen in self._seen.items() if seen.expires > now)
-
-    def next_expiry(self, now: float) -> float | None:
-        pending = [s.expires for s in self._seen.values() if s.expires > now]
-        return min(pending) if pending else None
+def node_addresses(nodes: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """Each node's address on the node network: its first InternalIP (IPv4 first), else ExternalIP."""
+    found: dict[str, str] = {}
+    for node in nodes:
+        meta = node.get("metadata") if isinstance(node, Mapping) else None
+        status = node.get("status") if isinstance(node, Mapping) else None
+        if not isinstance(meta, Mapping) or not isinstance(status, Mapping):
+            continue
+        addresses = [a for a in status.get("addresses") or () if isinstance(a, Mapping)]
+        for kind in ("InternalIP", "ExternalIP"):
+            ips = [str(a.get("address")) for a in addresses if a.get("type") == kind and a.get("address")]
+            ips.sort(key=lambda ip: ":" in ip)  # IPv4 first: the heartbeat socket is IPv4
+            if ips:
+                found[str(meta.get("name"))] = ips[0]
+                break
+    return found

@@ -3,15 +3,17 @@ conntrack commands."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
+import time
 
 import pytest
 
 from lbctl.demo import kubectl_get_svc
 from lbctl.forwarder.addresses import gratuitous_arp_frame, label_for
 from lbctl.forwarder.apply import NftError
-from lbctl.forwarder.conntrack import flush_command
+from lbctl.forwarder.conntrack import flush_command, flush_udp
 from lbctl.forwarder.health import HealthCheck, health_response
 
 
@@ -80,3 +82,35 @@ def test_demo_prints_the_service_like_kubectl() -> None:
     ]
     pending = {**service, "status": {}}
     assert "<pending>" in kubectl_get_svc(pending, now)
+
+
+def test_conntrack_flushes_never_block_the_event_loop() -> None:
+    """Three flushes of 0.3 s each (a stand-in command that sleeps) while a ticker runs every 10 ms:
+    the loop keeps ticking throughout, and the flushes really ran one after the other."""
+    async def scenario() -> tuple[int, float]:
+        ticks = 0
+        done = asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not done.is_set():
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        task = asyncio.create_task(ticker())
+        started = time.monotonic()
+        await flush_udp([("198.19.1.10", 53), ("198.19.1.11", 53), ("198.19.1.12", 53)],
+                        ("sh", "-c", "sleep 0.3", "conntrack-stand-in"))
+        elapsed = time.monotonic() - started
+        done.set()
+        await task
+        return ticks, elapsed
+
+    ticks, elapsed = asyncio.run(scenario())
+    assert elapsed >= 0.9
+    assert ticks >= 30  # a blocking subprocess.run would have allowed about one tick
+
+
+def test_a_missing_conntrack_is_reported_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    asyncio.run(flush_udp([("198.19.1.10", 53)], ("/nonexistent/conntrack",)))
+    assert "conntrack not found" in caplog.text

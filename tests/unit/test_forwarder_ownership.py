@@ -1,14 +1,13 @@
-"""VIP ownership (lbctl.forwarder.ownership): rendezvous choice, eligibility, lease liveness."""
+"""VIP ownership (lbctl.forwarder.ownership): rendezvous choice, eligibility, sticky holders."""
 
 from __future__ import annotations
 
-import datetime as dt
 from collections import Counter
 from typing import Any
 
 import pytest
 
-from lbctl.forwarder.ownership import EXCLUDE_LABEL, Liveness, choose_owner, excluded_nodes, vip_owners
+from lbctl.forwarder.ownership import EXCLUDE_LABEL, choose_owner, excluded_nodes, node_addresses, vip_owners
 from lbctl.forwarder.state import ServicePort, ServiceState
 
 NODES = [f"node-{i}" for i in range(5)]
@@ -82,42 +81,49 @@ def test_excluded_nodes(node: dict[str, Any], excluded: bool) -> None:
     assert (excluded_nodes([node]) == {"n"}) is excluded
 
 
-def lease(renew: dt.datetime | str | None, duration: Any = 2) -> dict[str, Any]:
-    stamp = renew.strftime("%Y-%m-%dT%H:%M:%S.%fZ") if isinstance(renew, dt.datetime) else renew
-    return {"spec": {"holderIdentity": "n", "leaseDurationSeconds": duration, "renewTime": stamp}}
+VIP = "198.18.0.9"
+WINNER = choose_owner(VIP, NODES)
+OTHERS = [n for n in NODES if n != WINNER]
 
 
-WALL = dt.datetime(2024, 5, 1, 12, 0, 0, tzinfo=dt.UTC)
+@pytest.mark.parametrize(("case", "live", "holders", "tentative", "owner"), [
+    ("nobody holds it: the rendezvous winner", NODES, {}, {}, WINNER),
+    ("a live holder keeps it though another scores higher (no fail-back)", NODES, {VIP: {OTHERS[0]}}, {},
+     OTHERS[0]),
+    ("a holder that is not live does not count", [n for n in NODES if n != OTHERS[0]], {VIP: {OTHERS[0]}}, {},
+     WINNER),
+    ("two holders after a partition heals: the better score keeps it", NODES, {VIP: {OTHERS[0], WINNER}}, {},
+     WINNER),
+    ("a tentative holder (restarted forwarder) keeps it when nobody holds it firmly", NODES, {},
+     {VIP: {OTHERS[1]}}, OTHERS[1]),
+    ("a tentative holder yields to a firm one (a peer took over while it was away)", NODES,
+     {VIP: {OTHERS[0]}}, {VIP: {OTHERS[1]}}, OTHERS[0]),
+    ("an excluded holder does not keep it", NODES, {VIP: {"excluded"}}, {}, WINNER),
+])
+def test_holders_keep_their_vips(case: str, live: list[str], holders: dict[str, set[str]],
+                                 tentative: dict[str, set[str]], owner: str) -> None:
+    owners = vip_owners([svc("a/x", VIP)], live=[*live, "excluded"], excluded=["excluded"], holders=holders,
+                        tentative=tentative)
+    assert owners[VIP].owner == owner, case
 
 
-def test_lease_liveness_on_the_observers_clock() -> None:
-    live = Liveness()
-    live.observe(lease(WALL), "n", now=100.0, wall_now=WALL.timestamp() + 0.5)
-    assert live.live(101.0) == {"n"}
-    assert live.live(101.6) == frozenset()  # 2 s after the renewal, seen 0.5 s late
-    live.observe(lease(WALL + dt.timedelta(seconds=1)), "n", now=101.7, wall_now=0.0)  # holder's clock is not read
-    assert live.live(103.6) == {"n"}
-    assert live.live(103.8) == frozenset()
-    assert live.next_expiry(103.0) == pytest.approx(103.7)
+def test_an_ineligible_holder_gives_way_under_local_policy() -> None:
+    state = svc("a/x", VIP, local=True, endpoint_nodes=frozenset({OTHERS[2]}))
+    assert vip_owners([state], live=NODES, holders={VIP: {OTHERS[0]}})[VIP].owner == OTHERS[2]
 
 
-def test_an_unchanged_lease_does_not_extend_life() -> None:
-    live = Liveness()
-    live.observe(lease(WALL), "n", now=10.0, wall_now=WALL.timestamp())
-    live.observe(lease(WALL), "n", now=11.9, wall_now=WALL.timestamp() + 1.9)
-    assert live.live(12.1) == frozenset()
-
-
-@pytest.mark.parametrize("bad", [lease(WALL - dt.timedelta(hours=1)), lease(None), lease("garbage"),
-                                 lease(WALL, duration=0), lease(WALL, duration="2"), {"spec": None}, {}])
-def test_stale_or_malformed_leases_are_not_live(bad: dict[str, Any]) -> None:
-    live = Liveness()
-    live.observe(bad, "n", now=10.0, wall_now=WALL.timestamp())
-    assert live.live(10.0) == frozenset()
-
-
-def test_deleted_lease_is_dead_at_once() -> None:
-    live = Liveness()
-    live.observe(lease(WALL), "n", now=10.0, wall_now=WALL.timestamp())
-    live.observe(None, "n", now=10.1, wall_now=0.0)
-    assert live.live(10.1) == frozenset()
+@pytest.mark.parametrize(("node", "address"), [
+    ({"metadata": {"name": "a"}, "status": {"addresses": [{"type": "Hostname", "address": "a"},
+                                                          {"type": "InternalIP", "address": "fd00::1"},
+                                                          {"type": "InternalIP", "address": "10.0.0.1"}]}},
+     "10.0.0.1"),
+    ({"metadata": {"name": "a"}, "status": {"addresses": [{"type": "ExternalIP", "address": "203.0.113.1"}]}},
+     "203.0.113.1"),
+    ({"metadata": {"name": "a"}, "status": {"addresses": [{"type": "InternalIP", "address": "fd00::1"}]}},
+     "fd00::1"),
+    ({"metadata": {"name": "a"}, "status": {}}, None),
+    ({"metadata": {"name": "a"}}, None),
+    ({}, None),
+])
+def test_node_address_for_heartbeats(node: dict[str, Any], address: str | None) -> None:
+    assert node_addresses([node]).get("a") == address
