@@ -1,7 +1,9 @@
 """The lab pods' server: HTTP on one TCP port and an echo on one UDP port, both answering
-"<name> <peer address>" so a client can tell which pod answered and whose address it saw.
+"<name> <peer address>" so a client can tell which pod answered and whose address it saw; and,
+with --echo, a TCP port that keeps each connection open and answers every line with
+"<name> <line>" (long-lived flows, to see whether one is ever reset).
 
-    python3 -m lbctl.lab.server --name pod-1 --tcp 8080 --udp 5353 [--greeting TEXT]
+    python3 -m lbctl.lab.server --name pod-1 --tcp 8080 --udp 5353 [--echo 9000] [--greeting TEXT]
 """
 
 from __future__ import annotations
@@ -27,7 +29,23 @@ def parse_answer(body: str) -> tuple[str, str]:
     return name, peer
 
 
-def serve(name: str, tcp_port: int, udp_port: int | None, greeting: str) -> None:
+def _echo_lines(name: str, port: int) -> None:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("0.0.0.0", port))
+    listener.listen(128)
+
+    def handle(conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as lines:
+            for line in lines:
+                conn.sendall(f"{name} ".encode() + line)
+
+    while True:
+        conn, _peer = listener.accept()
+        threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+
+def serve(name: str, tcp_port: int, udp_port: int | None, greeting: str, echo_port: int | None = None) -> None:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             body = answer(name, self.client_address[0], greeting)
@@ -55,6 +73,8 @@ def serve(name: str, tcp_port: int, udp_port: int | None, greeting: str) -> None
                 udp.sendto(answer(name, peer[0]), peer)
 
         threading.Thread(target=echo, daemon=True).start()
+    if echo_port is not None:
+        threading.Thread(target=_echo_lines, args=(name, echo_port), daemon=True).start()
 
     def stop(_signum: int, _frame: FrameType | None) -> None:
         threading.Thread(target=http.shutdown, daemon=True).start()
@@ -69,9 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True)
     parser.add_argument("--tcp", type=int, default=8080)
     parser.add_argument("--udp", type=int, default=None)
+    parser.add_argument("--echo", type=int, default=None, help="TCP line echo on this port")
     parser.add_argument("--greeting", default="")
     args = parser.parse_args(argv)
-    serve(args.name, args.tcp, args.udp, args.greeting)
+    serve(args.name, args.tcp, args.udp, args.greeting, args.echo)
     return 0
 
 

@@ -23,7 +23,7 @@ from kubernetes.client.exceptions import ApiException
 from lbctl.dev import controlplane
 from lbctl.lab.kube import LabKube, wait_for
 from lbctl.lab.netns import Lab, leftovers
-from tests.dataplane.harness import NODES, DataplaneEnv, require_root_tools
+from tests.dataplane.harness import NODES, RESTART_GRACE_S, DataplaneEnv, require_root_tools
 
 _ENV: DataplaneEnv | None = None
 
@@ -56,15 +56,16 @@ def dp() -> Iterator[DataplaneEnv]:
         operator = lab.start(None, [sys.executable, "-m", "lbctl", "operator", "--provider", "local",
                                     "--node-port-range", "30000-54999", "--log-level", "info"],
                              "operator.log", env={**os.environ, "KUBECONFIG": kubeconfig})
-        env = DataplaneEnv(lab=lab, kube=kube, workdir=workdir, clients=clients,
+        env = DataplaneEnv(lab=lab, kube=kube, workdir=workdir, clients=clients, cp_dir=cp_dir,
                            node_kubeconfig=node_kubeconfig,
-                           forwarder_args=["--pod-cidr", "198.19.0.0/16", "--resync-interval", "20"])
+                           forwarder_args=["--pod-cidr", "198.19.0.0/16", "--resync-interval", "20",
+                                           "--restart-grace", str(RESTART_GRACE_S)])
         for index in NODES:
             env.start_forwarder(index)
 
         coordination = client.CoordinationV1Api(kube.api)
 
-        def all_leases() -> bool:
+        def all_leases() -> bool:  # each forwarder's record of itself
             try:
                 return len(coordination.list_namespaced_lease("lbctl-system").items) == len(NODES)
             except ApiException:

@@ -4,22 +4,29 @@ rules, reading VIPs and logs."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from lbctl.forwarder.announce import ANNOUNCING_NODE_ANNOTATION
 from lbctl.lab.kube import LabKube, wait_for
-from lbctl.lab.netns import Lab, http_get, pod_gateway
+from lbctl.lab.netns import Lab, call_in, http_get, pod_gateway
+from lbctl.lab.probes import vip_holders
 
 NODES = (1, 2, 3)
+STATUS_PORT = 7476
+# Shorter than the default 15 s to keep the suite quick, long enough for a restart after 5 s.
+RESTART_GRACE_S = 10.0
 _LOG_TAIL = 30
 _pool_blocks = itertools.count(0)
 
@@ -57,26 +64,53 @@ class DataplaneEnv:
     workdir: Path
     node_kubeconfig: str
     clients: list[str]
+    cp_dir: Path
     forwarders: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
     forwarder_args: list[str] = field(default_factory=list)
+    modes: dict[int, str] = field(default_factory=dict)
     _starts: dict[int, int] = field(default_factory=dict)
 
     # -- forwarders -----------------------------------------------------------------------------
-    def start_forwarder(self, index: int) -> None:
+    def start_forwarder(self, index: int, mode: str = "full") -> None:
         self._starts[index] = self._starts.get(index, 0) + 1
+        self.modes[index] = mode
         self.forwarders[index] = self.lab.start(
             self.lab.nodes[index],
-            [sys.executable, "-m", "lbctl", "forwarder", "--node", f"node-{index}", "--mode", "full",
-             "--kubeconfig", self.node_kubeconfig, *self.forwarder_args],
+            [sys.executable, "-m", "lbctl", "forwarder", "--node", f"node-{index}", "--mode", mode,
+             "--kubeconfig", self.node_kubeconfig, "--status-port", str(STATUS_PORT), *self.forwarder_args],
             f"forwarder-node-{index}.log")
+
+    def stop_forwarder(self, index: int) -> None:
+        """SIGTERM, as a DaemonSet rolling update does."""
+        self.lab.stop(self.forwarders[index])
+
+    def forwarder_status(self, index: int) -> tuple[int, dict[str, Any]] | None:
+        """The forwarder's /healthz (status code, body), or None when nothing answers."""
+        def fetch() -> tuple[int, dict[str, Any]]:
+            with socket.create_connection(("127.0.0.1", STATUS_PORT), timeout=1.0) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+                data = b"".join(iter(lambda: sock.recv(65536), b""))
+            head, _, body = data.decode().partition("\r\n\r\n")
+            return int(head.split()[1]), json.loads(body)
+        try:
+            return call_in(self.lab.nodes[index], fetch)
+        except (OSError, ValueError):
+            return None
+
+    def holders(self, vip: str) -> set[int]:
+        """The nodes that have `vip` on an interface right now (read over netlink, not ip(8))."""
+        return vip_holders(self.lab.nodes, vip)
 
     def kill_forwarder(self, index: int) -> None:
         self.lab.kill(self.forwarders[index])
 
     def ensure_forwarders(self) -> None:
-        """Restart any forwarder a test killed and restore cut links."""
+        """Restore cut links, and run a full-mode forwarder on every node again (a test may have
+        killed one, stopped one, or switched them to announce mode)."""
         for index in NODES:
             self.lab.set_link(index, up=True)
+            if self.forwarders[index].poll() is None and self.modes.get(index) != "full":
+                self.lab.stop(self.forwarders[index])
             if self.forwarders[index].poll() is not None:
                 self.start_forwarder(index)
 
@@ -103,7 +137,7 @@ class DataplaneEnv:
         netns, address = self.lab.add_pod(node)
         name = f"{app}-{netns.rsplit('-', 2)[-2]}-{netns.rsplit('-', 1)[-1]}"
         server = self.lab.start(netns, [sys.executable, "-m", "lbctl.lab.server", "--name", name,
-                                        "--tcp", "8080", "--udp", "5353"], f"pod-{name}.log")
+                                        "--tcp", "8080", "--udp", "5353", "--echo", "9000"], f"pod-{name}.log")
         def listening() -> bool:
             try:
                 http_get(self.lab.nodes[node], address, 8080, timeout=0.5)
@@ -113,7 +147,7 @@ class DataplaneEnv:
         wait_for(listening, 20, f"the server of pod {name}")
         assert server.poll() is None, f"the server of pod {name} exited"
         self.kube.create_pod(namespace, name, f"node-{node}", address, {"app": app},
-                             {"http": ("TCP", 8080), "dns": ("UDP", 5353)}, ready=ready)
+                             {"http": ("TCP", 8080), "dns": ("UDP", 5353), "echo": ("TCP", 9000)}, ready=ready)
         return Pod(name, namespace, netns, address, node, server)
 
     def wait_endpoints(self, namespace: str, service: str, addresses: set[str], timeout: float = 20) -> None:

@@ -1,0 +1,181 @@
+"""Static stability with real faults: the apiserver killed or frozen for 30 s, forwarders stopped,
+killed and restarted, a forwarder started while the apiserver is away. Throughout, a client in
+its own namespace asks through the VIP every 100 ms with its ARP entry for the VIP flushed before
+each request (so every request needs a node to answer ARP), and every node's interfaces are read
+every 100 ms to see who holds the VIP."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from lbctl.dev import faults
+from lbctl.lab.kube import wait_for
+from lbctl.lab.probes import VipWatch, exchange_all, open_flows
+from lbctl.lab.server import parse_answer
+from tests.dataplane.harness import NODES, RESTART_GRACE_S, DataplaneEnv
+
+pytestmark = pytest.mark.dataplane
+
+HTTP = {"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080}
+ECHO = {"name": "echo", "protocol": "TCP", "port": 7000, "targetPort": 9000}
+OUTAGE_S = 30.0
+
+
+def watch_vip(dp: DataplaneEnv, vip: str, answered_by: Callable[[str], int]) -> VipWatch:
+    return VipWatch(dp.clients[0], vip, dp.lab.nodes, answered_by)
+
+
+def masqueraded_node(dp: DataplaneEnv) -> Callable[[str], int]:
+    """ETP=Cluster: the pod sees the forwarding node's address."""
+    return lambda body: dp.node_of(parse_answer(body)[1])
+
+
+def node_server_name(body: str) -> int:
+    """Announce mode in the lab: a server on each node itself (standing in for kube-proxy's path)."""
+    return int(parse_answer(body)[0].rsplit("-", 1)[1])
+
+
+def setup_service(dp: DataplaneEnv, ns: str, ports: list[dict[str, object]] | None = None,
+                  mode: str = "full") -> tuple[str, int]:
+    pods = [dp.add_pod(ns, "web", node) for node in NODES]
+    dp.kube.create_service(ns, "web", {"app": "web"}, ports or [HTTP])
+    vip = dp.kube.wait_external_ip(ns, "web")
+    if mode == "full":
+        dp.wait_rules(present={vip, *(p.address for p in pods)})
+    owner = int(wait_for(lambda: dp.owner(ns, "web"), 15, "an announcing node").rsplit("-", 1)[1])
+    wait_for(lambda: dp.holders(vip) == {owner}, 10, f"{vip} on node-{owner} only")
+    return vip, owner
+
+
+@contextlib.contextmanager
+def announce_mode(dp: DataplaneEnv) -> Iterator[None]:
+    """Forwarders in announce mode, and a server on each node answering on port 80 with its name."""
+    servers = [dp.lab.start(dp.lab.nodes[i], [sys.executable, "-m", "lbctl.lab.server", "--name", f"node-{i}",
+                                               "--tcp", "80"], f"node-server-{i}.log") for i in NODES]
+    try:
+        for index in NODES:
+            dp.stop_forwarder(index)
+            dp.start_forwarder(index, mode="announce")
+        for index in NODES:
+            wait_for(lambda i=index: (s := dp.forwarder_status(i)) is not None and s[0] == 200, 30,  # type: ignore[misc]
+                     f"node-{index}'s forwarder serving")
+        yield
+    finally:
+        for server in servers:
+            dp.lab.stop(server)
+        dp.ensure_forwarders()  # back to full mode
+
+
+def apiserver_ready(dp: DataplaneEnv) -> bool:
+    try:
+        dp.kube.core.list_namespace(limit=1, _request_timeout=2)
+        return True
+    except Exception:
+        return False
+
+
+@contextlib.contextmanager
+def apiserver_away(dp: DataplaneEnv, fault: str) -> Iterator[None]:
+    """The apiserver killed (and started again with its own command line over the same etcd) or
+    frozen with SIGSTOP (and thawed); restored also when the test fails."""
+    argv: list[str] | None = None
+    try:
+        if fault == "kill":
+            argv = faults.kill(dp.cp_dir, "kube-apiserver")
+        else:
+            faults.freeze(dp.cp_dir, "kube-apiserver")
+        yield
+    finally:
+        if argv is not None:
+            faults.start_again(dp.cp_dir, "kube-apiserver", argv)
+        else:
+            faults.thaw(dp.cp_dir, "kube-apiserver")
+        wait_for(lambda: apiserver_ready(dp), 60, "the apiserver back", interval=0.2)
+
+
+@pytest.mark.parametrize("fault", ["kill", "freeze"])
+@pytest.mark.parametrize("mode", ["full", "announce"])
+def test_an_apiserver_outage_moves_nothing_and_drops_nothing(dp: DataplaneEnv, k8s_namespace: str, mode: str,
+                                                              fault: str) -> None:
+    with announce_mode(dp) if mode == "announce" else contextlib.nullcontext():
+        vip, owner = setup_service(dp, k8s_namespace, mode=mode)
+        answered_by = node_server_name if mode == "announce" else masqueraded_node(dp)
+        with watch_vip(dp, vip, answered_by) as watch:
+            time.sleep(1.0)
+            with apiserver_away(dp, fault):
+                time.sleep(OUTAGE_S)  # the fault's length, not a wait for a condition
+            back = len(watch.holder_samples)
+            time.sleep(10.0)  # the reconnect is when split brain used to happen
+        print(f"\n{mode} mode, apiserver {fault}: {len(watch.answers)} answers, {len(watch.failures)} failures, "
+              f"{len(watch.holder_samples)} holder samples ({back} before it was back), moves {watch.moves()}")
+        assert watch.failures == []
+        assert len(watch.answers) > (OUTAGE_S + 10) * 5  # the client really kept asking
+        assert watch.moves() == [frozenset({owner})], "the VIP moved or was held by two nodes"
+        assert set(watch.answers) == {owner}
+
+
+@pytest.mark.parametrize("how", ["sigterm", "kill-and-back-after-5s"])
+def test_a_restarted_forwarder_keeps_its_vips_and_every_flow(dp: DataplaneEnv, k8s_namespace: str,
+                                                             how: str) -> None:
+    vip, owner = setup_service(dp, k8s_namespace, [HTTP, ECHO])
+    node_port = next(p["nodePort"] for p in dp.kube.service(k8s_namespace, "web")["spec"]["ports"]
+                     if p["name"] == "echo")
+    targets = [(vip, 7000)] * 3 + [(dp.lab.node_address(owner), node_port)] * 3
+    flows = open_flows(dp.clients[1], targets)
+    try:
+        assert exchange_all(flows, "hello") == []
+        resets: list[str] = []
+        with watch_vip(dp, vip, masqueraded_node(dp)) as watch:
+            time.sleep(0.5)
+            if how == "sigterm":
+                dp.stop_forwarder(owner)
+                dp.start_forwarder(owner)
+            else:
+                dp.kill_forwarder(owner)
+                time.sleep(5.0)  # the fault: the forwarder stays away this long
+                dp.start_forwarder(owner)
+            wait_for(lambda: (s := dp.forwarder_status(owner)) is not None and s[0] == 200, 30,
+                     f"node-{owner}'s forwarder serving again")
+            deadline = time.monotonic() + 4.0  # it decides ownership within ~1.5 s of starting
+            while time.monotonic() < deadline:
+                resets += exchange_all(flows, "still there")
+                time.sleep(0.2)
+        print(f"\nforwarder {how}: {len(watch.answers)} answers, {len(watch.failures)} failures, "
+              f"moves {watch.moves()}, resets {resets}")
+        assert resets == []
+        assert watch.moves() == [frozenset({owner})], "the VIP moved"
+        assert watch.failures == []
+        status = dp.forwarder_status(owner)
+        assert status is not None and vip in status[1]["vips"]
+    finally:
+        for flow in flows:
+            flow.close()
+
+
+def test_a_forwarder_started_without_the_apiserver_changes_nothing(dp: DataplaneEnv, k8s_namespace: str) -> None:
+    """No state at all: it programs nothing, keeps what the kernel holds (the earlier run's rules
+    and VIPs), says so on /healthz and in its log, and its peers leave its VIPs alone."""
+    vip, owner = setup_service(dp, k8s_namespace)
+    log_path = dp.workdir / f"forwarder-node-{owner}.log"
+    dp.stop_forwarder(owner)
+    with watch_vip(dp, vip, masqueraded_node(dp)) as watch:
+        with apiserver_away(dp, "kill"):
+            log_size = log_path.stat().st_size
+            dp.start_forwarder(owner)
+            status = wait_for(lambda: (s := dp.forwarder_status(owner)) is not None and s[0] == 503 and s, 20,
+                              "a 503 from the forwarder without state")
+            assert status[1]["state"] == "no-state" and "apiserver" in status[1]["message"]
+            wait_for(lambda: "no state yet" in log_path.read_bytes()[log_size:].decode(errors="replace"), 20,
+                     "the forwarder to say in its log that it has no state")
+            time.sleep(RESTART_GRACE_S + 2)  # past the grace: the peers hear it, so nothing moves
+        wait_for(lambda: (s := dp.forwarder_status(owner)) is not None and s[0] == 200, 30,
+                 "state once the apiserver is back")
+        time.sleep(2.0)  # its first ownership decision comes ~1.5 s after its state
+    assert watch.failures == []
+    assert watch.moves() == [frozenset({owner})]
+    assert dp.holders(vip) == {owner}
