@@ -1,5 +1,6 @@
 """`--mode announce` (kube-proxy carries the traffic): the forwarder owns VIPs — VIP/32, ARP, the
-annotation — and never touches nftables; a table an earlier full-mode run left is removed."""
+annotation — and never touches nftables; a table an earlier full-mode run left is removed. A
+stopped forwarder leaves its VIP for the next run; `--cleanup` removes it, and the node's Lease."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from kubernetes import client
 
 from lbctl.lab.kube import wait_for
 from tests.dataplane.harness import DataplaneEnv
@@ -34,7 +36,16 @@ def test_announce_mode_owns_the_vip_without_nftables(dp: DataplaneEnv, k8s_names
                                  text=True, check=True).stdout
         assert "lbctl" not in listing
         assert forwarder.poll() is None
+        dp.lab.stop(forwarder)  # SIGTERM: the VIP stays for the next run to adopt
+        assert vip in dp.vips_on(4)
+        # the node stops running a forwarder for good: --cleanup takes away what it left
+        cleanup = dp.lab.run_in(node_ns, sys.executable, "-m", "lbctl", "forwarder", "--node", "node-4",
+                                "--kubeconfig", dp.node_kubeconfig, "--cleanup", check=False)
+        assert cleanup.returncode == 0, cleanup.stderr
+        assert vip not in dp.vips_on(4)
+        coordination = client.CoordinationV1Api(dp.kube.api)
+        assert "lbctl-forwarder-node-4" not in {
+            lease.metadata.name for lease in coordination.list_namespaced_lease("lbctl-system").items}
     finally:
-        dp.lab.stop(forwarder)  # a clean stop: lease deleted, VIP dropped
+        dp.lab.stop(forwarder)
         dp.kube.core.delete_node("node-4")
-    assert vip not in dp.vips_on(4)
