@@ -145,6 +145,7 @@ class Reconciler:
         state from the Services' status; then start the workers, Services without an address first.
         `sweep_soon`: look for orphaned balancers shortly after, not only after --gc-interval (a
         replica taking over from another cannot know what was deleted while it stood by)."""
+        self.eligible = eligible_nodes(self.nodes.values())
         for resource in self.provider.watched_resources:
             await self.provider.resources_changed(resource, list(self.resources.get(resource, {}).values()))
         specs = []
@@ -155,9 +156,6 @@ class Reconciler:
                 except LoadBalancerError:
                     continue  # reported when its key is synced
         await self.provider.restore(specs)
-        self.eligible = eligible_nodes(self.nodes.values())
-        for resource in self.provider.watched_resources:
-            await self._write_resource_status(resource)
         ours = [key for key, service in self.services.items() if self.scope.concerns(service)]
         # the Services users are waiting for go first; the rest are usually no-op re-syncs
         ours.sort(key=lambda k: bool(((self.services[k].get("status") or {}).get("loadBalancer") or {}).get("ingress")))
@@ -171,6 +169,11 @@ class Reconciler:
         self.started.set()
         log.info("started: %d services (%d ours), %d nodes (%d eligible)", len(self.services), len(ours),
                  len(self.nodes), len(self.eligible))
+        # from here on every change is handled as it comes; catch up with any that came meanwhile
+        if node_set_key(eligible_nodes(self.nodes.values())) != node_set_key(self.eligible):
+            self._nodes_settled()
+        for resource in self.provider.watched_resources:
+            await self._write_resource_status(resource)
 
     async def stop(self) -> None:
         self.queue.shutdown()
