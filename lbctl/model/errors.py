@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from lbctl.model.waits import Wait, WaitFor
+
 
 class LoadBalancerError(Exception):
     """Base: `field` names the Service field or annotation at fault (or None), `fix` says what to do."""
 
     retryable = False
     reason = "SyncLoadBalancerFailed"
+    condition_reason = "Failed"
 
     def __init__(self, message: str, *, field: str | None = None, fix: str | None = None) -> None:
         self.problem = message
@@ -21,16 +24,25 @@ class LoadBalancerError(Exception):
 
 
 class InvalidServiceError(LoadBalancerError):
-    """The Service asks for something that can never work as written; retried only when it changes."""
+    """The Service asks for something that can never work as written: it needs a user's change (it
+    is synced again when it changes, and otherwise retried only every few minutes)."""
 
     condition_reason = "InvalidConfiguration"
 
 
 class PendingError(LoadBalancerError):
-    """Cannot be satisfied now but may be later (pool exhausted, address held): retried with backoff."""
+    """Cannot be satisfied now but may be later (pool exhausted, address held). `wait` says what it
+    waits for when the operator can see that change happen (lbctl.model.waits); without one it is
+    retried on a timer."""
 
     retryable = True
     condition_reason = "Pending"
+    default_wait: Wait | None = None
+
+    def __init__(self, message: str, *, field: str | None = None, fix: str | None = None,
+                 wait: Wait | None = None) -> None:
+        super().__init__(message, field=field, fix=fix)
+        self.wait = wait if wait is not None else self.default_wait
 
 
 class TransientProviderError(LoadBalancerError):
@@ -43,3 +55,4 @@ class TransientProviderError(LoadBalancerError):
 class NoEligibleNodesError(PendingError):
     reason = "UnAvailableLoadBalancer"
     condition_reason = "NoEligibleNodes"
+    default_wait = Wait(WaitFor.NODES)

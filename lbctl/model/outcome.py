@@ -1,0 +1,183 @@
+"""What the reconciler does after a provider call (pure): which Events it records, which
+`LoadBalancerReady` condition it writes, whether and when it tries again, and what a pending
+Service waits for; and, after a restart, which outcomes shown in status never became an Event.
+
+Like the Kubernetes service controller: `EnsuringLoadBalancer` before the first attempt (not
+before every retry), `EnsuredLoadBalancer` / `UpdatedLoadBalancer` on a change, a Warning for each
+failed attempt (the recorder folds repeats into one Event with a count), and retries that back
+off — to minutes when only a user's change can help.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from lbctl.model.errors import InvalidServiceError, LoadBalancerError, PendingError
+from lbctl.model.status import current_condition, ready_condition
+from lbctl.model.waits import Wait
+
+NORMAL = "Normal"
+WARNING = "Warning"
+ENSURED_REASON = "LoadBalancerEnsured"  # the condition's reason while it is True
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    type: str
+    reason: str
+    message: str
+
+
+ENSURING = EventSpec(NORMAL, "EnsuringLoadBalancer", "Ensuring load balancer")
+ENSURED = EventSpec(NORMAL, "EnsuredLoadBalancer", "Ensured load balancer")
+UPDATED_HOSTS = EventSpec(NORMAL, "UpdatedLoadBalancer", "Updated load balancer with new hosts")
+DELETING = EventSpec(NORMAL, "DeletingLoadBalancer", "Deleting load balancer")
+DELETED = EventSpec(NORMAL, "DeletedLoadBalancer", "Deleted load balancer")
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential: base × 2^failures, at most max; `jitter` (e.g. 0.8…1.2) is drawn by the caller."""
+
+    base_s: float
+    max_s: float
+
+    def delay(self, failures: int, jitter: float = 1.0) -> float:
+        return min(self.max_s, self.base_s * 2.0 ** min(failures, 30)) * jitter
+
+
+TRANSIENT = Backoff(1.0, 60.0)  # the cloud or the apiserver failed: try again soon
+PENDING = Backoff(5.0, 300.0)  # waits for something lbctl cannot watch (the service controller's 5 s … 5 min)
+WAITING = Backoff(30.0, 300.0)  # waits for a change lbctl watches (a `Wait`): the timer is only a safety net
+USER = Backoff(10.0, 300.0)  # only a change of the Service (or of what it names) can help
+
+
+@dataclass(frozen=True)
+class Outcome:
+    condition: Mapping[str, Any] | None  # the LoadBalancerReady condition to show; None: leave it
+    ingress: list[dict[str, Any]] | None  # status.loadBalancer.ingress to show; None: leave it
+    events: tuple[EventSpec, ...] = ()
+    retry: Backoff | None = None  # None: done (synced again when something it depends on changes)
+    wait: Wait | None = None  # what it waits for, when that change is one the operator sees
+
+
+def addresses(ingress: Iterable[Mapping[str, Any]]) -> str:
+    return ", ".join(i.get("ip") or i.get("hostname") or "?" for i in ingress) or "none"
+
+
+def _ingress(service: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return list(((service.get("status") or {}).get("loadBalancer") or {}).get("ingress") or [])
+
+
+def _generation(service: Mapping[str, Any]) -> int | None:
+    generation = (service.get("metadata") or {}).get("generation")
+    return generation if isinstance(generation, int) else None
+
+
+def ensuring_event(service: Mapping[str, Any]) -> EventSpec | None:
+    """`EnsuringLoadBalancer` before the first attempt only: not when the Service already has an
+    address, nor on the retries of an attempt that failed (its condition is False by then)."""
+    if _ingress(service) or current_condition(service) is not None:
+        return None
+    return ENSURING
+
+
+def after_ensure(service: Mapping[str, Any], ingress: list[dict[str, Any]], provider: str, hosts_changed: bool,
+                 now: str) -> Outcome:
+    """The provider succeeded: show the addresses and a True condition; an Event when something
+    changed for the user (an address now, a move, new hosts, or recovered from a failure)."""
+    before = _ingress(service)
+    previous = current_condition(service)
+    condition = ready_condition(True, ENSURED_REASON, f"{provider} load balancer at {addresses(ingress)}",
+                                _generation(service), now, previous)
+    events: tuple[EventSpec, ...] = ()
+    if not before:
+        events = (ENSURED,)
+    elif addresses(before) != addresses(ingress):
+        events = (EventSpec(NORMAL, "UpdatedLoadBalancer",
+                            f"Load balancer moved from {addresses(before)} to {addresses(ingress)}"),)
+    elif hosts_changed:
+        events = (UPDATED_HOSTS,)
+    elif previous is not None and previous.get("status") != "True":
+        events = (ENSURED,)  # recovered
+    return Outcome(condition=condition, ingress=ingress, events=events)
+
+
+def retry_for(error: LoadBalancerError, deleting: bool) -> Backoff:
+    if deleting:
+        return TRANSIENT  # a release must happen: nothing the user changes helps it
+    if isinstance(error, PendingError):
+        return WAITING if error.wait is not None else PENDING
+    if isinstance(error, InvalidServiceError) or not error.retryable:
+        return USER
+    return TRANSIENT
+
+
+def failure_event(error: LoadBalancerError, deleting: bool) -> EventSpec:
+    reason = "DeleteLoadBalancerFailed" if deleting else error.reason
+    return EventSpec(WARNING, reason,
+                     f"Error {'deleting' if deleting else 'syncing'} load balancer: {error.describe()}")
+
+
+def after_failure(service: Mapping[str, Any], error: LoadBalancerError, deleting: bool, balancer_exists: bool,
+                  now: str) -> Outcome:
+    """The provider (or the API) failed: a Warning for this attempt, a False condition naming the
+    problem (not while the Service is being deleted), and a retry after the right backoff. The
+    addresses stay while the balancer still exists; an address taken back (its pool shrank) leaves
+    the status, or clients would be sent to an address that is no longer this Service's."""
+    deleted = bool((service.get("metadata") or {}).get("deletionTimestamp"))
+    condition = None if deleted else ready_condition(
+        False, error.condition_reason, error.describe(), _generation(service), now, current_condition(service))
+    ingress: list[dict[str, Any]] | None = None if deleted or deleting or balancer_exists else []
+    return Outcome(condition=condition, ingress=ingress, events=(failure_event(error, deleting),),
+                   retry=retry_for(error, deleting),
+                   wait=error.wait if isinstance(error, PendingError) and not deleting else None)
+
+
+# ---- after a restart ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RecordedEvent:
+    """An Event lbctl posted earlier, as listed from the apiserver."""
+
+    uid: str  # involvedObject.uid
+    reason: str
+    last_timestamp: str  # RFC 3339
+
+
+#: kube-apiserver's default --event-ttl: an outcome older than this would have no Event by now anyway
+EVENT_TTL_S = 3600.0
+_SHOWS_SUCCESS = frozenset({ENSURED.reason, "UpdatedLoadBalancer"})
+
+
+def _time(text: str) -> dt.datetime | None:
+    try:
+        return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except (AttributeError, ValueError):
+        return None
+
+
+def missing_events(service: Mapping[str, Any], recorded: Iterable[RecordedEvent], now: dt.datetime,
+                   ttl_s: float = EVENT_TTL_S) -> list[EventSpec]:
+    """The Events a Service's status promises but the apiserver does not have (a crash lost them
+    from the recorder's queue): a True condition with an address needs an `EnsuredLoadBalancer` (or
+    `UpdatedLoadBalancer`) Event at or after the condition's lastTransitionTime.
+
+    A False condition needs nothing here: a failing Service is synced again at start-up, and that
+    attempt records its Warning (folded into the existing Event)."""
+    condition = current_condition(service)
+    if condition is None or condition.get("status") != "True" or not _ingress(service):
+        return []
+    since = _time(str(condition.get("lastTransitionTime") or ""))
+    if since is None or (now - since).total_seconds() > ttl_s:
+        return []
+    uid = (service.get("metadata") or {}).get("uid")
+    for event in recorded:
+        seen = _time(event.last_timestamp)
+        if event.uid == uid and event.reason in _SHOWS_SUCCESS and seen is not None and seen >= since:
+            return []
+    return [ENSURED]
