@@ -1,6 +1,7 @@
 """Session-wide fixtures: one real control plane per test session, a fresh namespace per test.
 
-A failing test's report carries the tail of the control-plane logs.
+A failing test's report carries the tail of the control-plane logs. The leak check (tests/leakcheck.py)
+fails the run if a process, network namespace or nftables table the suite made outlives it.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from pathlib import Path
 
 import pytest
 from kubernetes import client, config
+from kubernetes.client.rest import ApiException
 
 from lbctl.dev import controlplane
 from lbctl.dev.layout import ClusterInfo, Layout
+
+pytest_plugins = ("tests.leakcheck",)
 
 _LOG_TAIL_LINES = 40
 
@@ -29,9 +33,9 @@ def controlplane_dir() -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def cluster(controlplane_dir: Path) -> Iterator[ClusterInfo]:
     """A running etcd + kube-apiserver + kube-controller-manager (built once, cached)."""
-    info = controlplane.up(controlplane_dir)
-    os.environ["LBCTL_TEST_CONTROLPLANE_DIR"] = str(controlplane_dir)
     try:
+        info = controlplane.up(controlplane_dir)  # stops what it started itself if it fails
+        os.environ["LBCTL_TEST_CONTROLPLANE_DIR"] = str(controlplane_dir)
         yield info
     finally:
         controlplane.down(controlplane_dir)
@@ -58,7 +62,11 @@ def namespace(core: client.CoreV1Api) -> Iterator[str]:
     try:
         yield name
     finally:
-        core.delete_namespace(name)
+        try:
+            core.delete_namespace(name)
+        except ApiException as exc:
+            if exc.status != 404:  # a test may have deleted it itself
+                raise
 
 
 @pytest.hookimpl(wrapper=True)

@@ -32,6 +32,18 @@ def wait_for(probe: Callable[[], T | None], timeout: float, what: str, interval:
         time.sleep(interval)
 
 
+def holds_for(probe: Callable[[], object], duration: float, what: str, interval: float = 0.1) -> None:
+    """Check `probe` over a window of `duration` seconds in which nothing should change (no fail-back,
+    no move): AssertionError naming `what` at the first sample that is false."""
+    deadline = time.monotonic() + duration
+    while True:
+        value = probe()
+        assert value, f"{what} stopped holding ({value!r}) before {duration:.1f}s were over"
+        if time.monotonic() > deadline:
+            return
+        time.sleep(interval)
+
+
 def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 

@@ -1,5 +1,11 @@
 """Network namespaces, links and processes of a lab, all named with one prefix and all removed by
-`close()` — also after a failure half-way through `build`.
+`close()` — also after a failure half-way through building it. Each thing made registers how to undo
+it right after it is made; `close()` undoes them newest first, each on its own (one that fails does
+not keep the others from going), and says what could not be undone.
+
+When `LBCTL_LAB_LEDGER` names a file, every lab appends its prefix to it, so a test session can check
+at its end that nothing with any of its labs' prefixes is left (tests/leakcheck.py), including labs
+made by processes it started (`lbctl demo`).
 
 Layout (addresses from 198.18.0.0/15, which never leaves the machine; L is a /24 of 198.18.0.0/16
 no root interface uses yet, so several labs can coexist):
@@ -23,13 +29,14 @@ import signal
 import socket
 import subprocess
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
 
 LAN_PREFIX_LEN = 24
+LEDGER_ENV = "LBCTL_LAB_LEDGER"
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -117,6 +124,12 @@ class Lab:
         self.namespaces: list[str] = []
         self.root_links: list[str] = []
         self.processes: list[subprocess.Popen[bytes]] = []
+        self._undo = contextlib.ExitStack()
+        self._problems: list[str] = []
+        ledger = os.environ.get(LEDGER_ENV)
+        if ledger:
+            with open(ledger, "a") as record:
+                record.write(self.prefix + "\n")
         self.nodes: dict[int, str] = {}  # index → namespace
         self.pods: dict[str, tuple[int, str]] = {}  # pod namespace → (node index, address)
         self._pod_counts: dict[int, int] = {}
@@ -126,6 +139,15 @@ class Lab:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _on_close(self, what: str, undo: Callable[[], object]) -> None:
+        """Register how to undo `what`, right after making it."""
+        def run() -> None:
+            try:
+                undo()
+            except Exception as exc:
+                self._problems.append(f"{what}: {exc}")
+        self._undo.callback(run)
 
     def name(self, suffix: str) -> str:
         return f"{self.prefix}-{suffix}"
@@ -146,7 +168,7 @@ class Lab:
     # -- building -------------------------------------------------------------------------------
     def add_bridge(self) -> None:
         _ip("link", "add", self.bridge, "type", "bridge")
-        self.root_links.append(self.bridge)
+        self._add_root_link(self.bridge)
         _ip("addr", "add", f"{self.bridge_address}/{LAN_PREFIX_LEN}", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
 
@@ -154,17 +176,35 @@ class Lab:
         namespace = self.name(suffix)
         _ip("netns", "add", namespace)
         self.namespaces.append(namespace)
+        self._on_close(f"netns {namespace}", lambda: self._del_namespace(namespace))
         _ip("-n", namespace, "link", "set", "lo", "up")
         return namespace
 
     def _attach(self, namespace: str, short: str, address: str) -> None:
         root_end = f"{self.prefix}{short}"
         _ip("link", "add", root_end, "type", "veth", "peer", "name", "eth0", "netns", namespace)
-        self.root_links.append(root_end)
+        self._add_root_link(root_end)
         _ip("link", "set", root_end, "master", self.bridge)
         _ip("link", "set", root_end, "up")
         _ip("-n", namespace, "addr", "add", f"{address}/{LAN_PREFIX_LEN}", "dev", "eth0")
         _ip("-n", namespace, "link", "set", "eth0", "up")
+
+    def _add_root_link(self, link: str) -> None:
+        self.root_links.append(link)
+
+        def remove() -> None:
+            with contextlib.suppress(LabError):  # a veth end goes with its namespace
+                _ip("link", "del", link)
+            if Path(f"/sys/class/net/{link}").exists():
+                raise LabError("still there")
+            self.root_links.remove(link)
+        self._on_close(f"link {link}", remove)
+
+    def _del_namespace(self, namespace: str) -> None:
+        # deleting a namespace deletes the links in it; already gone is fine
+        if Path(f"/run/netns/{namespace}").exists():
+            _ip("netns", "del", namespace)
+        self.namespaces.remove(namespace)
 
     def add_client(self, index: int = 0) -> str:
         namespace = self.add_namespace(f"client-{index}")
@@ -222,7 +262,33 @@ class Lab:
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         self.processes.append(proc)
+        self._on_close(f"process {proc.pid} ({' '.join(args)[:80]})", lambda: self._stop_and_forget(proc))
         return proc
+
+    def _stop_and_forget(self, proc: subprocess.Popen[bytes]) -> None:
+        self.stop(proc, timeout=5)
+        self.processes.remove(proc)
+
+    def stop_processes(self) -> list[str]:
+        """Stop every process of the lab now (newest first), e.g. before what they talk to goes
+        away; each still has its own undo in close(). Returns what could not be stopped."""
+        problems = []
+        for proc in reversed(self.processes):
+            try:
+                self.stop(proc, timeout=5)
+            except Exception as exc:
+                problems.append(f"process {proc.pid}: {exc}")
+        return problems
+
+    @contextlib.contextmanager
+    def process(self, namespace: str | None, args: Sequence[str], log_name: str,
+                env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+        """`start`, stopped when the block ends (also on failure), not only at close()."""
+        proc = self.start(namespace, args, log_name, env)
+        try:
+            yield proc
+        finally:
+            self.stop(proc)
 
     @staticmethod
     def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
@@ -248,26 +314,11 @@ class Lab:
 
     # -- teardown -------------------------------------------------------------------------------
     def close(self) -> list[str]:
-        """Remove everything; returns what could not be removed (empty when all went)."""
-        problems = []
-        for proc in reversed(self.processes):
-            try:
-                self.stop(proc, timeout=5)
-            except Exception as exc:
-                problems.append(f"process {proc.pid}: {exc}")
-        self.processes.clear()
-        for namespace in reversed(self.namespaces):  # deleting a namespace deletes the links in it
-            try:
-                _ip("netns", "del", namespace)
-            except LabError as exc:
-                problems.append(str(exc))
-        self.namespaces.clear()
-        for link in reversed(self.root_links):
-            with contextlib.suppress(LabError):  # veth ends went with their namespace
-                _ip("link", "del", link)
-            if Path(f"/sys/class/net/{link}").exists():
-                problems.append(f"link {link} is still there")
-        self.root_links.clear()
+        """Undo everything, newest first; returns what could not be undone (empty when all went)."""
+        self._problems = []
+        self._undo.close()
+        self._undo = contextlib.ExitStack()
+        problems, self._problems = self._problems, []
         return problems
 
 

@@ -3,7 +3,7 @@ control plane, the pool CRD, and per-test pools."""
 
 from __future__ import annotations
 
-import time
+import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,7 +13,15 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from lbctl.dev.layout import ClusterInfo
-from tests.integration.harness import POOL_CRD, Nodes, OperatorProcess, Pools, wait_until
+from tests.integration.harness import (
+    POOL_CRD,
+    Nodes,
+    OperatorProcess,
+    Pools,
+    release_services,
+    stop_process,
+    wait_until,
+)
 
 
 @pytest.fixture(scope="session")
@@ -38,32 +46,31 @@ def start_operator(
     cluster: ClusterInfo, pool_crd: None, tmp_path: Path, core: client.CoreV1Api, namespace: str,
     request: pytest.FixtureRequest,
 ) -> Iterator[Callable[..., OperatorProcess]]:
+    """Starts `lbctl operator …` processes for the test. Each process gets its own stop, registered
+    the moment it starts, and every stop runs at teardown even when the test, another stop or the
+    release of the Services fails."""
     started: list[OperatorProcess] = []
+    with contextlib.ExitStack() as stops:
+        def start(*extra: str, env: dict[str, str] | None = None, wait: bool = True) -> OperatorProcess:
+            args = ["--node-port-range", cluster.node_port_range, "--log-level", "info", *extra]
+            if not any(a == "--provider" for a in extra) and "LBCTL_PROVIDER" not in (env or {}):
+                args = ["--provider", "local", *args]
+            operator = OperatorProcess(cluster, tmp_path, args, env or {},
+                                       on_start=lambda proc: stops.callback(stop_process, proc))
+            started.append(operator)
+            operator.start(wait=wait)
+            return operator
 
-    def start(*extra: str, env: dict[str, str] | None = None, wait: bool = True) -> OperatorProcess:
-        args = ["--node-port-range", cluster.node_port_range, "--log-level", "info", *extra]
-        if not any(a == "--provider" for a in extra) and "LBCTL_PROVIDER" not in (env or {}):
-            args = ["--provider", "local", *args]
-        operator = OperatorProcess(cluster, tmp_path, args, env or {})
-        operator.start(wait=wait)
-        started.append(operator)
-        return operator
-
-    yield start
-    # Release the test's Services while an operator still runs, so none is left holding a
-    # finalizer for the next test's operator (and cloud fake) to inherit.
-    running = [o for o in started if o.alive()]
-    if running:
-        for service in core.list_namespaced_service(namespace).items:
-            core.delete_namespaced_service(service.metadata.name, namespace)
-        deadline = time.monotonic() + 20
-        while core.list_namespaced_service(namespace).items and time.monotonic() < deadline:
-            time.sleep(0.1)
-    for operator in started:
-        operator.stop()
-    if getattr(request.node, "rep_call_failed", False):
-        for operator in started:
-            print(f"--- operator log ({operator.log_path}) ---\n{operator.log()[-6000:]}")
+        yield start
+        try:
+            # Release the test's Services while an operator still runs, so none is left holding a
+            # finalizer for the next test's operator (and cloud fake) to inherit.
+            if any(o.alive() for o in started):
+                release_services(core, namespace)
+        finally:
+            if getattr(request.node, "rep_call_failed", False):
+                for operator in started:
+                    print(f"--- operator log ({operator.log_path}) ---\n{operator.log()[-6000:]}")
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ what the operator writes."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -40,14 +41,32 @@ def wait_until(probe: Callable[[], T], timeout: float = 15.0, interval: float = 
 _operators = itertools.count(1)
 
 
-class OperatorProcess:
-    """`python -m lbctl operator` with a log file; restartable, killable."""
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    """SIGTERM (after SIGCONT: a paused process would not handle it), SIGKILL after `timeout`;
+    nothing when it has ended already."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGCONT)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
 
-    def __init__(self, cluster: ClusterInfo, log_dir: Path, args: list[str], env: dict[str, str]) -> None:
+
+class OperatorProcess:
+    """`python -m lbctl operator` with a log file; restartable, killable.
+
+    `on_start` is called with each process right after it starts: tests register its stop there
+    (request.addfinalizer, an ExitStack callback), so it ends even when the test fails."""
+
+    def __init__(self, cluster: ClusterInfo, log_dir: Path, args: list[str], env: dict[str, str],
+                 on_start: Callable[[subprocess.Popen[bytes]], object] | None = None) -> None:
         self.cluster = cluster
         self.args = args
         self.env = env
         self.log_dir = log_dir
+        self.on_start = on_start
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.serial = next(_operators)  # several operators in one test keep separate logs
@@ -57,12 +76,15 @@ class OperatorProcess:
         return self.log_dir / f"operator-{self.serial}-{self.starts}.log"
 
     def start(self, wait: bool = True) -> None:
+        assert not self.alive(), "the operator is running: stop() or kill() it before starting it again"
         self.starts += 1
         env = {**os.environ, "KUBECONFIG": self.cluster.kubeconfig, **self.env}
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "lbctl", "operator", *self.args], env=env, stdout=log, stderr=subprocess.STDOUT
             )
+        if self.on_start is not None:
+            self.on_start(self.proc)
         if wait:
             wait_until(lambda: "started:" in self.log() or "standing by:" in self.log() or self.proc is None
                        or self.proc.poll() is not None,
@@ -94,14 +116,8 @@ class OperatorProcess:
             self.proc.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)  # a paused process would not handle SIGTERM
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        if self.proc is not None:
+            stop_process(self.proc)
 
 
 _ranges = itertools.count(1)
@@ -153,6 +169,20 @@ class Pools:
         except ApiException as exc:
             if exc.status != 404:
                 raise
+
+
+def release_services(core: client.CoreV1Api, namespace: str, timeout: float = 20) -> None:
+    """Delete every Service of `namespace` (one already gone is fine) and give the operator up to
+    `timeout` seconds to release them; what it has not released by then goes with the namespace."""
+    for service in core.list_namespaced_service(namespace).items:
+        try:
+            core.delete_namespaced_service(service.metadata.name, namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: not core.list_namespaced_service(namespace).items, timeout=timeout, interval=0.1,
+                   what=f"the Services of {namespace} released")
 
 
 def lb_service(name: str, ports: list[int] | list[tuple[int, str]] = (80,), lb_class: str | None = LOCAL_CLASS,
