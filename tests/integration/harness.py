@@ -7,9 +7,11 @@ import contextlib
 import itertools
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +38,13 @@ def wait_until(probe: Callable[[], T], timeout: float = 15.0, interval: float = 
         time.sleep(interval)
         last = probe()
     return last
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 _operators = itertools.count(1)
@@ -96,6 +105,21 @@ class OperatorProcess:
             return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+
+    def metric(self, name: str) -> float:
+        """The sum of the samples of `name` on the operator's --metrics-port (0 while nothing answers)."""
+        port = self.args[self.args.index("--metrics-port") + 1]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+                text = response.read().decode()
+        except OSError:
+            return 0.0
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.partition("{")[0].partition(" ")[0] == name)
+
+    def synced(self, services: int) -> bool:
+        """Whether the operator has worked through `services` queued Services since it started."""
+        return self.metric("lbctl_service_sync_seconds_count") >= services
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

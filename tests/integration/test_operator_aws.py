@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,6 +20,7 @@ from tests.fakes.aws_world import AwsWorld, build_world, moto_server
 from tests.integration.harness import (
     Nodes,
     OperatorProcess,
+    free_port,
     lb_service,
     wait_for_condition,
     wait_for_event,
@@ -219,9 +219,10 @@ def proxy(world: AwsWorld) -> Iterator[AwsFaultProxy]:
         yield running
 
 
-def start_via(start: Callable[..., OperatorProcess], world: AwsWorld, proxy: AwsFaultProxy) -> OperatorProcess:
+def start_via(start: Callable[..., OperatorProcess], world: AwsWorld, proxy: AwsFaultProxy,
+              *extra: str) -> OperatorProcess:
     return start("--provider", "aws", "--cluster-name", world.cluster, "--region", world.region,
-                 "--aws-endpoint-url", proxy.url, "--provider-option", "state_cache_s=0")
+                 "--aws-endpoint-url", proxy.url, "--provider-option", "state_cache_s=0", *extra)
 
 
 def listeners(world: AwsWorld, lb_arn: str) -> dict[int, dict[str, Any]]:
@@ -265,7 +266,7 @@ def test_a_port_change_touches_only_its_listener_and_a_resync_writes_nothing(
     core: client.CoreV1Api, namespace: str, world: AwsWorld, proxy: AwsFaultProxy,
     start_operator: Callable[..., OperatorProcess],
 ) -> None:
-    operator = start_via(start_operator, world, proxy)
+    operator = start_via(start_operator, world, proxy, "--metrics-port", str(free_port()))
     core.create_namespaced_service(namespace, lb_service(
         "web", [80, 443], lb_class=AWS_CLASS, loadBalancerSourceRanges=["203.0.113.0/24"]))
     hostname(core, namespace, "web")
@@ -282,7 +283,7 @@ def test_a_port_change_touches_only_its_listener_and_a_resync_writes_nothing(
     operator.stop()
     operator.start()  # every Service is synced again at start-up: reads only
     wait_until(lambda: "DescribeLoadBalancers" in proxy.calls, what="the resync reached AWS")
-    time.sleep(1.5)
+    wait_until(lambda: operator.synced(1), what="the start-up sync of web finished")
     assert proxy.writes() == []
 
     proxy.reset_calls()

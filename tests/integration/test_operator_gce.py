@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,6 +21,7 @@ from tests.fakes.gce_server import GceFakeServer
 from tests.integration.harness import (
     Nodes,
     OperatorProcess,
+    free_port,
     lb_service,
     wait_for_condition,
     wait_for_event,
@@ -79,7 +79,7 @@ def test_create_node_changes_and_delete(
 ) -> None:
     for name in ("gn-0", "gn-1"):
         add_vm_node(gce, nodes, name)
-    operator = start_operator(*operator_args(gce))
+    operator = start_operator(*operator_args(gce), "--metrics-port", str(free_port()))
     core.create_namespaced_service(namespace, lb_service("web", [80, 443], lb_class=GCE_CLASS))
     ip = wait_for_ips(core, namespace, "web", timeout=30)[0]
     lb = load_balancer_name(uid_of(core, namespace, "web"))
@@ -103,7 +103,7 @@ def test_create_node_changes_and_delete(
     core.patch_node("gn-0", {"metadata": {"labels": {"team": "a"}}})  # not a change of the node set
     operator.stop()
     operator.start()  # a restart re-syncs everything: reads only
-    time.sleep(2)
+    wait_until(lambda: operator.synced(1), what="the start-up sync of web finished")
     assert write_methods(gce) == []
 
     core.delete_namespaced_service("web", namespace)

@@ -4,10 +4,10 @@ status, Events, conditions, pools, restarts, and every kind of bad input."""
 from __future__ import annotations
 
 import ipaddress
-import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import yaml
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
@@ -32,6 +32,14 @@ from tests.integration.harness import (
 
 def _service(core: client.CoreV1Api, namespace: str, name: str) -> client.V1Service:
     return core.read_namespaced_service(name, namespace)
+
+
+def _delete_namespace(core: client.CoreV1Api, name: str) -> None:
+    try:
+        core.delete_namespace(name)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
 
 
 def _gone(core: client.CoreV1Api, namespace: str, name: str) -> bool:
@@ -348,12 +356,19 @@ def test_services_are_held_up_by_nothing_but_their_own_errors(
 
 
 def test_namespace_flags_limit_the_operator_to_those_namespaces(
-    core: client.CoreV1Api, namespace: str, pools: Pools, start_operator: Callable[..., OperatorProcess]
+    core: client.CoreV1Api, namespace: str, pools: Pools, start_operator: Callable[..., OperatorProcess],
+    request: pytest.FixtureRequest,
 ) -> None:
+    elsewhere = f"{namespace}-else"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=elsewhere)))
+    request.addfinalizer(lambda: _delete_namespace(core, elsewhere))
     pools.create([pools.fresh_v4(28)], wait_seen=False)
-    start_operator("--namespace", "somewhere-else")
+    pools.create([pools.fresh_v4(28)], namespaces=[elsewhere], wait_seen=False)
+    start_operator("--namespace", elsewhere)
     core.create_namespaced_service(namespace, lb_service("outside"))
-    time.sleep(2)
+    core.create_namespaced_service(elsewhere, lb_service("inside"))
+    # the operator is up and serves its namespace: it has had its chance to act on "outside"
+    assert wait_for_ips(core, elsewhere, "inside")
     untouched = _service(core, namespace, "outside")
     assert not untouched.metadata.finalizers and not untouched.status.load_balancer.ingress
     start_operator("--namespace", namespace)
