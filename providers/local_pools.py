@@ -85,7 +85,9 @@ Errors (lbctl.model.errors; `field` is where the value came from, e.g. the metal
     with externalTrafficPolicy Local, another selector (field: the sharing annotation).
     PendingError (retry later): a requested address held by a Service that cannot share it (names
     the holders); a named pool with no free address; no autoAssign pool admitting the Service or
-    having its families; every admitting pool exhausted.
+    having its families; every admitting pool exhausted. Each carries a ``lbctl.model.waits.Wait``:
+    an address freed in those pools (or that address, or its holders released), or a new or
+    changed pool, so that the operator wakes the Service only for a change that can serve it.
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from lbctl.model.errors import InvalidServiceError, LoadBalancerError, PendingError
+from lbctl.model.waits import Range, Wait, WaitFor, address_range
 
 if TYPE_CHECKING:
     from lbctl.model.types import LoadBalancerSpec
@@ -676,6 +679,13 @@ class _FreeSpace:
             self._ends.insert(i + 1, n)
 
 
+def _address_in(states: Iterable[_PoolState]) -> Wait:
+    """What a Service waits for when these pools are full: an address freed in any of them."""
+    states = list(states)
+    ranges: tuple[Range, ...] = tuple((r.version, r.first, r.last) for s in states for r in s.pool.ranges)
+    return Wait(WaitFor.ADDRESS, pools=tuple(s.pool.name for s in states), ranges=ranges)
+
+
 class _PoolState:
     __slots__ = ("free", "pool", "usable", "used")
 
@@ -966,6 +976,7 @@ class Allocator:
             raise PendingError(
                 f"pool {pool.name!r} has no free address for this Service", field=where,
                 fix=f"delete a Service that uses pool {pool.name!r}, or add addresses to it",
+                wait=_address_in([state]),
             )
         return tuple(picks), state
 
@@ -981,6 +992,7 @@ class Allocator:
                 field=None,
                 fix="create a LoadBalancerPool whose namespaces and serviceSelector match this Service, "
                 f"or name a pool in {annotation_field(ANNOTATION_POOL)}",
+                wait=Wait(WaitFor.POOL),
             )
         fallback: tuple[tuple[IPAddress, ...], _PoolState] | None = None
         fallback_rank = len(families)
@@ -1010,6 +1022,7 @@ class Allocator:
                 f"no address pool that serves this Service has {wanted} addresses (pools: {names})",
                 field="spec.ipFamilies",
                 fix=f"add {wanted} addresses to a pool that serves this Service",
+                wait=Wait(WaitFor.POOL),
             )
         if request.sharing_key:
             # The pools are full, but the Service asked to share: say why sharing did not work.
@@ -1017,10 +1030,12 @@ class Allocator:
             for ip in sorted(self._shared.get(request.sharing_key, ()), key=lambda a: (a.version, int(a))):
                 conflict = self._conflict(ip, request, request.sharing_key_field)
                 if conflict is not None:
-                    raise PendingError(conflict.problem, field=conflict.field, fix=conflict.fix)
+                    wait = conflict.wait if isinstance(conflict, PendingError) else None
+                    raise PendingError(conflict.problem, field=conflict.field, fix=conflict.fix, wait=wait)
         raise PendingError(
             f"every address pool that serves this Service is exhausted ({names})", field=None,
             fix="delete a Service that holds an address, or add addresses to a pool",
+            wait=_address_in(candidates),
         )
 
     def _candidate(self, state: _PoolState, version: int, request: ServiceRequest) -> IPAddress | None:
@@ -1048,6 +1063,7 @@ class Allocator:
                 f"{ip} is already used by {holders}", field=where,
                 fix=f"request another address, or give both Services the same {annotation_field(ANNOTATION_SHARING)} "
                 "key (their ports must differ)",
+                wait=Wait(WaitFor.ADDRESS, ranges=(address_range(str(ip)),), holders=tuple(sorted(others))),
             )
         if use.backend_key != request.backend_key:
             return InvalidServiceError(

@@ -16,10 +16,12 @@ from prometheus_client import start_http_server
 from lbctl.kube.client import KubeClient
 from lbctl.kube.election import Timing
 from lbctl.kube.elector import LeaderElector, default_identity
+from lbctl.kube.events import EventRecorder
 from lbctl.model.scope import Scope, default_class
-from lbctl.operator import metrics
+from lbctl.operator import defaults, metrics
 from lbctl.operator.informers import Informers
 from lbctl.operator.reconciler import MissingResourceError, Reconciler, ReconcilerSettings
+from lbctl.operator.writer import KubeWriter
 from providers import registry as provider_registry
 from providers.base import ProviderSettings
 
@@ -35,18 +37,18 @@ class OperatorConfig:
     namespaces: tuple[str, ...] = ()
     kubeconfig: str | None = None
     provider_options: Mapping[str, str] = field(default_factory=dict)
-    workers: int = 32
-    node_port_range: tuple[int, int] = (30000, 32767)
-    gc_interval_s: float = 300.0
-    resync_interval_s: float = 600.0
+    workers: int = defaults.WORKERS
+    node_port_range: tuple[int, int] = defaults.NODE_PORT_RANGE
+    gc_interval_s: float = defaults.GC_INTERVAL_S
+    resync_interval_s: float = defaults.RESYNC_INTERVAL_S
     metrics_port: int = 0
     liveness_endpoint: str | None = None
     leader_elect: bool = False
-    lease_name: str = "lbctl-operator"
-    lease_namespace: str = "lbctl-system"
-    lease_duration_s: int = 3
-    renew_deadline_s: float = 2.0
-    retry_period_s: float = 0.5
+    lease_name: str = defaults.LEASE_NAME
+    lease_namespace: str = defaults.LEASE_NAMESPACE
+    lease_duration_s: int = defaults.LEASE_DURATION_S
+    renew_deadline_s: float = defaults.RENEW_DEADLINE_S
+    retry_period_s: float = defaults.RETRY_PERIOD_S
     identity: str | None = None  # default: POD_NAME, else host_pid_random
 
     @property
@@ -64,8 +66,9 @@ class Operator:
     acting before it hands the Lease back."""
 
     def __init__(self, config: OperatorConfig, reconciler: Reconciler, informers: Informers,
-                 elector: LeaderElector | None) -> None:
+                 elector: LeaderElector | None, client: KubeClient) -> None:
         self.config = config
+        self.client = client
         self.reconciler = reconciler
         self.informers = informers
         self.elector = elector
@@ -121,7 +124,6 @@ class Operator:
 
 def build_registry(operator: Operator) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
-    reconciler = operator.reconciler
 
     @kopf.on.startup(registry=registry)
     async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -139,7 +141,7 @@ def build_registry(operator: Operator) -> kopf.OperatorRegistry:
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
         # kopf and our client use one configuration (kubeconfig or in-cluster)
-        conf = reconciler.client.configuration
+        conf = operator.client.configuration
         token = conf.get_api_key_with_prefix("BearerToken", alias="authorization") or ""
         scheme, _sep, value = token.partition(" ")
         return kopf.ConnectionInfo(
@@ -161,17 +163,19 @@ async def run(
     provider = provider_registry.load(config.provider, ProviderSettings(config.cluster_name, config.provider_options))
     client = KubeClient.from_kubeconfig(config.kubeconfig, user_agent=f"lbctl-operator/{config.provider}")
     identity = config.identity or default_identity()
+    # Events go through connections of their own: a status write never queues behind them
+    events_client = KubeClient(client.configuration, user_agent=f"lbctl-operator/{config.provider}/events")
     reconciler = Reconciler(
         ReconcilerSettings(
             cluster_name=config.cluster_name, scope=config.scope, workers=config.workers,
             node_port_range=config.node_port_range, gc_interval_s=config.gc_interval_s,
-            resync_interval_s=config.resync_interval_s, instance=identity,
+            resync_interval_s=config.resync_interval_s,
         ),
-        provider, client,
+        provider, KubeWriter(client), EventRecorder(events_client, instance=identity, namespaces=config.namespaces),
     )
     elector_client: KubeClient | None = None
     elector: LeaderElector | None = None
-    operator = Operator(config, reconciler, Informers(client, reconciler, config.namespaces), None)
+    operator = Operator(config, reconciler, Informers(client, reconciler, config.namespaces), None, client)
     if config.leader_elect:
         # its own connections: a renewal never queues behind the workers' requests
         elector_client = KubeClient(client.configuration, user_agent=f"lbctl-operator/{config.provider}/election")
@@ -187,6 +191,7 @@ async def run(
         await _run_kopf(config, operator, stop_flag, ready_flag)
     finally:
         await client.close()  # also when start-up never completed, so kopf's cleanup never ran
+        await events_client.close()
         if elector_client is not None:
             await elector_client.close()
 

@@ -2,17 +2,19 @@
 each key decides (with lbctl.model) and acts (provider, status patch, Events).
 
 The caches are filled whether or not this replica leads (a standby stays warm); only `lead()`
-starts the workers, the orphan sweep and every write.
+starts the workers, the orphan sweep and every write. Writes go through a `ServiceWriter` and
+Events to an `EventSink` (lbctl.operator.writer), so unit tests drive this class with an
+in-memory writer; what to do after each provider call is lbctl.model.outcome's decision.
 
 Like the Kubernetes service controller: one key is never synced by two workers at once, failures
 come back with backoff, a node change re-syncs only the Services whose node set changed, and a
-Service's status is written only when it changes.
+Service's status is written only when it changes. A pending Service records what it waits for
+(lbctl.model.waits), and only a change that can end that wait requeues it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import random
 import time
@@ -20,19 +22,33 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lbctl.kube.client import JSON_PATCH, MERGE_PATCH, STRATEGIC_MERGE_PATCH, ApiError, KubeClient, service_path
-from lbctl.kube.events import EventRecorder
+from lbctl.kube.client import ApiError
 from lbctl.model import nodeports
 from lbctl.model.errors import LoadBalancerError, NoEligibleNodesError, PendingError, TransientProviderError
+from lbctl.model.meta import FINALIZER, OWNER_ANNOTATION, WRITTEN_BY_LBCTL, now, object_key, split_key, timestamp
 from lbctl.model.names import load_balancer_name
 from lbctl.model.nodes import eligible_nodes, node_set_key
 from lbctl.model.orphans import orphans
-from lbctl.model.scope import FINALIZER, OWNER_ANNOTATION, Scope
+from lbctl.model.outcome import (
+    DELETED,
+    DELETING,
+    EventSpec,
+    Outcome,
+    RecordedEvent,
+    after_ensure,
+    after_failure,
+    ensuring_event,
+    missing_events,
+    retry_for,
+)
+from lbctl.model.scope import Scope
 from lbctl.model.spec import build_spec, missing_node_ports
-from lbctl.model.status import current_condition, ingress_to_api, ready_condition, status_patch
+from lbctl.model.status import ingress_to_api, status_patch
 from lbctl.model.types import LoadBalancerRef, NodeTarget
-from lbctl.operator import metrics
+from lbctl.model.waits import Change, ChangeKind, Wait, WaitFor, wakes
+from lbctl.operator import defaults, metrics
 from lbctl.operator.workqueue import WorkQueue
+from lbctl.operator.writer import EventSink, ServiceWriter
 from providers.base import Provider, WatchedResource
 
 log = logging.getLogger("lbctl.operator")
@@ -50,33 +66,28 @@ class NotLeadingError(RuntimeError):
 class ReconcilerSettings:
     cluster_name: str
     scope: Scope
-    workers: int = 32
-    node_port_range: tuple[int, int] = (30000, 32767)
-    node_debounce_s: float = 0.2
-    resync_interval_s: float = 600.0
-    gc_interval_s: float = 300.0
-    instance: str = ""  # this replica's identity, as Events' reportingInstance
+    workers: int = defaults.WORKERS
+    node_port_range: tuple[int, int] = defaults.NODE_PORT_RANGE
+    node_debounce_s: float = defaults.NODE_DEBOUNCE_S
+    resync_interval_s: float = defaults.RESYNC_INTERVAL_S
+    gc_interval_s: float = defaults.GC_INTERVAL_S
 
 
-# Annotations lbctl's own components write on Services; a change of them is no reason to sync.
-_WRITTEN_BY_LBCTL = frozenset({"lbctl.io/announcing-node"})
-
-
-def _key(body: Mapping[str, Any]) -> str:
-    meta = body.get("metadata") or {}
-    return f"{meta.get('namespace')}/{meta.get('name')}"
-
-
-def _relevant(body: Mapping[str, Any] | None) -> tuple[Any, ...] | None:
+def _relevant(body: Mapping[str, Any] | None, marked_for: str | None = None) -> tuple[Any, ...] | None:
     """What a sync depends on: a watch event that changes none of it (our own status write
-    coming back, say) does not queue the Service again."""
+    coming back, say) does not queue the Service again. `marked_for`: as if it carried our
+    finalizer and mark for that class already."""
     if body is None:
         return None
     meta = body.get("metadata") or {}
-    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k not in _WRITTEN_BY_LBCTL}
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k not in WRITTEN_BY_LBCTL}
+    finalizers = tuple(meta.get("finalizers") or ())
+    if marked_for is not None:
+        annotations[OWNER_ANNOTATION] = marked_for
+        finalizers += () if FINALIZER in finalizers else (FINALIZER,)
     # the spec itself, not metadata.generation: the apiserver does not maintain it for Services
-    return (meta.get("uid"), body.get("spec"), annotations, meta.get("labels"),
-            tuple(meta.get("finalizers") or ()), meta.get("deletionTimestamp"))
+    return (meta.get("uid"), body.get("spec"), annotations, meta.get("labels"), finalizers,
+            meta.get("deletionTimestamp"))
 
 
 def _newer(candidate: Mapping[str, Any], cached: Mapping[str, Any] | None) -> bool:
@@ -100,20 +111,21 @@ def _ref(body: Mapping[str, Any], cluster_name: str) -> LoadBalancerRef:
                            uid=meta.get("uid"))
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _ingress(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return list(((body.get("status") or {}).get("loadBalancer") or {}).get("ingress") or [])
 
 
-def _addresses(ingress: Iterable[Mapping[str, Any]]) -> str:
-    return ", ".join(i.get("ip") or i.get("hostname") or "?" for i in ingress) or "none"
+def _ips(ingress: Iterable[Mapping[str, Any]]) -> tuple[str, ...]:
+    return tuple(str(i["ip"]) for i in ingress if i.get("ip"))
 
 
 class Reconciler:
-    def __init__(self, settings: ReconcilerSettings, provider: Provider, client: KubeClient) -> None:
+    def __init__(self, settings: ReconcilerSettings, provider: Provider, writer: ServiceWriter,
+                 events: EventSink) -> None:
         self.settings = settings
         self.provider = provider
-        self.client = client
-        self.events = EventRecorder(client, instance=settings.instance)
+        self.writer = writer
+        self.events = events
         self.scope = settings.scope
         self.queue = WorkQueue()
         self.services: dict[str, dict[str, Any]] = {}
@@ -122,8 +134,8 @@ class Reconciler:
         self.resources: dict[WatchedResource, dict[str, dict[str, Any]]] = {}
         self._synced_nodes: dict[str, frozenset[tuple[str, str]]] = {}
         self._refs: dict[str, LoadBalancerRef] = {}  # what we ensured, to release after a force-delete
-        self._pending: set[str] = set()
-        self._last_event: dict[str, tuple[str, str]] = {}
+        self._held: dict[str, tuple[str, ...]] = {}  # the addresses each Service was last given
+        self.waits: dict[str, Wait] = {}  # what each pending Service waits for
         self._tasks: list[asyncio.Task[None]] = []
         self._node_timer: asyncio.TimerHandle | None = None
         self._resource_timers: dict[WatchedResource, asyncio.TimerHandle] = {}
@@ -142,7 +154,8 @@ class Reconciler:
     async def lead(self, sweep_soon: bool = False) -> None:
         """Start acting, from the caches the reflectors filled (their first list, or everything
         seen since while standing by): hand the provider the current pools and let it rebuild its
-        state from the Services' status; then start the workers, Services without an address first.
+        state from the Services' status; post the outcomes a crash kept from becoming Events; then
+        start the workers, Services without an address first.
         `sweep_soon`: look for orphaned balancers shortly after, not only after --gc-interval (a
         replica taking over from another cannot know what was deleted while it stood by)."""
         self.eligible = eligible_nodes(self.nodes.values())
@@ -150,15 +163,16 @@ class Reconciler:
             await self.provider.resources_changed(resource, list(self.resources.get(resource, {}).values()))
         specs = []
         for service in self.services.values():
-            if self.scope.manages(service) and (service.get("status") or {}).get("loadBalancer", {}).get("ingress"):
+            if self.scope.manages(service) and _ingress(service):
                 try:
                     specs.append(build_spec(service, self._nodes_for_provider(), self.settings.cluster_name))
                 except LoadBalancerError:
                     continue  # reported when its key is synced
         await self.provider.restore(specs)
+        await self._record_missing(await self.events.recorded())
         ours = [key for key, service in self.services.items() if self.scope.concerns(service)]
         # the Services users are waiting for go first; the rest are usually no-op re-syncs
-        ours.sort(key=lambda k: bool(((self.services[k].get("status") or {}).get("loadBalancer") or {}).get("ingress")))
+        ours.sort(key=lambda k: bool(_ingress(self.services[k])))
         for key in ours:
             self.queue.add(key)
         for _ in range(self.settings.workers):
@@ -175,6 +189,24 @@ class Reconciler:
         for resource in self.provider.watched_resources:
             await self._write_resource_status(resource)
 
+    async def _record_missing(self, recorded: list[RecordedEvent]) -> None:
+        """Outcomes the Services' status shows but no Event does (the previous leader died with them
+        queued): recorded now, so no Service is left without the Event of its last outcome."""
+        by_uid: dict[str, list[RecordedEvent]] = {}
+        for seen in recorded:
+            by_uid.setdefault(seen.uid, []).append(seen)
+        at = now()
+        missing = 0
+        for service in self.services.values():
+            if not self.scope.manages(service):
+                continue
+            uid = str((service.get("metadata") or {}).get("uid") or "")
+            for event in missing_events(service, by_uid.get(uid, ()), at):
+                await self._record(service, event)
+                missing += 1
+        if missing:
+            log.info("recorded %d events that an earlier run did not get to post", missing)
+
     async def stop(self) -> None:
         self.queue.shutdown()
         for task in self._tasks:
@@ -182,7 +214,6 @@ class Reconciler:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.events.close()
         await self.provider.close()
-        await self.client.close()
 
     async def _periodic(self, interval_s: float, action: Any, first_s: float | None = None) -> None:
         delay = first_s
@@ -205,15 +236,16 @@ class Reconciler:
     def on_service(self, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> None:
         if new is None:
             if old is not None:
-                self._service_gone(_key(old))
+                self._service_gone(object_key(old))
             return
-        key = _key(new)
+        key = object_key(new)
         cached = self.services.get(key)
         if not _newer(new, cached):
             return
         self.services[key] = {"kind": "Service", "apiVersion": "v1", **new}
         ours = self.scope.concerns(new) or key in self._refs
-        changed = _relevant(new) != _relevant(cached)
+        # our own finalizer write, seen on the watch before its answer came back, is no change
+        changed = _relevant(new) not in (_relevant(cached), _relevant(cached, marked_for=self.scope.lb_class))
         log.debug("service %s: ours=%s changed=%s", key, ours, changed)
         if self.started.is_set() and ours and changed:
             self.queue.add(key)
@@ -229,7 +261,11 @@ class Reconciler:
             # while the watch was down), so its balancer was never released
             self._refs[key] = _ref(cached, self.settings.cluster_name)
         if key in self._refs:
+            if cached is not None:
+                self._held.setdefault(key, _ips(_ingress(cached)))  # to wake whoever waits for them
             self.queue.add(key)  # reconcile() finds no body and releases the balancer
+        elif cached is not None and nodeports.used_node_ports([cached]):
+            self._wake(Change(ChangeKind.FREED, service=key, node_ports=True))  # its NodePorts are free
 
     def on_node(self, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> None:
         if new is None:
@@ -256,6 +292,7 @@ class Reconciler:
         log.info("eligible nodes changed (%d now): re-syncing %d services", len(eligible), len(affected))
         for key in affected:
             self.queue.add(key)
+        self._wake(Change(ChangeKind.NODES))
 
     def on_resource(self, resource: WatchedResource, old: Mapping[str, Any] | None,
                     new: Mapping[str, Any] | None) -> None:
@@ -278,9 +315,17 @@ class Reconciler:
     async def _resources_settled(self, resource: WatchedResource) -> None:
         self._resource_timers.pop(resource, None)
         affected = await self.provider.resources_changed(resource, list(self.resources[resource].values()))
-        for key in affected | self._pending:
+        for key in affected:
             self.queue.add(key)
+        self._wake(Change(ChangeKind.POOLS))
         await self._write_resource_status(resource)
+
+    def _wake(self, change: Change) -> None:
+        """Requeue the pending Services that `change` may serve; the others keep waiting."""
+        for key, wait in list(self.waits.items()):
+            if wakes(wait, change):
+                log.info("%s woken: %s (it waited for %s)", key, change.describe(), wait.describe())
+                self.queue.add(key)
 
     def _refresh_resource_status(self) -> None:
         """Assignments change what the provider's objects report (a pool's free count): write it
@@ -301,10 +346,9 @@ class Reconciler:
             current = self.resources.get(resource, {}).get(name)
             if current is None or current.get("status") == status:
                 continue
-            path = f"/apis/{resource.group}/{resource.version}/{resource.plural}/{name}/status"
             self._fence()
             try:
-                updated = await self.client.request("PATCH", path, body={"status": status}, content_type=MERGE_PATCH)
+                updated = await self.writer.patch_resource_status(resource, name, status)
                 self.resources[resource][name] = updated
             except ApiError as exc:
                 log.warning("could not write status of %s %s: %s", resource.plural, name, exc)
@@ -312,7 +356,8 @@ class Reconciler:
             before = {c.get("type"): c for c in (current.get("status") or {}).get("conditions") or ()}
             for condition in status.get("conditions") or ():
                 if condition.get("status") == "False" and before.get(condition.get("type")) != condition:
-                    await self.events.warning(updated, condition.get("reason", "Invalid"), condition.get("message", ""))
+                    await self.events.record(updated, "Warning", condition.get("reason", "Invalid"),
+                                             condition.get("message", ""))
 
     # ---- the work loop ------------------------------------------------------------------------
 
@@ -341,6 +386,7 @@ class Reconciler:
                 await self.provider.delete(ref)  # on failure the worker retries with backoff
                 self._refs.pop(key, None)
                 self._forget(key)
+                self._wake(Change(ChangeKind.FREED, service=key, addresses=self._held.pop(key, ()), node_ports=True))
             return
         try:
             if self.scope.manages(body):
@@ -363,8 +409,7 @@ class Reconciler:
     def _forget(self, key: str) -> None:
         self.queue.forget(key)
         self._synced_nodes.pop(key, None)
-        self._pending.discard(key)
-        self._last_event.pop(key, None)
+        self.waits.pop(key, None)
 
     def _nodes_for_provider(self) -> tuple[NodeTarget, ...]:
         return self.eligible if self.provider.uses_nodes else ()
@@ -384,35 +429,33 @@ class Reconciler:
                 f"no eligible nodes among {len(self.nodes)}: each is not Ready, being deleted, labelled "
                 "node.kubernetes.io/exclude-from-external-load-balancers or tainted ToBeDeletedByClusterAutoscaler",
                 fix="make at least one node Ready and eligible")
-        before = ((body.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
-        if not before:
-            await self._event(key, body, "Normal", "EnsuringLoadBalancer", "Ensuring load balancer")
+        ensuring = ensuring_event(body)
+        if ensuring is not None:
+            await self._record(body, ensuring)
         self._fence()
         status = await self.provider.ensure(spec)
         self._refs[key] = spec.ref
         ingress = ingress_to_api(status.ingress)
-        condition = ready_condition(True, "LoadBalancerEnsured",
-                                    f"{self.provider.name} load balancer at {_addresses(ingress)}",
-                                    (body.get("metadata") or {}).get("generation"), _now(),
-                                    current_condition(body))
-        await self._write_status(key, body, ingress, condition)
         node_key = node_set_key(nodes)
-        if not before:
-            await self._event(key, body, "Normal", "EnsuredLoadBalancer", "Ensured load balancer")
-        elif _addresses(before) != _addresses(ingress):
-            await self._event(key, body, "Normal", "UpdatedLoadBalancer",
-                              f"Load balancer moved from {_addresses(before)} to {_addresses(ingress)}")
-        elif key in self._synced_nodes and self._synced_nodes[key] != node_key:
-            await self._event(key, body, "Normal", "UpdatedLoadBalancer", "Updated load balancer with new hosts")
+        hosts_changed = key in self._synced_nodes and self._synced_nodes[key] != node_key
+        outcome = after_ensure(body, ingress, self.provider.name, hosts_changed, timestamp())
+        await self._write_status(key, body, outcome.ingress, outcome.condition)
+        for event in outcome.events:
+            await self._record(body, event)
         self._synced_nodes[key] = node_key
-        self._pending.discard(key)
+        self.waits.pop(key, None)
         self.queue.forget(key)
         metrics.SYNCS.labels(result="ensured").inc()
+        before, after = _ips(_ingress(body)), _ips(ingress)
+        self._held[key] = after
+        freed = tuple(ip for ip in before if ip not in after)
+        if freed:
+            self._wake(Change(ChangeKind.FREED, service=key, addresses=freed))
         self._refresh_resource_status()
 
     async def _release(self, key: str, body: dict[str, Any]) -> None:
         meta = body.get("metadata") or {}
-        await self._event(key, body, "Normal", "DeletingLoadBalancer", "Deleting load balancer")
+        await self._record(body, DELETING)
         ref = _ref(body, self.settings.cluster_name)
         self._fence()
         await self.provider.delete(ref)
@@ -424,44 +467,45 @@ class Reconciler:
         except ApiError as exc:
             if exc.status != 404:
                 raise
-        await self._event(key, body, "Normal", "DeletedLoadBalancer", "Deleted load balancer")
+        await self._record(body, DELETED)
         self._refs.pop(key, None)
         self._forget(key)
         metrics.SYNCS.labels(result="released").inc()
         self._refresh_resource_status()
-        for waiting in self._pending:  # capacity was freed: those waiting for it try again now
-            self.queue.add(waiting)
+        freed = tuple(dict.fromkeys(self._held.pop(key, ()) + _ips(_ingress(body))))
+        self._wake(Change(ChangeKind.FREED, service=key, addresses=freed, node_ports=True))
 
     async def _failed(self, key: str, error: LoadBalancerError, deleting: bool) -> None:
         body = self.services.get(key)
         metrics.SYNCS.labels(result="failed").inc()
-        reason = "DeleteLoadBalancerFailed" if deleting else error.reason
-        message = f"Error {'deleting' if deleting else 'syncing'} load balancer: {error.describe()}"
-        log.warning("%s: %s", key, message)
-        if body is not None:
-            await self._event(key, body, "Warning", reason, message)
-            if not (body.get("metadata") or {}).get("deletionTimestamp"):
-                condition = ready_condition(False, getattr(error, "condition_reason", "Failed"), error.describe(),
-                                            (body.get("metadata") or {}).get("generation"), _now(),
-                                            current_condition(body))
-                try:
-                    keep = deleting or await self._still_exists(key, body)
-                    ingress: list[dict[str, Any]] | None = None if keep else []
-                    await self._write_status(key, body, ingress, condition)
-                except ApiError as exc:
-                    log.warning("%s: could not write condition: %s", key, exc)
-        if error.retryable:
-            if isinstance(error, PendingError):
-                self._pending.add(key)
-            self.queue.retry_later(key)
+        if body is None:
+            outcome = Outcome(condition=None, ingress=None, retry=retry_for(error, deleting))
         else:
-            self.queue.forget(key)  # synced again when the Service changes
+            exists = deleting or await self._still_exists(key, body)
+            outcome = after_failure(body, error, deleting, exists, timestamp())
+            for event in outcome.events:
+                await self._record(body, event)
+            try:
+                await self._write_status(key, body, outcome.ingress, outcome.condition)
+            except ApiError as exc:
+                log.warning("%s: could not write condition: %s", key, exc)
+            if outcome.ingress == [] and _ips(_ingress(body)):
+                self._held.pop(key, None)
+                self._wake(Change(ChangeKind.FREED, service=key, addresses=_ips(_ingress(body))))
+        if outcome.wait is not None:
+            self.waits[key] = outcome.wait
+        else:
+            self.waits.pop(key, None)
+        delay = self.queue.retry_after(key, outcome.retry) if outcome.retry is not None else None
+        waits = f", or when it gets {outcome.wait.describe()}" if outcome.wait is not None else ""
+        log.warning("%s: error %s load balancer: %s (again in %.0fs%s)", key, "deleting" if deleting else "syncing",
+                    error.describe(), delay or 0.0, waits)
 
     async def _still_exists(self, key: str, body: Mapping[str, Any]) -> bool:
         """After a failed sync: does the balancer the status shows still exist? A transient error
         leaves a working balancer in place; an address taken back (a pool shrank) must leave the
-        status too, or clients would be sent to an address that is no longer this Service's."""
-        if not ((body.get("status") or {}).get("loadBalancer") or {}).get("ingress"):
+        status too."""
+        if not _ingress(body):
             return True
         ref = _ref(body, self.settings.cluster_name)
         try:
@@ -474,9 +518,8 @@ class Reconciler:
 
     async def _patch_service(self, key: str, patch: dict[str, Any]) -> dict[str, Any]:
         self._fence()
-        namespace, name = key.split("/", 1)
-        updated = await self.client.request("PATCH", service_path(namespace, name), body=patch,
-                                            content_type=STRATEGIC_MERGE_PATCH)
+        namespace, name = split_key(key)
+        updated = await self.writer.patch_service(namespace, name, patch)
         self._remember(key, updated)
         return self.services.get(key, updated)
 
@@ -486,9 +529,8 @@ class Reconciler:
         if patch is None:
             return
         self._fence()
-        namespace, name = key.split("/", 1)
-        updated = await self.client.request("PATCH", service_path(namespace, name, "status"), body=patch,
-                                            content_type=MERGE_PATCH)
+        namespace, name = split_key(key)
+        updated = await self.writer.patch_service_status(namespace, name, patch)
         self._remember(key, updated)
 
     def _remember(self, key: str, updated: dict[str, Any]) -> None:
@@ -506,16 +548,14 @@ class Reconciler:
             chosen = nodeports.pick_node_ports(len(missing), used, low, high, start=random.randrange(high - low + 1))
         except ValueError as exc:
             raise PendingError(str(exc), field="spec.ports[].nodePort",
-                               fix="free NodePorts or set allocateLoadBalancerNodePorts: true") from None
+                               fix="free NodePorts or set allocateLoadBalancerNodePorts: true",
+                               wait=Wait(WaitFor.NODE_PORTS)) from None
         new_ports = nodeports.with_node_ports(ports, chosen)
         self._fence()
-        rv = body["metadata"]["resourceVersion"]
-        namespace, name = key.split("/", 1)
+        namespace, name = split_key(key)
         try:
-            updated = await self.client.request(
-                "PATCH", service_path(namespace, name), content_type=JSON_PATCH,
-                body=[{"op": "test", "path": "/metadata/resourceVersion", "value": rv},
-                      {"op": "replace", "path": "/spec/ports", "value": new_ports}])
+            updated = await self.writer.replace_service_ports(namespace, name, body["metadata"]["resourceVersion"],
+                                                              new_ports)
         except ApiError as exc:
             if exc.status in (409, 422):
                 log.info("%s: NodePort claim lost (%s); picking again", key, exc)
@@ -526,17 +566,13 @@ class Reconciler:
         self._remember(key, updated)
         described = ", ".join(f"{p['port']}/{p.get('protocol', 'TCP')}→{p['nodePort']}"
                               for i, p in enumerate(new_ports) if i in missing)
-        await self._event(key, body, "Normal", "AllocatedNodePorts",
-                          f"allocateLoadBalancerNodePorts is false but the {self.provider.name} provider sends "
-                          f"traffic to NodePorts: claimed {described}")
+        await self._record(body, EventSpec(
+            "Normal", "AllocatedNodePorts", f"allocateLoadBalancerNodePorts is false but the {self.provider.name} "
+            f"provider sends traffic to NodePorts: claimed {described}"))
         self.queue.add(key)
 
-    async def _event(self, key: str, body: Mapping[str, Any], event_type: str, reason: str, message: str) -> None:
-        # the same event twice in a row for one Service tells the reader nothing new
-        if self._last_event.get(key) == (reason, message):
-            return
-        self._last_event[key] = (reason, message)
-        await self.events.record(body, event_type, reason, message)
+    async def _record(self, body: Mapping[str, Any], event: EventSpec) -> None:
+        await self.events.record(body, event.type, event.reason, event.message)
 
     # ---- orphans ------------------------------------------------------------------------------
 
@@ -550,4 +586,3 @@ class Reconciler:
             except Exception:
                 log.exception("could not delete orphan %s", ref.name)
         return found
-

@@ -1,11 +1,13 @@
 """A keyed work queue with client-go's semantics: a key is queued at most once, never handed to
 two workers at a time (a key added while being processed is processed again afterwards), and
-failed keys come back after a jittered exponential backoff."""
+failed keys come back after a jittered exponential backoff (how long: lbctl.model.outcome)."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+
+from lbctl.model.outcome import Backoff
 
 
 class WorkQueue:
@@ -37,10 +39,14 @@ class WorkQueue:
         self.add(key)
 
     def retry_later(self, key: str) -> float:
-        """Schedule a retry after this key's next backoff delay; returns the delay."""
-        failures = min(self._failures.get(key, 0), 30)  # 2**30 × base is past any max delay
-        self._failures[key] = failures + 1
-        delay = min(self._max, self._base * 2.0**failures) * random.uniform(0.8, 1.2)
+        """Schedule a retry after this key's next backoff delay (the queue's own); returns the delay."""
+        return self.retry_after(key, Backoff(self._base, self._max))
+
+    def retry_after(self, key: str, backoff: Backoff) -> float:
+        """Schedule a retry after `backoff`'s delay for this key's failures so far; returns the delay."""
+        failures = self._failures.get(key, 0)
+        self._failures[key] = min(failures + 1, 64)
+        delay = backoff.delay(failures, random.uniform(0.8, 1.2))
         self.add_after(key, delay)
         return delay
 
@@ -61,6 +67,19 @@ class WorkQueue:
         if key in self._dirty:
             self._dirty.discard(key)
             self.add(key)
+
+    def queued(self) -> frozenset[str]:
+        """Keys waiting for a worker now."""
+        return frozenset(self._queued)
+
+    def scheduled(self) -> frozenset[str]:
+        """Keys with a retry timer running."""
+        return frozenset(self._timers)
+
+    def due_in(self, key: str) -> float | None:
+        """Seconds until this key's retry timer fires, or None without one."""
+        timer = self._timers.get(key)
+        return None if timer is None else timer.when() - asyncio.get_running_loop().time()
 
     def __len__(self) -> int:
         return len(self._queued)
