@@ -38,11 +38,11 @@ from typing import Any
 from kubernetes import client as k8s
 
 from lbctl.dev import controlplane, faults
-from lbctl.forwarder.announce import ANNOUNCING_NODE_ANNOTATION
 from lbctl.lab.kube import LabKube, wait_for
 from lbctl.lab.netns import Lab, http_get, pod_gateway
 from lbctl.lab.probes import VipWatch, exchange_all, open_flows, vip_holders
 from lbctl.lab.server import parse_answer
+from lbctl.model.meta import ANNOUNCING_NODE_ANNOTATION
 
 NODES = (1, 2, 3)
 RESTART_GRACE_S = 15.0

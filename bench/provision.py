@@ -4,6 +4,11 @@ Self-contained: starts a control plane and `lbctl operator --provider local` in 
 places, creates N Services in a burst, measures creation → status.loadBalancer.ingress written for
 each (seen through a watch), then one more Service on the idle operator, and tears everything
 down. Prints one JSON object.
+
+Events are watched too: `events_per_service` counts the Event objects lbctl made per Service of
+the burst (target ≤ 2.0: EnsuringLoadBalancer and EnsuredLoadBalancer), `event_lag_p50_s` /
+`event_lag_p99_s` the time from a Service's ingress to its EnsuredLoadBalancer Event, and
+`events_done_after_s` how long after the last ingress the last of those Events was seen (target ≤ 5 s).
 """
 
 from __future__ import annotations
@@ -20,14 +25,16 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import yaml
 
 from lbctl.dev import controlplane
 from lbctl.dev.controlplane import free_port
-from lbctl.kube.client import KubeClient
+from lbctl.kube.client import ApiError, KubeClient, json_lines
 
 REPO = Path(__file__).resolve().parents[1]
 NAMESPACE = "bench"
@@ -37,6 +44,22 @@ def service(name: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
             "spec": {"type": "LoadBalancer", "loadBalancerClass": "lbctl.io/local", "selector": {"app": name},
                      "ports": [{"port": 80, "protocol": "TCP"}]}}
+
+
+async def watch(client: KubeClient, path: str, resource_version: str) -> AsyncIterator[dict[str, Any]]:
+    """Watch events ({"type": …, "object": …}) from `resource_version` until the server ends the watch."""
+    params = {"watch": "1", "resourceVersion": resource_version, "timeoutSeconds": "600"}
+    async with client.session().get(client.base + path, params=params, headers=client.headers(None),
+                                    timeout=aiohttp.ClientTimeout(total=None, sock_read=630)) as response:
+        if response.status >= 400:
+            raise ApiError(response.status, "WATCH", path, await response.text())
+        async for event in json_lines(response):
+            yield event
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
 
 
 def rss_mb(pid: int) -> float:
@@ -86,14 +109,31 @@ async def run(count: int, workdir: Path) -> dict[str, Any]:
         requests_at_start = operator_requests(metrics_port)
 
         listing = await client.request("GET", f"/api/v1/namespaces/{NAMESPACE}/services")
+        event_listing = await client.request("GET", f"/api/v1/namespaces/{NAMESPACE}/events")
         created: dict[str, float] = {}
         ready: dict[str, float] = {}
         all_ready = asyncio.Event()
         peak_rss = [rss_mb(operator.pid)]
+        event_objects: dict[str, set[str]] = {}  # Service -> names of its Events
+        ensured_seen: dict[str, float] = {}
+        all_ensured = asyncio.Event()
 
-        async def watch() -> None:
-            async for event in client.watch(f"/api/v1/namespaces/{NAMESPACE}/services",
-                                            listing["metadata"]["resourceVersion"]):
+        async def watch_events() -> None:
+            async for event in watch(client, f"/api/v1/namespaces/{NAMESPACE}/events",
+                                     event_listing["metadata"]["resourceVersion"]):
+                obj = event.get("object") or {}
+                name = (obj.get("involvedObject") or {}).get("name")
+                if not name or (obj.get("source") or {}).get("component") != "lbctl":
+                    continue
+                event_objects.setdefault(name, set()).add(obj["metadata"]["name"])
+                if obj.get("reason") == "EnsuredLoadBalancer" and name not in ensured_seen:
+                    ensured_seen[name] = time.monotonic()
+                    if len(ensured_seen) >= expected[0]:
+                        all_ensured.set()
+
+        async def watch_services() -> None:
+            async for event in watch(client, f"/api/v1/namespaces/{NAMESPACE}/services",
+                                     listing["metadata"]["resourceVersion"]):
                 obj = event.get("object") or {}
                 name = (obj.get("metadata") or {}).get("name")
                 if name and name not in ready and ((obj.get("status") or {}).get("loadBalancer") or {}).get("ingress"):
@@ -111,7 +151,8 @@ async def run(count: int, workdir: Path) -> dict[str, Any]:
                 await asyncio.sleep(0.1)
 
         expected = [count]
-        watcher = asyncio.create_task(watch())
+        watcher = asyncio.create_task(watch_services())
+        event_watcher = asyncio.create_task(watch_events())
         sampler = asyncio.create_task(sample_rss())
         await asyncio.sleep(0.2)
         semaphore = asyncio.Semaphore(64)
@@ -128,6 +169,11 @@ async def run(count: int, workdir: Path) -> dict[str, Any]:
         await asyncio.wait_for(all_ready.wait(), timeout=max(120, count / 5))
         burst_done = max(ready.values())
         latencies = sorted(ready[n] - created[n] for n in created)
+        await asyncio.wait_for(all_ensured.wait(), timeout=60)
+        burst = list(created)
+        event_lags = [ensured_seen[n] - ready[n] for n in burst]
+        events_done_after = max(ensured_seen[n] for n in burst) - burst_done
+        events_per_service = sum(len(event_objects.get(n, ())) for n in burst) / count
         await asyncio.sleep(1.5)  # trailing writes (pool status) land before counting
         requests = operator_requests(metrics_port) - requests_at_start
 
@@ -138,6 +184,7 @@ async def run(count: int, workdir: Path) -> dict[str, Any]:
         await asyncio.wait_for(all_ready.wait(), timeout=30)
         single = ready["single"] - created["single"]
         watcher.cancel()
+        event_watcher.cancel()
         sampler.cancel()
         return {
             "services": count,
@@ -148,6 +195,10 @@ async def run(count: int, workdir: Path) -> dict[str, Any]:
             "operator_rss_mb": round(peak_rss[0], 1),
             "single_service_s": round(single, 4),
             "burst_create_s": round(create_s, 2),  # how long the apiserver took to accept the burst
+            "events_per_service": round(events_per_service, 3),
+            "event_lag_p50_s": round(statistics.median(event_lags), 4),
+            "event_lag_p99_s": round(percentile(event_lags, 0.99), 4),
+            "events_done_after_s": round(events_done_after, 3),  # last EnsuredLoadBalancer after the last ingress
         }
     finally:
         if operator is not None:

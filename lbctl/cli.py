@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lbctl.dev import controlplane, gobuild
+from lbctl.model.meta import LOCAL_CLASS
+from lbctl.operator import defaults
 
 
 def _dev_up(args: argparse.Namespace) -> int:
@@ -131,12 +133,13 @@ def _add_operator(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     op = commands.add_parser(
         "operator", help="run the operator (every flag also reads LBCTL_<FLAG>, e.g. LBCTL_PROVIDER)")
     _add_provider_args(op)
-    op.add_argument("--workers", type=int, default=_env("WORKERS", "32"), help="concurrent syncs")
-    op.add_argument("--node-port-range", type=_port_range, default=_env("NODE_PORT_RANGE", "30000-32767"),
+    op.add_argument("--workers", type=int, default=_env("WORKERS", str(defaults.WORKERS)), help="concurrent syncs")
+    op.add_argument("--node-port-range", type=_port_range,
+                    default=_env("NODE_PORT_RANGE", defaults.port_range_text(defaults.NODE_PORT_RANGE)),
                     help="the apiserver's --service-node-port-range (for claiming NodePorts)")
-    op.add_argument("--gc-interval", type=float, default=_env("GC_INTERVAL", "300"),
+    op.add_argument("--gc-interval", type=float, default=_env("GC_INTERVAL", str(defaults.GC_INTERVAL_S)),
                     help="seconds between orphan sweeps")
-    op.add_argument("--resync-interval", type=float, default=_env("RESYNC_INTERVAL", "600"),
+    op.add_argument("--resync-interval", type=float, default=_env("RESYNC_INTERVAL", str(defaults.RESYNC_INTERVAL_S)),
                     help="seconds between full re-syncs of every Service")
     op.add_argument("--metrics-port", type=int, default=_env("METRICS_PORT", "0"),
                     help="serve Prometheus metrics on this port (0: off)")
@@ -144,16 +147,19 @@ def _add_operator(commands: argparse._SubParsersAction[argparse.ArgumentParser])
                     help="kopf liveness probe endpoint, e.g. http://0.0.0.0:8080/healthz")
     op.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=_env_flag("LEADER_ELECT"),
                     help="run as one of several replicas: only the holder of a Lease acts (LBCTL_LEADER_ELECT)")
-    op.add_argument("--leader-elect-lease", default=_env("LEADER_ELECT_LEASE", "lbctl-operator"),
+    op.add_argument("--leader-elect-lease", default=_env("LEADER_ELECT_LEASE", defaults.LEASE_NAME),
                     help="the Lease's name (LBCTL_LEADER_ELECT_LEASE)")
     op.add_argument("--leader-elect-namespace",
-                    default=_env("LEADER_ELECT_NAMESPACE", os.environ.get("POD_NAMESPACE", "lbctl-system")),
+                    default=_env("LEADER_ELECT_NAMESPACE", os.environ.get("POD_NAMESPACE", defaults.LEASE_NAMESPACE)),
                     help="the Lease's namespace (LBCTL_LEADER_ELECT_NAMESPACE, else POD_NAMESPACE, else lbctl-system)")
-    op.add_argument("--leader-elect-lease-duration", type=int, default=_env("LEADER_ELECT_LEASE_DURATION", "3"),
+    op.add_argument("--leader-elect-lease-duration", type=int,
+                    default=_env("LEADER_ELECT_LEASE_DURATION", str(defaults.LEASE_DURATION_S)),
                     help="seconds a standby waits after the Lease last changed before taking it")
-    op.add_argument("--leader-elect-renew-deadline", type=float, default=_env("LEADER_ELECT_RENEW_DEADLINE", "2"),
+    op.add_argument("--leader-elect-renew-deadline", type=float,
+                    default=_env("LEADER_ELECT_RENEW_DEADLINE", str(defaults.RENEW_DEADLINE_S)),
                     help="seconds the leader may fail to renew before it stops acting (< lease duration)")
-    op.add_argument("--leader-elect-retry-period", type=float, default=_env("LEADER_ELECT_RETRY_PERIOD", "0.5"),
+    op.add_argument("--leader-elect-retry-period", type=float,
+                    default=_env("LEADER_ELECT_RETRY_PERIOD", str(defaults.RETRY_PERIOD_S)),
                     help="seconds between attempts to renew or acquire the Lease")
     op.set_defaults(func=_operator)
 
@@ -231,7 +237,7 @@ def _add_forwarder(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     fw.add_argument("--vip-interface", default=_env("VIP_INTERFACE"),
                     help="where VIPs go (default: dummy lbctl0 if the kernel has it, else lo)")
     fw.add_argument("--kubeconfig", default=_env("KUBECONFIG"), help="default $KUBECONFIG, then in-cluster")
-    fw.add_argument("--class", dest="lb_class", default=_env("CLASS", "lbctl.io/local"),
+    fw.add_argument("--class", dest="lb_class", default=_env("CLASS", LOCAL_CLASS),
                     help="spec.loadBalancerClass handled (LBCTL_CLASS)")
     fw.add_argument("--announce-class", action="append", default=[],
                     help="classes whose VIPs are announced (repeatable; default: --class)")

@@ -22,9 +22,9 @@ from types import FrameType
 from typing import Any
 
 from lbctl.dev import controlplane
-from lbctl.forwarder.announce import ANNOUNCING_NODE_ANNOTATION
 from lbctl.lab.kube import LabKube, wait_for
 from lbctl.lab.netns import Lab, http_get
+from lbctl.model.meta import ANNOUNCING_NODE_ANNOTATION
 
 NODES = (1, 2)
 NAMESPACE = "demo"

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from lbctl.kube.client import KubeClient
+from lbctl.model.meta import object_key
 from lbctl.model.orphans import orphans
 from lbctl.model.scope import Scope
 from lbctl.model.types import LoadBalancerRef
@@ -15,8 +16,7 @@ from providers.base import Provider
 async def sweep(provider: Provider, client: KubeClient, scope: Scope, delete: bool) -> list[LoadBalancerRef]:
     services: dict[str, dict[str, Any]] = {}
     async for service in client.list_all("/api/v1/services"):
-        meta = service["metadata"]
-        services[f"{meta['namespace']}/{meta['name']}"] = service
+        services[object_key(service)] = service
     found = orphans(await provider.list_owned(), services, scope)
     if delete:
         for ref in found:

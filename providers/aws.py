@@ -151,9 +151,10 @@ class AwsProvider(Provider):
         self.ec2 = ec2
         # Rate limits after AWS's own token buckets: ELB Describe* refill 10/s from 40; ELB writes and
         # EC2 have their own buckets. Going over them only costs throttling retries.
-        self._elb = elbv2_caller or CloudCaller(is_retryable, rate_per_s=10.0, burst=40)
-        self._elb_write = elbv2_write_caller or elbv2_caller or CloudCaller(is_retryable, rate_per_s=20.0, burst=40)
-        self._ec2 = ec2_caller or CloudCaller(is_retryable, rate_per_s=20.0, burst=100)
+        self._elb = elbv2_caller or CloudCaller(is_retryable, rate_per_s=10.0, burst=40, provider="aws")
+        self._elb_write = elbv2_write_caller or elbv2_caller or CloudCaller(is_retryable, rate_per_s=20.0, burst=40,
+                                                                            provider="aws")
+        self._ec2 = ec2_caller or CloudCaller(is_retryable, rate_per_s=20.0, burst=100, provider="aws")
         self._instance_cache = InstanceCache(instance_cache_s)
         self._state_cache_s = state_cache_s
         self._known: dict[str, plan.KnownState] = {}

@@ -343,7 +343,7 @@ class GceProvider(Provider):
         self._project = config.project
         self._region = config.region
         self._clients = clients
-        self._caller = caller or CloudCaller(is_retryable)
+        self._caller = caller or CloudCaller(is_retryable, provider="gce")
         self._cache = _TtlCache(cache_ttl_s)
         self._page_size = page_size
         self._locks: dict[tuple[str, ...], asyncio.Lock] = {}
@@ -375,7 +375,7 @@ class GceProvider(Provider):
         if not 1 <= page_size <= 500 or rate <= 0 or burst < 1 or ttl < 0:
             raise ValueError("gce provider: page-size must be 1..500, rate-per-s and burst positive, cache-ttl-s >= 0")
         clients = _Clients.build(credentials, endpoint, config.project, page_size)
-        return cls(config, clients, caller=CloudCaller(is_retryable, rate_per_s=rate, burst=burst),
+        return cls(config, clients, caller=CloudCaller(is_retryable, rate_per_s=rate, burst=burst, provider="gce"),
                    cache_ttl_s=ttl, page_size=page_size)
 
     # -- calling GCE ---------------------------------------------------------------------------
@@ -385,7 +385,7 @@ class GceProvider(Provider):
         """One SDK call (with its operation) through the caller; GCE errors become lbctl errors,
         except those the caller tolerates, which come back as an Outcome."""
         try:
-            return await self._caller.call(fn)
+            return await self._caller.call_as(what, fn)
         except api_exceptions.GoogleAPICallError as exc:
             if absent_ok and isinstance(exc, api_exceptions.NotFound):
                 return Outcome.ABSENT

@@ -11,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+from lbctl.model.errors import LoadBalancerError
 from lbctl.model.types import Ingress, LoadBalancerRef, LoadBalancerSpec, LoadBalancerStatus, PortStatus
 from providers.base import Provider, ProviderSettings, WatchedResource
+from providers.local_metrics import ALLOCATION_FAILURES, allocation_failure_reason
 from providers.local_pools import Allocator, Pool, PoolError, overlapping_pools, parse_pool, request_from_spec
 
 POOLS = WatchedResource("lbctl.io", "v1alpha1", "loadbalancerpools")
@@ -38,7 +40,11 @@ class LocalProvider(Provider):
 
     async def ensure(self, spec: LoadBalancerSpec) -> LoadBalancerStatus:
         request = request_from_spec(spec, labels=spec.labels, created=spec.created)
-        addresses = self._allocator.assign(request)
+        try:
+            addresses = self._allocator.assign(request)
+        except LoadBalancerError as exc:
+            ALLOCATION_FAILURES.labels(allocation_failure_reason(exc.problem)).inc()
+            raise
         self._refs[spec.service.key] = spec.ref
         ports = tuple(PortStatus(port=p.port, protocol=p.protocol) for p in spec.ports)
         return LoadBalancerStatus(tuple(Ingress(ip=str(ip), ip_mode="VIP", ports=ports) for ip in addresses))
@@ -81,6 +87,10 @@ class LocalProvider(Provider):
                 "OverlappingPool", f"{overlap.message}; fix: give each pool its own addresses "
                 f"(pool {overlap.kept.name} keeps them)")
         return self._allocator.set_pools(pools)
+
+    def address_usage(self) -> dict[tuple[str, int], tuple[int, int]]:
+        """(pool, IP version) → (usable addresses, assigned), for the pool metrics."""
+        return self._allocator.family_usage()
 
     def resource_status(self, resource: WatchedResource) -> dict[str, dict[str, Any]]:
         stats = self._allocator.pool_stats()

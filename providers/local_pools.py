@@ -94,6 +94,7 @@ from __future__ import annotations
 
 import ipaddress
 from bisect import bisect_right
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -800,6 +801,22 @@ class Allocator:
 
     def pool_stats(self) -> dict[str, PoolUsage]:
         return {name: PoolUsage(s.used, s.usable - s.used) for name, s in sorted(self._pools.items())}
+
+    def family_usage(self) -> dict[tuple[str, int], tuple[int, int]]:
+        """(pool, IP version) → (usable addresses, assigned); a shared address counts once."""
+        assigned: Counter[tuple[str, int]] = Counter(
+            (use.pool, ip.version) for ip, use in self._uses.items() if use.pool is not None)
+        usage: dict[tuple[str, int], tuple[int, int]] = {}
+        for name, state in self._pools.items():
+            for version in state.free:
+                usable = 0
+                for r in state.pool.ranges:
+                    if r.version == version:
+                        usable += r.last - r.first + 1
+                        if state.pool.avoid_buggy_ips and version == 4:
+                            usable -= _buggy_up_to(r.last) - _buggy_up_to(r.first - 1)
+                usage[(name, version)] = (usable, assigned[(name, version)])
+        return usage
 
     # -- services ------------------------------------------------------------------------------
 

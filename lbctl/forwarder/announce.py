@@ -14,10 +14,10 @@ from lbctl.forwarder.addresses import VipAddresses
 from lbctl.forwarder.ownership import VipOwner
 from lbctl.kube.client import JSON_PATCH, MERGE_PATCH, ApiError, KubeClient, service_path
 from lbctl.kube.events import EventRecorder
+from lbctl.model.meta import ANNOUNCING_NODE_ANNOTATION
 
 log = logging.getLogger(__name__)
 
-ANNOUNCING_NODE_ANNOTATION = "lbctl.io/announcing-node"
 EVENT_REASON = "AnnouncingAddress"
 _REPATCH_S = 2.0
 _WRITE_TIMEOUT_S = 5.0

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from lbctl.forwarder.state import TCP, UDP, Backend, Problem, ServicePort, ServiceState
+from lbctl.model.meta import LOCAL_CLASS, SERVICE_NAME_LABEL, SOURCE_RANGES_ANNOTATION, key
 from lbctl.model.scope import Scope
 
-SERVICE_NAME_LABEL = "kubernetes.io/service-name"
-SOURCE_RANGES_ANNOTATION = "service.beta.kubernetes.io/load-balancer-source-ranges"
 DEFAULT_AFFINITY_TIMEOUT = 10800  # Kubernetes' default for sessionAffinityConfig.clientIP
 MAX_AFFINITY_TIMEOUT = 86400
 _PROTOCOLS = {"TCP": TCP, "UDP": UDP}
@@ -29,7 +28,7 @@ class BuildContext:
 
     node: str
     scope: Scope
-    announce_classes: frozenset[str] = frozenset({"lbctl.io/local"})
+    announce_classes: frozenset[str] = frozenset({LOCAL_CLASS})
     # Endpoints must lie in one of these (empty: anywhere but loopback, link-local, multicast…)
     pod_networks: tuple[ipaddress.IPv4Network, ...] = ()
 
@@ -54,14 +53,14 @@ def _port(value: Any) -> int | None:
 
 def service_key(obj: Mapping[str, Any]) -> str:
     meta = _mapping(obj.get("metadata"))
-    return f"{_text(meta.get('namespace'))}/{_text(meta.get('name'))}"
+    return key(_text(meta.get("namespace")), _text(meta.get("name")))
 
 
 def slice_service_key(obj: Mapping[str, Any]) -> str | None:
     """The Service an EndpointSlice belongs to (its kubernetes.io/service-name label)."""
     meta = _mapping(obj.get("metadata"))
     name = _text(_mapping(meta.get("labels")).get(SERVICE_NAME_LABEL))
-    return f"{_text(meta.get('namespace'))}/{name}" if name else None
+    return key(_text(meta.get("namespace")), name) if name else None
 
 
 def endpoint_ip_problem(ip: str, pod_networks: Sequence[ipaddress.IPv4Network]) -> str | None:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from lbctl.forwarder import metrics
+
 log = logging.getLogger(__name__)
 
 
@@ -50,8 +52,10 @@ class HealthServers:
         port = int(sockname[1]) if sockname else 0
         check = self._checks.get(port)
         if check is None:
+            metrics.HEALTH_CHECK_RESPONSES.labels("404").inc()
             return web.Response(status=404, text="no Service uses this health check port\n")
         status, headers, body = health_response(check)
+        metrics.HEALTH_CHECK_RESPONSES.labels(str(status)).inc()
         return web.Response(status=status, headers=headers, text=body)
 
     async def _ensure_runner(self) -> web.AppRunner:

@@ -8,18 +8,17 @@ node per 10 s whatever the cluster's size."""
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import time
 from typing import Any
 
 from lbctl.kube.client import MERGE_PATCH, ApiError, KubeClient
+from lbctl.model.meta import FORWARDER_LEASE_LABEL, SYSTEM_NAMESPACE, micro_time
 
 log = logging.getLogger(__name__)
 
-LEASE_NAMESPACE = "lbctl-system"
+LEASE_NAMESPACE = SYSTEM_NAMESPACE
 LEASE_PREFIX = "lbctl-forwarder-"
-LEASE_LABEL = "lbctl.io/forwarder-node"
 
 
 def lease_name(node: str) -> str:
@@ -31,16 +30,12 @@ def leases_path(namespace: str, name: str = "") -> str:
     return f"{path}/{name}" if name else path
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def lease_body(node: str, duration_s: int) -> dict[str, Any]:
-    now = _now()
+    now = micro_time()
     return {
         "apiVersion": "coordination.k8s.io/v1",
         "kind": "Lease",
-        "metadata": {"name": lease_name(node), "labels": {LEASE_LABEL: node}},
+        "metadata": {"name": lease_name(node), "labels": {FORWARDER_LEASE_LABEL: node}},
         "spec": {"holderIdentity": node, "leaseDurationSeconds": duration_s, "acquireTime": now, "renewTime": now},
     }
 
@@ -69,7 +64,8 @@ class NodeLease:
         started = time.monotonic()
         try:
             await self._client.request("PATCH", path, content_type=MERGE_PATCH, body={
-                "spec": {"holderIdentity": self._node, "leaseDurationSeconds": self.duration_s, "renewTime": _now()}})
+                "spec": {"holderIdentity": self._node, "leaseDurationSeconds": self.duration_s,
+                         "renewTime": micro_time()}})
         except ApiError as exc:
             if exc.status != 404:
                 raise

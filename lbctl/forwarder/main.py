@@ -43,7 +43,8 @@ from lbctl.forwarder.render import BASE_DECLARATIONS, BASE_RULES, FAMILY, TABLE,
 from lbctl.forwarder.state import Problem, ServiceState
 from lbctl.forwarder.status import StatusServer
 from lbctl.kube.client import KubeClient, load_configuration
-from lbctl.kube.reflector import Reflector, object_key
+from lbctl.kube.reflector import Reflector
+from lbctl.model.meta import LOCAL_CLASS, object_key
 from lbctl.model.scope import Scope
 
 log = logging.getLogger("lbctl.forwarder")
@@ -58,9 +59,9 @@ class ForwarderConfig:
     node: str
     mode: str = "full"
     kubeconfig: str | None = None
-    lb_class: str = "lbctl.io/local"
+    lb_class: str = LOCAL_CLASS
     default_class: bool = False
-    announce_classes: tuple[str, ...] = ("lbctl.io/local",)
+    announce_classes: tuple[str, ...] = (LOCAL_CLASS,)
     interface: str | None = None  # uplink for gratuitous ARP (default: the one whose subnet holds the VIP)
     vip_interface: str | None = None  # default: a dummy lbctl0 if the kernel can, else lo
     pod_networks: tuple[str, ...] = ()

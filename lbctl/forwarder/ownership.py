@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lbctl.forwarder.state import ServiceState
-
-EXCLUDE_LABEL = "node.kubernetes.io/exclude-from-external-load-balancers"
+from lbctl.model.meta import EXCLUDE_LABEL
 
 
 @functools.lru_cache(maxsize=1 << 17)

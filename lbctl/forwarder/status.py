@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiohttp import web
 
 log = logging.getLogger(__name__)
 
-Report = Callable[[], tuple[int, dict[str, Any]]]
+Report = Callable[[Mapping[str, str]], tuple[int, dict[str, Any]]]  # query parameters → (status, body)
 
 
 class StatusServer:
@@ -24,7 +24,7 @@ class StatusServer:
         self._runner: web.AppRunner | None = None
 
     async def _handle(self, request: web.Request) -> web.Response:
-        status, body = self._report()
+        status, body = self._report(request.query)
         return web.Response(status=status, text=json.dumps(body, indent=1) + "\n", content_type="application/json")
 
     async def start(self) -> None:

@@ -58,7 +58,6 @@ class KubeClient:
         self._ssl = context
         self._user_agent = user_agent
         self._session: aiohttp.ClientSession | None = None
-        self.requests_sent = 0
 
     @classmethod
     def from_kubeconfig(cls, kubeconfig: str | None = None, user_agent: str = "lbctl") -> KubeClient:
@@ -95,7 +94,6 @@ class KubeClient:
         timeout_s: float | None = None,
     ) -> dict[str, Any]:
         session = self.session()
-        self.requests_sent += 1
         REQUESTS.labels(verb=method).inc()
         if body is not None and content_type is None:
             content_type = "application/json"
@@ -123,19 +121,6 @@ class KubeClient:
                 return
             query["continue"] = token
 
-    async def watch(
-        self, path: str, resource_version: str, timeout_s: int = 300
-    ) -> AsyncIterator[dict[str, Any]]:
-        """Watch events ({"type": …, "object": …}) from `resource_version` until the server ends it."""
-        params = {"watch": "1", "resourceVersion": resource_version, "allowWatchBookmarks": "false",
-                  "timeoutSeconds": str(timeout_s)}
-        async with self.session().get(self.base + path, params=params, headers=self.headers(None),
-                                      timeout=aiohttp.ClientTimeout(total=None, sock_read=timeout_s + 30)) as response:
-            if response.status >= 400:
-                raise ApiError(response.status, "WATCH", path, await response.text())
-            async for event in json_lines(response):
-                yield event
-
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
@@ -159,9 +144,3 @@ def service_path(namespace: str, name: str, subresource: str = "") -> str:
     path = f"/api/v1/namespaces/{quote(namespace)}/services/{quote(name)}"
     return f"{path}/{subresource}" if subresource else path
 
-
-def custom_path(group: str, version: str, plural: str, name: str = "", subresource: str = "") -> str:
-    path = f"/apis/{group}/{version}/{plural}"
-    if name:
-        path += f"/{quote(name)}"
-    return f"{path}/{subresource}" if subresource else path

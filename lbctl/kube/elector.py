@@ -9,7 +9,6 @@ renew deadline, so a leader cut off from the apiserver notices in time.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import os
 import secrets
@@ -35,6 +34,7 @@ from lbctl.kube.election import (
     released,
     written,
 )
+from lbctl.model.meta import micro_time
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,6 @@ log = logging.getLogger(__name__)
 def default_identity() -> str:
     """The pod's name (POD_NAME from the downward API), else host, pid and a random suffix."""
     return os.environ.get("POD_NAME") or f"{socket.gethostname()}_{os.getpid()}_{secrets.token_hex(3)}"
-
-
-def micro_time(now: dt.datetime | None = None) -> str:
-    """Kubernetes' MicroTime: RFC 3339 with microseconds."""
-    return (now or dt.datetime.now(dt.UTC)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def lease_record(lease: Mapping[str, Any]) -> LeaseRecord:

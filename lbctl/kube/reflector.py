@@ -26,6 +26,7 @@ from typing import Any
 import aiohttp
 
 from lbctl.kube.client import KubeClient, json_lines
+from lbctl.model.meta import object_key
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,6 @@ Change = Callable[[Mapping[str, Any] | None, Mapping[str, Any] | None], None]
 _WATCH_TIMEOUT_S = 290
 #: a watch that keeps failing this many times in a row is given up for a re-list
 _RESUME_ATTEMPTS = 3
-
-
-def object_key(obj: Mapping[str, Any]) -> str:
-    meta = obj.get("metadata") or {}
-    return f"{meta.get('namespace') or ''}/{meta.get('name') or ''}"
 
 
 def relist_changes(

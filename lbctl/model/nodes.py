@@ -11,11 +11,8 @@ from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
+from lbctl.model.meta import AUTOSCALER_TAINT, EXCLUDE_LABEL, ZONE_LABEL
 from lbctl.model.types import NodeTarget
-
-EXCLUDE_LABEL = "node.kubernetes.io/exclude-from-external-load-balancers"
-AUTOSCALER_TAINT = "ToBeDeletedByClusterAutoscaler"
-ZONE_LABEL = "topology.kubernetes.io/zone"
 
 
 def ineligibility(node: Mapping[str, Any]) -> str | None:

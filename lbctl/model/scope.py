@@ -6,14 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-FINALIZER = "service.kubernetes.io/load-balancer-cleanup"
-# Written with the finalizer: the upstream service controller uses the same finalizer, and once a
-# Service's type changes away from LoadBalancer its class is gone, so this marks what is ours.
-OWNER_ANNOTATION = "lbctl.io/load-balancer-class"
+from lbctl.model.meta import FINALIZER, OWNER_ANNOTATION, default_class
 
-
-def default_class(provider: str) -> str:
-    return f"lbctl.io/{provider}"
+__all__ = ["FINALIZER", "OWNER_ANNOTATION", "Scope", "default_class"]
 
 
 @dataclass(frozen=True)

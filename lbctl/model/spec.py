@@ -12,12 +12,12 @@ from types import MappingProxyType
 from typing import Any
 
 from lbctl.model.errors import InvalidServiceError
+from lbctl.model.meta import SOURCE_RANGES_ANNOTATION
 from lbctl.model.names import load_balancer_name
 from lbctl.model.status import ingress_from_api
 from lbctl.model.types import LoadBalancerSpec, NodeTarget, PortSpec, ServiceRef
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-SOURCE_RANGES_ANNOTATION = "service.beta.kubernetes.io/load-balancer-source-ranges"
 
 
 def service_ref(service: Mapping[str, Any]) -> ServiceRef:

@@ -183,6 +183,7 @@ async def run(
                                 config.election_timing, operator.started_leading, operator.stopped_leading)
         operator.elector = elector
     metrics.LEADER.set(0)
+    metrics.watch(reconciler, config.scope.manages)
     if config.metrics_port:
         start_http_server(config.metrics_port)
     log.info("lbctl operator %s: provider %s, class %s%s, cluster %s", identity, config.provider,

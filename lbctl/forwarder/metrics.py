@@ -1,0 +1,140 @@
+"""Prometheus metrics of the forwarder (served with --metrics-port), and the network-programming
+latency: from an EndpointSlice change in the apiserver to the nft transaction that carries it.
+
+SIG Scalability's kube-proxy SLI (`kubeproxy_network_programming_duration_seconds`) takes the
+change's time from the EndpointSlice's `endpoints.kubernetes.io/last-change-trigger-time`
+annotation, which the endpointslice controller sets to when the Pod or Service change that caused
+it happened. The same here; where a slice has no such annotation (written by something else, or a
+deletion), the time the watch event arrived stands in, which leaves out the apiserver's share.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import REGISTRY, Collector
+
+from lbctl.report.facts import parse_time
+
+log = logging.getLogger(__name__)
+
+TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
+PEER_STATES = ("alive", "away", "dead", "unknown")
+
+SYNC_SECONDS = Histogram(
+    "lbctl_forwarder_sync_seconds", "Time to build and commit one nft transaction, by kind (full, incremental)",
+    ["kind"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+TRANSACTION_FAILURES = Counter(
+    "lbctl_forwarder_transaction_failures_total", "nft transactions the kernel rejected, by kind", ["kind"])
+STATEMENTS = Counter(
+    "lbctl_forwarder_nft_statements_total",
+    "nft statements (rules, map elements, chains) committed to the kernel, by kind of transaction", ["kind"])
+SERVICES_PROGRAMMED = Gauge("lbctl_forwarder_services_programmed", "Services whose rules are in the kernel")
+VIPS = Gauge("lbctl_forwarder_vips", "Virtual addresses this node holds")
+OWNERSHIP_CHANGES = Counter(
+    "lbctl_forwarder_vip_ownership_changes_total", "VIPs this node took or gave up, by change (taken, released)",
+    ["change"])
+GRATUITOUS_ARP = Counter("lbctl_forwarder_gratuitous_arp_total", "Gratuitous ARP announcements sent")
+HEALTH_CHECK_RESPONSES = Counter(
+    "lbctl_forwarder_health_check_responses_total",
+    "Answers on healthCheckNodePorts (externalTrafficPolicy Local), by HTTP code", ["code"])
+NETWORK_PROGRAMMING_SECONDS = Histogram(
+    "lbctl_forwarder_network_programming_seconds",
+    "From an EndpointSlice change (its last-change-trigger-time, else the watch event's arrival) to the nft "
+    "transaction that carries it",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300),
+)
+
+
+class _Peers(Collector):
+    """lbctl_forwarder_peers{state}: read from the membership view at scrape time."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Iterable[str]] | None = None
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily("lbctl_forwarder_peers", "Peer forwarders by state as this node sees them "
+                                   "(alive, away: forwarder silent but node answers ping, dead, unknown)",
+                                   labels=["state"])
+        counts = dict.fromkeys(PEER_STATES, 0)
+        if self.source is not None:
+            for state in self.source():
+                counts[state] = counts.get(state, 0) + 1
+        for state, count in counts.items():
+            family.add_metric([state], count)
+        yield family
+
+
+PEERS = _Peers()
+REGISTRY.register(PEERS)
+
+
+def change_time(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None, arrived: float) -> float:
+    """When the change from `old` to `new` happened in the cluster (epoch seconds; pure)."""
+    if new is None:
+        return arrived
+    stamp = ((new.get("metadata") or {}).get("annotations") or {}).get(TRIGGER_TIME_ANNOTATION)
+    before = (((old or {}).get("metadata") or {}).get("annotations") or {}).get(TRIGGER_TIME_ANNOTATION)
+    when = parse_time(stamp) if stamp != before else None  # an unchanged trigger time is an older change's
+    return min(when, arrived) if when is not None else arrived
+
+
+class ProgrammingLatency:
+    """Earliest unprogrammed change per Service key; observed once its transaction is committed."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, float] = {}
+        self.enabled = False  # not for the first list: those changes happened before this process
+
+    def seen(self, key: str, when: float) -> None:
+        if self.enabled and (key not in self.pending or when < self.pending[key]):
+            self.pending[key] = when
+
+    def committed(self, keys: Iterable[str], programmed: Callable[[str], bool], now: float) -> list[float]:
+        """`keys` went into the kernel at `now`; returns the latencies observed."""
+        observed = []
+        for key in keys:
+            when = self.pending.pop(key, None)
+            if when is not None and programmed(key):
+                observed.append(max(0.0, now - when))
+                NETWORK_PROGRAMMING_SECONDS.observe(observed[-1])
+        return observed
+
+
+class MetricsServer:
+    """/metrics over aiohttp in the forwarder's own event loop: the gauges read at scrape time see
+    its state between two steps, never half-way through one (a scrape thread could)."""
+
+    def __init__(self, port: int, bind: str = "0.0.0.0") -> None:
+        self._port = port
+        self._bind = bind
+        self._runner: web.AppRunner | None = None
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def start(self) -> None:
+        if not self._port:
+            return
+        app = web.Application()
+        app.router.add_get("/metrics", self._handle)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self._bind, self._port, reuse_address=True).start()
+        except OSError as exc:
+            log.warning("cannot serve /metrics on port %d: %s", self._port, exc)
+            await runner.cleanup()
+            return
+        self._runner = runner
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

@@ -1,0 +1,154 @@
+"""Both /metrics endpoints during `lbctl demo`: every documented series is exported, with sane values
+(the pool's free count drops by one per Service, the network-programming latency count grows on an
+endpoint change), and the demo still cleans up after."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from lbctl.lab.kube import LabKube, wait_for
+from lbctl.lab.netns import leftovers
+from tests.dataplane.harness import require_root_tools
+
+pytestmark = pytest.mark.dataplane
+
+OPERATOR_FAMILIES = (
+    "lbctl_service_syncs_total", "lbctl_service_sync_seconds", "lbctl_workqueue_depth", "lbctl_workqueue_wait_seconds",
+    "lbctl_services", "lbctl_cloud_api_calls_total", "lbctl_cloud_api_call_seconds", "lbctl_leader",
+    "lbctl_orphans_found_total", "lbctl_orphans_deleted_total", "lbctl_kube_requests_total", "lbctl_pool_addresses",
+    "lbctl_pool_addresses_assigned", "lbctl_pool_addresses_free", "lbctl_pool_allocation_failures_total",
+)
+FORWARDER_FAMILIES = (
+    "lbctl_forwarder_sync_seconds", "lbctl_forwarder_transaction_failures_total",
+    "lbctl_forwarder_nft_statements_total",
+    "lbctl_forwarder_services_programmed", "lbctl_forwarder_vips", "lbctl_forwarder_vip_ownership_changes_total",
+    "lbctl_forwarder_gratuitous_arp_total", "lbctl_forwarder_health_check_responses_total", "lbctl_forwarder_peers",
+    "lbctl_forwarder_network_programming_seconds", "lbctl_kube_requests_total",
+)
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return str(response.read().decode())
+
+
+def families(text: str) -> set[str]:
+    """Metric families named by # TYPE lines (counters as their _total name, as documented)."""
+    found = set()
+    for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M):
+        found.add(f"{name}_total" if kind == "counter" and not name.endswith("_total") else name)
+    return found
+
+
+def value(text: str, name: str, **labels: str) -> float | None:
+    """The sum of the samples of `name` whose labels include `labels` (None: no such sample)."""
+    total, seen = 0.0, False
+    for sample_labels, number in re.findall(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? (\S+)$", text, re.M):
+        pairs = dict(re.findall(r'(\w+)="([^"]*)"', sample_labels or ""))
+        if all(pairs.get(k) == v for k, v in labels.items()):
+            total += float(number)
+            seen = True
+    return total if seen else None
+
+
+@dataclass
+class RunningDemo:
+    proc: subprocess.Popen[str]
+    kubeconfig: str
+    operator_url: str
+    forwarder_urls: list[str]
+
+
+@pytest.fixture
+def demo() -> Iterator[RunningDemo]:
+    require_root_tools()
+    before = set(leftovers("lbx"))
+    proc = subprocess.Popen([sys.executable, "-m", "lbctl", "demo", "--keep", "240"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    output, kubeconfig, urls = [], "", ""
+    deadline = time.monotonic() + 180
+    for line in proc.stdout:
+        output.append(line)
+        if line.startswith("[demo] export KUBECONFIG="):
+            kubeconfig = line.strip().split("=", 1)[1]
+        if line.startswith("[demo] metrics: "):
+            urls = line
+        if "leaving it up" in line or time.monotonic() > deadline:
+            break
+    found = re.findall(r"http://\S+/metrics", urls)
+    assert kubeconfig and len(found) == 3, "".join(output)
+    try:
+        yield RunningDemo(proc, kubeconfig, found[0], found[1:])
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=90)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert set(leftovers("lbx")) <= before
+
+
+def wait_value(url: str, check: Callable[[str], bool], what: str) -> str:
+    return wait_for(lambda: (lambda t: t if check(t) else None)(scrape(url)), 30, what, interval=0.2)
+
+
+def test_both_metrics_endpoints_during_the_demo(demo: RunningDemo) -> None:
+    operator = scrape(demo.operator_url)
+    assert set(OPERATOR_FAMILIES) <= families(operator), sorted(set(OPERATOR_FAMILIES) - families(operator))
+    assert value(operator, "lbctl_leader") == 1
+    assert value(operator, "lbctl_services", state="ready") == 1
+    assert value(operator, "lbctl_services", state="failed") == 0
+    assert (value(operator, "lbctl_service_syncs_total", result="ensured") or 0) >= 1
+    assert value(operator, "lbctl_pool_addresses", pool="demo", family="IPv4") == 21  # .200-.220
+    assert value(operator, "lbctl_pool_addresses_assigned", pool="demo", family="IPv4") == 1
+    assert value(operator, "lbctl_pool_addresses_free", pool="demo", family="IPv4") == 20
+    assert (value(operator, "lbctl_service_sync_seconds_count") or 0) >= 1
+    assert (value(operator, "lbctl_kube_requests_total") or 0) >= 3
+
+    forwarders = [scrape(url) for url in demo.forwarder_urls]
+    for text in forwarders:
+        assert set(FORWARDER_FAMILIES) <= families(text), sorted(set(FORWARDER_FAMILIES) - families(text))
+        assert value(text, "lbctl_forwarder_services_programmed") == 1
+        assert (value(text, "lbctl_forwarder_sync_seconds_count", kind="full") or 0) >= 1
+        assert value(text, "lbctl_forwarder_peers", state="alive") == 1  # the other node
+        assert value(text, "lbctl_forwarder_transaction_failures_total") is None  # none rejected
+        assert (value(text, "lbctl_forwarder_nft_statements_total") or 0) > 10
+    assert sum(value(t, "lbctl_forwarder_vips") or 0 for t in forwarders) == 1  # one holder for the one VIP
+    assert sum(value(t, "lbctl_forwarder_gratuitous_arp_total") or 0 for t in forwarders) >= 1
+    assert sum(value(t, "lbctl_forwarder_vip_ownership_changes_total", change="taken") or 0 for t in forwarders) >= 1
+
+    kube = LabKube(demo.kubeconfig)
+    try:
+        # one more Service: the pool's free count drops by one
+        kube.create_service("demo", "second", {"app": "hello"}, [{"name": "http", "protocol": "TCP", "port": 8081,
+                                                                   "targetPort": 8080}])
+        kube.wait_external_ip("demo", "second")
+        operator = wait_value(demo.operator_url, lambda t: value(t, "lbctl_services", state="ready") == 2,
+                              "two ready Services in the operator's metrics")
+        assert value(operator, "lbctl_pool_addresses_free", pool="demo", family="IPv4") == 19
+        assert value(operator, "lbctl_pool_addresses_assigned", pool="demo", family="IPv4") == 2
+
+        # an endpoint change: every full-mode forwarder programs it, and counts its latency
+        counts = [value(scrape(url), "lbctl_forwarder_network_programming_seconds_count") or 0
+                  for url in demo.forwarder_urls]
+        kube.set_pod_ready("demo", "hello-1", False)
+        for url, before in zip(demo.forwarder_urls, counts, strict=True):
+            text = wait_value(url, lambda t, b=before: (value(t, "lbctl_forwarder_network_programming_seconds_count")
+                                                        or 0) > b, f"a network-programming observation at {url}")
+            count = value(text, "lbctl_forwarder_network_programming_seconds_count") or 0
+            total = value(text, "lbctl_forwarder_network_programming_seconds_sum") or 0
+            assert 0 < total / count < 10, (total, count)  # seconds, not a stale change's age
+            assert value(text, "lbctl_forwarder_network_programming_seconds_bucket", le="+Inf") == count
+    finally:
+        kube.close()
