@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 
 from lbctl.dev import faults
 from lbctl.lab.kube import wait_for
@@ -96,6 +98,25 @@ def apiserver_away(dp: DataplaneEnv, fault: str) -> Iterator[None]:
         else:
             faults.thaw(dp.cp_dir, "kube-apiserver")
         wait_for(lambda: apiserver_ready(dp), 60, "the apiserver back", interval=0.2)
+        controllers_working(dp)
+
+
+def controllers_working(dp: DataplaneEnv) -> None:
+    """After an outage the controller-manager's informers re-list on their own backoff (up to
+    30 s): until they have, a new namespace gets no ServiceAccount and new pods no EndpointSlice.
+    The next test must not start before that."""
+    probe = f"probe-{uuid.uuid4().hex[:8]}"
+    dp.kube.core.create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": probe}})
+    try:
+        def has_account() -> bool:
+            try:
+                dp.kube.core.read_namespaced_service_account("default", probe)
+                return True
+            except ApiException:
+                return False
+        wait_for(has_account, 120, "the controller-manager working again (a new namespace's ServiceAccount)")
+    finally:
+        dp.kube.delete_namespace(probe)
 
 
 @pytest.mark.parametrize("fault", ["kill", "freeze"])
