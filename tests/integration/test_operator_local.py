@@ -23,6 +23,7 @@ from tests.integration.harness import (
     events,
     ingress_ips,
     lb_service,
+    stop_process,
     wait_for_condition,
     wait_for_event,
     wait_for_ips,
@@ -377,11 +378,14 @@ def test_namespace_flags_limit_the_operator_to_those_namespaces(
     assert service.metadata.finalizers == [FINALIZER]
 
 
-def test_a_missing_pool_crd_is_named_and_the_operator_starts_once_it_is_installed(tmp_path: Path) -> None:
+def test_a_missing_pool_crd_is_named_and_the_operator_starts_once_it_is_installed(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """On a cluster of its own, which has never had the CRD."""
     info = controlplane.up(tmp_path / "cp")
     try:
-        operator = OperatorProcess(info, tmp_path, ["--provider", "local"], {})
+        operator = OperatorProcess(info, tmp_path, ["--provider", "local"], {},
+                                   on_start=lambda proc: request.addfinalizer(lambda: stop_process(proc)))
         operator.start(wait=False)
         wait_until(lambda: "install its CRD" in operator.log(), what="the missing CRD named in the log")
         assert "crd-loadbalancerpool.yaml" in operator.log() and operator.alive()
