@@ -212,7 +212,7 @@ def _forwarder(args: argparse.Namespace) -> int:
             renew_interval_s=args.renew_interval, resync_interval_s=args.resync_interval,
             nft_command=tuple(args.nft.split()), peer_port=args.peer_port,
             heartbeat_interval_s=args.heartbeat_interval, dead_after_s=args.dead_after,
-            restart_grace_s=args.restart_grace, status_port=args.status_port,
+            restart_grace_s=args.restart_grace, status_port=args.status_port, metrics_port=args.metrics_port,
         )
     except ValueError as exc:
         print(f"lbctl forwarder: {exc}", file=sys.stderr)
@@ -253,6 +253,8 @@ def _add_forwarder(commands: argparse._SubParsersAction[argparse.ArgumentParser]
                     help="seconds a peer whose kernel answers ping keeps its VIPs while its forwarder is away")
     fw.add_argument("--status-port", type=int, default=_env("STATUS_PORT", "0"),
                     help="serve /healthz on this port (0: off)")
+    fw.add_argument("--metrics-port", type=int, default=_env("METRICS_PORT", "0"),
+                    help="serve Prometheus /metrics on this port (0: off)")
     fw.add_argument("--lease-duration", type=int, default=_env("LEASE_DURATION", "40"),
                     help="leaseDurationSeconds of the node's Lease (a record for tools, not VIP liveness)")
     fw.add_argument("--renew-interval", type=float, default=_env("RENEW_INTERVAL", "10"),

@@ -27,6 +27,8 @@ from lbctl.lab.netns import Lab, http_get
 from lbctl.model.meta import ANNOUNCING_NODE_ANNOTATION
 
 NODES = (1, 2)
+FORWARDER_STATUS_PORT = 7476
+FORWARDER_METRICS_PORT = 7477
 NAMESPACE = "demo"
 SERVICE = "hello"
 
@@ -99,15 +101,18 @@ class Demo:
 
         env = {**os.environ, "KUBECONFIG": kubeconfig}
         _say("starting the operator (local provider) and a forwarder on each node")
+        metrics_port = controlplane.free_port()
         operator = lab.start(None, [sys.executable, "-m", "lbctl", "operator", "--provider", "local",
-                                    "--node-port-range", "30000-54999", "--log-level", "warning"],
+                                    "--node-port-range", "30000-54999", "--log-level", "warning",
+                                    "--metrics-port", str(metrics_port)],
                              "operator.log", env=env)
         forwarders = {}
         for index in NODES:
             forwarders[index] = lab.start(
                 lab.nodes[index],
                 [sys.executable, "-m", "lbctl", "forwarder", "--node", f"node-{index}", "--mode", "full",
-                 "--kubeconfig", node_kubeconfig], f"forwarder-node-{index}.log")
+                 "--kubeconfig", node_kubeconfig, "--status-port", str(FORWARDER_STATUS_PORT),
+                 "--metrics-port", str(FORWARDER_METRICS_PORT)], f"forwarder-node-{index}.log")
         for index, (pod_ns, _address) in pods.items():
             greeting = (f"Hello from pod hello-{index} on node-{index}, through lbctl! "
                         "Below: the pod, and the address the connection came from.")
@@ -143,6 +148,9 @@ class Demo:
         print(f"$ curl http://{vip}/      # {vip} is announced by {owner}")
         print(page.rstrip())
         if keep_seconds > 0:
+            _say(f"export KUBECONFIG={kubeconfig}")
+            _say(f"metrics: operator http://127.0.0.1:{metrics_port}/metrics, forwarders " + ", ".join(
+                f"http://{lab.node_address(i)}:{FORWARDER_METRICS_PORT}/metrics" for i in NODES))
             _say(f"leaving it up for {keep_seconds:.0f}s (logs in {self.workdir})")
             time.sleep(keep_seconds)
 

@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from lbctl.forwarder import metrics
 from lbctl.forwarder.addresses import VipAddresses
 from lbctl.forwarder.ownership import VipOwner
 from lbctl.kube.client import JSON_PATCH, MERGE_PATCH, ApiError, KubeClient, service_path
@@ -69,6 +70,7 @@ class Announcer:
             log.error("could not add VIP %s to %s: %s", ip, self._addresses.interface, exc)
             return
         self.owned.add(ip)
+        metrics.OWNERSHIP_CHANGES.labels("taken").inc()
         log.info("announcing %s from this node (%s)", ip, self._addresses.interface)
         await self._garp(ip)
         self._repeaters[ip] = asyncio.create_task(self._garp_later(ip))
@@ -83,11 +85,13 @@ class Announcer:
             log.error("could not remove VIP %s from %s: %s", ip, self._addresses.interface, exc)
             return
         self.owned.discard(ip)
+        metrics.OWNERSHIP_CHANGES.labels("released").inc()
         log.info("no longer announcing %s", ip)
 
     async def _garp(self, ip: str) -> None:
         try:
             links = await asyncio.to_thread(self._addresses.send_gratuitous_arp, ip)
+            metrics.GRATUITOUS_ARP.inc(len(links))
             if not links:
                 log.warning("no interface to announce %s on (give one with --interface)", ip)
         except OSError as exc:

@@ -29,7 +29,7 @@ from typing import Any
 
 from kubernetes import client as k8s_client
 
-from lbctl.forwarder import conntrack
+from lbctl.forwarder import conntrack, metrics
 from lbctl.forwarder.addresses import VipAddresses
 from lbctl.forwarder.announce import Announcer, ServiceMarks
 from lbctl.forwarder.apply import Nft, NftError
@@ -75,6 +75,7 @@ class ForwarderConfig:
     dead_after_s: float = 1.0  # a peer neither heard nor answering ping this long is gone
     restart_grace_s: float = 15.0  # a peer whose kernel answers keeps its VIPs this long
     status_port: int = 0  # /healthz (0: off)
+    metrics_port: int = 0  # /metrics (0: off)
     health_bind: str = "0.0.0.0"
     nft_command: tuple[str, ...] = ("nft",)
     conntrack_command: tuple[str, ...] = ("conntrack",)
@@ -130,6 +131,7 @@ class Forwarder:
         self.fenced = False
         self._rejoined_at: float | None = None
         self._api_checked: tuple[float, bool] = (float("-inf"), True)
+        self.latency = metrics.ProgrammingLatency()
 
     # -- cache callbacks (run in the event loop, must be cheap) ---------------------------------
     def _service_changed(self, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> None:
@@ -151,6 +153,7 @@ class Forwarder:
                 if not bucket:
                     self._slices.pop(key, None)
             self._dirty.add(key)
+            self.latency.seen(key, metrics.change_time(old, new, time.time()))
         self._sync_wake.set()
 
     def _node_changed(self, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> None:
@@ -204,10 +207,12 @@ class Forwarder:
             try:
                 await asyncio.to_thread(self._apply, plan)
             except NftError as exc:
+                metrics.TRANSACTION_FAILURES.labels("incremental").inc()
                 log.warning("incremental sync rejected (%s); doing a full sync", exc)
                 self._full_due = True
             else:
                 self._committed(plan, now)
+                metrics.SYNC_SECONDS.labels("incremental").observe(time.monotonic() - now)
                 return
         for _attempt in range(5):
             keys = set(self.states) | self.planner.keys
@@ -216,6 +221,7 @@ class Forwarder:
             try:
                 await asyncio.to_thread(self._apply, plan)
             except NftError as exc:
+                metrics.TRANSACTION_FAILURES.labels("full").inc()
                 owners = {plan.owner_of_line(r.number) for r in exc.rejected}
                 for rejected in exc.rejected:
                     log.error("nft rejected line %d (%s): %s", rejected.number, rejected.error, rejected.text)
@@ -233,12 +239,15 @@ class Forwarder:
                               key, backoff)
                 continue
             self._committed(plan, now)
+            metrics.SYNC_SECONDS.labels("full").observe(time.monotonic() - now)
             self._full_due = self._replace_due = False
             return
         raise RuntimeError("full sync kept being rejected")
 
     def _committed(self, plan: Plan, now: float) -> None:
         self.planner.commit(plan)
+        metrics.STATEMENTS.labels("full" if plan.full else "incremental").inc(len(plan.texts))
+        metrics.SERVICES_PROGRAMMED.set(len(self.planner.keys))
         for key in [k for k in self._quarantine if not self._held(k, now) and k in plan.changes]:
             self._quarantine.pop(key)  # its retry went in
         for conflict in plan.conflicts:
@@ -285,6 +294,7 @@ class Forwarder:
             try:
                 started = time.monotonic()
                 await self._sync_kernel(changed)
+                self.latency.committed(changed, self.planner.keys.__contains__, time.time())
                 log.debug("synced %d change(s) in %.3fs", len(changed), time.monotonic() - started)
                 backoff = 0.5
                 if not self.synced_once.is_set():
@@ -398,10 +408,14 @@ class Forwarder:
         marks = ServiceMarks(self.config.node, client, lambda key: services.cache.get(key))
         peering = Peering(self.membership, lambda: self.claims(announcer), port=self.config.peer_port,
                           on_change=self._announce_wake.set)
-        status = StatusServer(self.config.status_port, lambda: self.status_report(announcer))
+        status = StatusServer(self.config.status_port, lambda query: self.status_report(announcer, query))
+        metrics_server = metrics.MetricsServer(self.config.metrics_port)
+        metrics.VIPS.set_function(lambda: len(announcer.owned))
+        metrics.PEERS.source = lambda: [p.state for p in self.membership.view(time.monotonic())]
         tasks: list[asyncio.Task[None]] = []
         try:
             await status.start()
+            await metrics_server.start()
             await announcer.start()
             await peering.start()
             tasks.append(asyncio.create_task(peering.run(), name="peering"))
@@ -414,6 +428,7 @@ class Forwarder:
             if stop.is_set():
                 return
             log.info("caches filled: %d Services, %d EndpointSlices", len(services.cache), len(slices.cache))
+            self.latency.enabled = self.full  # changes from here on (announce mode programs no rules)
             self._dirty |= set(services.cache)
             self._sync_wake.set()
             tasks.append(asyncio.create_task(self._sync_loop(services), name="sync"))
@@ -440,6 +455,7 @@ class Forwarder:
                 await marks.close()
             await self.health.close()
             await status.close()
+            await metrics_server.close()
             await client.close()
 
     async def _wait_for_state(self, reflectors: tuple[Reflector, ...], stop: asyncio.Event) -> None:
@@ -457,7 +473,7 @@ class Forwarder:
             waiting.cancel()
             stopping.cancel()
 
-    def status_report(self, announcer: Announcer) -> tuple[int, dict[str, Any]]:
+    def status_report(self, announcer: Announcer, query: Mapping[str, str] | None = None) -> tuple[int, dict[str, Any]]:
         now = time.monotonic()
         has_state = self.synced_once.is_set()
         body: dict[str, Any] = {
@@ -469,6 +485,16 @@ class Forwarder:
             "peers": [{"node": p.node, "address": p.address, "state": p.state, "heartbeatAgeSeconds": p.heartbeat_age_s}
                       for p in self.membership.view(now)],
         }
+        key = (query or {}).get("service")
+        if key:  # `lbctl status --probe NAME`: this node's view of one Service
+            state = self.states.get(key)
+            body["services"] = {key: {
+                "known": state is not None,
+                "programmed": key in self.planner.keys if self.full else None,
+                "readyEndpoints": max((len(p.backends) for p in state.ports), default=0) if state else 0,
+                "localEndpoints": state.local_endpoints if state else 0,
+                "problems": [str(p) for p in self.problems.get(key, ())],
+            }}
         return (200 if has_state else 503), body
 
 

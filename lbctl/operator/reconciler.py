@@ -445,7 +445,7 @@ class Reconciler:
         self._synced_nodes[key] = node_key
         self.waits.pop(key, None)
         self.queue.forget(key)
-        metrics.SYNCS.labels(result="ensured").inc()
+        metrics.SYNCS.labels(result="ensured", reason="LoadBalancerEnsured").inc()
         before, after = _ips(_ingress(body)), _ips(ingress)
         self._held[key] = after
         freed = tuple(ip for ip in before if ip not in after)
@@ -470,14 +470,14 @@ class Reconciler:
         await self._record(body, DELETED)
         self._refs.pop(key, None)
         self._forget(key)
-        metrics.SYNCS.labels(result="released").inc()
+        metrics.SYNCS.labels(result="released", reason="LoadBalancerDeleted").inc()
         self._refresh_resource_status()
         freed = tuple(dict.fromkeys(self._held.pop(key, ()) + _ips(_ingress(body))))
         self._wake(Change(ChangeKind.FREED, service=key, addresses=freed, node_ports=True))
 
     async def _failed(self, key: str, error: LoadBalancerError, deleting: bool) -> None:
         body = self.services.get(key)
-        metrics.SYNCS.labels(result="failed").inc()
+        metrics.SYNCS.labels(result="failed", reason=getattr(error, "condition_reason", error.reason)).inc()
         if body is None:
             outcome = Outcome(condition=None, ingress=None, retry=retry_for(error, deleting))
         else:
@@ -578,11 +578,13 @@ class Reconciler:
 
     async def collect_orphans(self) -> list[LoadBalancerRef]:
         found = orphans(await self.provider.list_owned(), self.services, self.scope)
+        metrics.ORPHANS_FOUND.inc(len(found))
         for ref in found:
             self._fence()
             log.info("deleting orphaned load balancer %s (service %s)", ref.name, ref.service_key)
             try:
                 await self.provider.delete(ref)
+                metrics.ORPHANS_DELETED.inc()
             except Exception:
                 log.exception("could not delete orphan %s", ref.name)
         return found

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 from lbctl.model.outcome import Backoff
+from lbctl.operator import metrics
 
 
 class WorkQueue:
@@ -18,6 +20,7 @@ class WorkQueue:
         self._dirty: set[str] = set()
         self._failures: dict[str, int] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._added: dict[str, float] = {}  # when each queued key was added (for the wait-time metric)
         self._base = base_delay_s
         self._max = max_delay_s
 
@@ -26,6 +29,7 @@ class WorkQueue:
             self._dirty.add(key)
         elif key not in self._queued:
             self._queued.add(key)
+            self._added[key] = time.monotonic()
             self._queue.put_nowait(key)
 
     def add_after(self, key: str, delay_s: float) -> None:
@@ -59,6 +63,7 @@ class WorkQueue:
     async def get(self) -> str:
         key = await self._queue.get()
         self._queued.discard(key)
+        metrics.QUEUE_WAIT_SECONDS.observe(time.monotonic() - self._added.pop(key, time.monotonic()))
         self._processing.add(key)
         return key
 
