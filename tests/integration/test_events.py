@@ -1,0 +1,154 @@
+"""Events and wake-ups on the real control plane with the operator process (local provider): no
+Event lost to a crash, repeats folded into one Event with a count, and a pending Service woken
+only by a change that can help it."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from kubernetes import client
+
+from tests.integration.harness import (
+    OperatorProcess,
+    Pools,
+    ingress_ips,
+    lb_service,
+    wait_for_condition,
+    wait_for_event,
+    wait_for_ips,
+    wait_until,
+)
+
+
+def our_events(core: client.CoreV1Api, namespace: str) -> dict[str, list[client.CoreV1Event]]:
+    """The namespace's Events from lbctl, by Service name, in the order they were created."""
+    found: dict[str, list[client.CoreV1Event]] = defaultdict(list)
+    items = core.list_namespaced_event(namespace).items
+    for event in sorted(items, key=lambda e: int(e.metadata.resource_version)):
+        if event.source and event.source.component == "lbctl":
+            found[event.involved_object.name].append(event)
+    return found
+
+
+def snapshot(core: client.CoreV1Api, namespace: str, name: str) -> list[tuple[str, str, int]]:
+    return [(e.metadata.name, e.reason, e.count) for e in our_events(core, namespace).get(name, [])]
+
+
+def served(core: client.CoreV1Api, namespace: str) -> set[str]:
+    return {s.metadata.name for s in core.list_namespaced_service(namespace).items
+            if s.status.load_balancer.ingress}
+
+
+def woken(operator: OperatorProcess, key: str) -> int:
+    return len(re.findall(rf"\b{re.escape(key)} woken:", operator.log()))
+
+
+def test_a_burst_with_two_kill_9s_ends_with_one_ensured_event_per_service(
+    core: client.CoreV1Api, namespace: str, pools: Pools, operator: OperatorProcess
+) -> None:
+    pools.create([pools.fresh_v4(24), pools.fresh_v4(24)])
+    names = [f"s{i:03d}" for i in range(300)]
+    with ThreadPoolExecutor(8) as creators:
+        burst = creators.map(lambda n: core.create_namespaced_service(namespace, lb_service(n)), names)
+        wait_until(lambda: len(served(core, namespace)) >= 40, timeout=60, what="the burst under way")
+        operator.kill()  # kill -9, with Events still queued
+        operator.start()
+        reached = len(served(core, namespace))
+        wait_until(lambda: len(served(core, namespace)) >= min(reached + 60, 260), timeout=60,
+                   what="the burst under way again")
+        operator.kill()
+        operator.start()
+        list(burst)
+    wait_until(lambda: len(served(core, namespace)) == len(names), timeout=120, what="every Service served")
+
+    def every_service_has_its_ensured_event() -> bool:
+        found = our_events(core, namespace)
+        return all(any(e.reason == "EnsuredLoadBalancer" for e in found.get(n, [])) for n in names)
+
+    wait_until(every_service_has_its_ensured_event, timeout=60, what="an EnsuredLoadBalancer Event per Service")
+    found = our_events(core, namespace)
+    ensured = {n: [e for e in found[n] if e.reason == "EnsuredLoadBalancer"] for n in names}
+    doubled = {n: len(e) for n, e in ensured.items() if len(e) != 1}
+    assert not doubled, f"Services with more than one EnsuredLoadBalancer Event: {doubled}"
+    assert all(found[n] for n in names), "a Service without any Event"
+    addresses = [ingress_ips(core, namespace, n)[0] for n in names]
+    assert len(set(addresses)) == len(names)
+
+
+def test_unrelated_deletions_give_a_dual_stack_pending_service_no_new_event(
+    core: client.CoreV1Api, namespace: str, pools: Pools, operator: OperatorProcess
+) -> None:
+    pools.create([pools.fresh_v4(26)])  # IPv4 only
+    core.create_namespaced_service(namespace, lb_service(
+        "dual", ipFamilyPolicy="RequireDualStack", ipFamilies=["IPv4", "IPv6"]))
+    pending = wait_for_condition(core, namespace, "dual", "False", "Pending")
+    assert "IPv4 and IPv6" in pending.message
+    wait_for_event(core, namespace, "dual", "SyncLoadBalancerFailed", "IPv4 and IPv6")
+    before = snapshot(core, namespace, "dual")
+    assert [reason for _name, reason, _count in before] == ["EnsuringLoadBalancer", "SyncLoadBalancerFailed"]
+
+    others = [f"other{i}" for i in range(20)]
+    for name in others:
+        core.create_namespaced_service(namespace, lb_service(name))
+    for name in others:
+        wait_for_ips(core, namespace, name)
+    for name in others:
+        core.delete_namespaced_service(name, namespace)
+    wait_until(lambda: not {s.metadata.name for s in core.list_namespaced_service(namespace).items} & set(others),
+               what="the 20 Services released and gone")
+    wait_until(lambda: all(any(e.reason == "DeletedLoadBalancer" for e in our_events(core, namespace).get(n, []))
+                           for n in others), what="every release recorded")
+    assert snapshot(core, namespace, "dual") == before
+    assert woken(operator, f"{namespace}/dual") == 0
+
+
+def test_a_bad_annotation_repeats_one_warning_event_with_a_count(
+    core: client.CoreV1Api, namespace: str, pools: Pools, operator: OperatorProcess
+) -> None:
+    pools.create([pools.fresh_v4(28)])
+    core.create_namespaced_service(namespace, lb_service(
+        "bad", annotations={"lbctl.io/load-balancer-ips": "10.0.0.300"}))
+
+    def warnings() -> list[client.CoreV1Event]:
+        return [e for e in our_events(core, namespace).get("bad", []) if e.type == "Warning"]
+
+    wait_until(lambda: warnings() and warnings()[0].count >= 2, timeout=60,
+               what="the Warning repeated (retries back off from 10 s)")
+    (warning,) = warnings()
+    assert warning.reason == "SyncLoadBalancerFailed" and "lbctl.io/load-balancer-ips" in warning.message
+    assert warning.last_timestamp > warning.first_timestamp
+    reasons = [e.reason for e in our_events(core, namespace)["bad"]]
+    assert reasons == ["EnsuringLoadBalancer", "SyncLoadBalancerFailed"]
+    condition = wait_for_condition(core, namespace, "bad", "False", "InvalidConfiguration")
+    assert "lbctl.io/load-balancer-ips" in condition.message
+
+
+def test_a_freed_address_wakes_only_the_services_waiting_for_its_pool(
+    core: client.CoreV1Api, namespace: str, pools: Pools, start_operator: Callable[..., OperatorProcess]
+) -> None:
+    operator = start_operator()
+    first, second = f"one-{namespace}", f"two-{namespace}"
+    pools.create([pools.fresh_v4(32)], name=first)
+    pools.create([pools.fresh_v4(32)], name=second)
+    for name, pool in (("holder-1", first), ("holder-2", second)):
+        core.create_namespaced_service(namespace, lb_service(name, annotations={"lbctl.io/address-pool": pool}))
+        wait_for_ips(core, namespace, name)
+    for name, pool in (("waiter-1", first), ("waiter-2", second)):
+        core.create_namespaced_service(namespace, lb_service(name, annotations={"lbctl.io/address-pool": pool}))
+        found = wait_for_condition(core, namespace, name, "False", "Pending")
+        assert pool in found.message
+    wait_until(lambda: all(snapshot(core, namespace, n) for n in ("waiter-1", "waiter-2")), what="their Warnings")
+    other_before = snapshot(core, namespace, "waiter-2")
+
+    holder_ip = ingress_ips(core, namespace, "holder-1")
+    core.delete_namespaced_service("holder-1", namespace)
+    assert wait_for_ips(core, namespace, "waiter-1") == holder_ip
+    wait_for_condition(core, namespace, "waiter-1", "True")
+    assert woken(operator, f"{namespace}/waiter-1") == 1
+    assert f"{namespace}/holder-1 freed {holder_ip[0]}" in operator.log()
+    assert woken(operator, f"{namespace}/waiter-2") == 0
+    assert snapshot(core, namespace, "waiter-2") == other_before
+    assert not ingress_ips(core, namespace, "waiter-2")
