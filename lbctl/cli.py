@@ -13,6 +13,7 @@ from pathlib import Path
 from lbctl.dev import controlplane, gobuild
 from lbctl.model.meta import LOCAL_CLASS
 from lbctl.operator import defaults
+from lbctl.report import cli as report_cli
 
 
 def _dev_up(args: argparse.Namespace) -> int:
@@ -289,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gc(commands)
     _add_forwarder(commands)
     _add_demo(commands)
+    report_cli.add_commands(commands)
 
     dev = commands.add_parser("dev", help="embedded Kubernetes control plane for trying and testing lbctl")
     dev_commands = dev.add_subparsers(dest="dev_command", required=True)

@@ -8,15 +8,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from lbctl.model import meta as model_meta
 from lbctl.model.names import load_balancer_name
-from lbctl.model.scope import OWNER_ANNOTATION
 from lbctl.model.status import current_condition
 
-ANNOUNCING_NODE = "lbctl.io/announcing-node"  # the forwarder's mark (lbctl.forwarder.announce)
-CLASS_PREFIX = "lbctl.io/"
-FORWARDER_LEASE_PREFIX = "lbctl-forwarder-"
-SYSTEM_NAMESPACE = "lbctl-system"
-OPERATOR_LEASE = "lbctl-operator"
+ANNOUNCING_NODE = model_meta.ANNOUNCING_NODE_ANNOTATION  # the forwarder's mark (lbctl.forwarder.announce)
+OWNER_ANNOTATION = model_meta.OWNER_ANNOTATION
+CLASS_PREFIX = model_meta.CLASS_PREFIX
+SYSTEM_NAMESPACE = model_meta.SYSTEM_NAMESPACE
+FORWARDER_LEASE_PREFIX = "lbctl-forwarder-"  # lbctl.forwarder.leases.lease_name
+OPERATOR_LEASE = "lbctl-operator"  # lbctl.operator.defaults.LEASE_NAME
 POOL_CRD = "loadbalancerpools.lbctl.io"
 POOL_CRD_VERSION = "v1alpha1"
 # condition reasons of a Service that waits for something outside it (lbctl.model.errors)

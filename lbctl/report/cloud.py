@@ -1,0 +1,67 @@
+"""`lbctl doctor --provider aws|gce`: read-only calls that show the credentials work and the cloud
+holds what the provider needs (I/O; each outcome is a doctor Check)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+from lbctl.report.doctor import FAIL, PASS, WARN, Check
+from providers import registry
+from providers.base import ProviderSettings
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+async def provider_checks(provider: str, cluster_name: str, options: Mapping[str, str]) -> list[Check]:
+    name = f"{provider}-credentials"
+    try:
+        adapter = registry.load(provider, ProviderSettings(cluster_name, options))
+    except Exception as exc:
+        return [Check(name, FAIL, f"the {provider} provider cannot start: {_one_line(exc)}",
+                      "give it the options and credentials the operator has (see README, Using it)")]
+    checks = []
+    try:
+        try:
+            owned = await asyncio.wait_for(adapter.list_owned(), timeout=60)
+        except Exception as exc:
+            return [Check(name, FAIL, f"listing this cluster's balancers failed: {_one_line(exc)}",
+                          "check the credentials and their permissions (read access to load balancers)")]
+        checks.append(Check(name, PASS, f"credentials work: {len(owned)} balancer(s) tagged "
+                            f"kubernetes.io/cluster/{cluster_name}"))
+        if provider == "aws":
+            checks.append(await _aws_subnets(adapter, cluster_name))
+    finally:
+        await adapter.close()
+    return checks
+
+
+async def _aws_subnets(adapter: Any, cluster_name: str) -> Check:
+    """An NLB without the subnets annotation goes into the subnets tagged for the cluster."""
+    tag = f"kubernetes.io/cluster/{cluster_name}"
+    try:
+        answer = await asyncio.to_thread(adapter.ec2.describe_subnets,
+                                         Filters=[{"Name": "tag-key", "Values": [tag]}])
+    except Exception as exc:
+        return Check("aws-subnets", FAIL, f"describing subnets failed: {_one_line(exc)}",
+                     "grant ec2:DescribeSubnets")
+    subnets = answer.get("Subnets") or []
+    roles = {"kubernetes.io/role/elb": 0, "kubernetes.io/role/internal-elb": 0}
+    for subnet in subnets:
+        tags = {t.get("Key"): t.get("Value") for t in subnet.get("Tags") or ()}
+        if tags.get(tag) not in ("owned", "shared"):
+            continue
+        for role in roles:
+            if tags.get(role) in ("1", ""):
+                roles[role] += 1
+    if not any(roles.values()):
+        return Check("aws-subnets", WARN, f"no subnet is tagged {tag}=owned|shared and kubernetes.io/role/elb "
+                     "(or internal-elb): every Service must name its subnets "
+                     "(service.beta.kubernetes.io/aws-load-balancer-subnets)",
+                     f"tag one subnet per zone {tag}=owned and kubernetes.io/role/elb=1")
+    return Check("aws-subnets", PASS, f"subnets tagged for the cluster: {roles['kubernetes.io/role/elb']} for "
+                 f"internet-facing, {roles['kubernetes.io/role/internal-elb']} for internal balancers")

@@ -1,0 +1,261 @@
+"""`lbctl doctor`: checks of an installation, each pass/warn/fail with the fix (pure: a Snapshot
+of what the cluster holds in, checks out; lbctl.report.gather reads the cluster)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lbctl.model.nodes import ineligibility
+from lbctl.model.status import current_condition
+from lbctl.report import facts
+from providers.local_pools import PoolError, overlapping_pools, parse_pool
+
+PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
+PENDING_AFTER_S = 60.0
+NEARLY_EXHAUSTED = 0.10  # a pool with less than this share free is about to run out
+# the operator renews every 0.5 s with a 3 s lease; the reader's clock may differ from the writer's
+OPERATOR_LEASE_SLACK_S = 10.0
+INSTALL = "kubectl apply -k examples/deploy (or helm install lbctl charts/lbctl)"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str  # pass | warn | fail | skip
+    message: str
+    fix: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Permission:
+    verb: str
+    resource: str
+    group: str = ""
+    subresource: str = ""
+    namespace: str = ""
+    name: str = ""
+
+    def describe(self) -> str:
+        what = self.resource + (f"/{self.subresource}" if self.subresource else "")
+        if self.group:
+            what += f".{self.group}"
+        if self.name:
+            what += f" {self.name}"
+        return f"{self.verb} {what}" + (f" in {self.namespace}" if self.namespace else "")
+
+
+# What each component needs (examples/deploy/*-rbac.yaml, the chart's templates/rbac.yaml)
+OPERATOR_ACCOUNT = ("lbctl-system", "lbctl-operator")
+OPERATOR_PERMISSIONS = (
+    *(Permission(v, "services") for v in ("get", "list", "watch", "patch")),
+    Permission("patch", "services", subresource="status"),
+    *(Permission(v, "nodes") for v in ("get", "list", "watch")),
+    Permission("create", "events"), Permission("patch", "events"),
+    *(Permission(v, "loadbalancerpools", "lbctl.io") for v in ("get", "list", "watch")),
+    Permission("patch", "loadbalancerpools", "lbctl.io", subresource="status"),
+    Permission("create", "leases", "coordination.k8s.io", namespace=facts.SYSTEM_NAMESPACE),
+    *(Permission(v, "leases", "coordination.k8s.io", namespace=facts.SYSTEM_NAMESPACE, name=facts.OPERATOR_LEASE)
+      for v in ("get", "update")),
+)
+FORWARDER_ACCOUNT = ("lbctl-system", "lbctl-forwarder")
+FORWARDER_PERMISSIONS = (
+    *(Permission(v, "services") for v in ("get", "list", "watch", "patch")),
+    *(Permission(v, "endpointslices", "discovery.k8s.io") for v in ("list", "watch")),
+    *(Permission(v, "nodes") for v in ("list", "watch")),
+    Permission("create", "events"),
+    *(Permission(v, "leases", "coordination.k8s.io", namespace=facts.SYSTEM_NAMESPACE)
+      for v in ("create", "patch")),
+)
+
+
+@dataclass
+class Snapshot:
+    """What doctor reads; None where the object does not exist."""
+
+    now: float
+    pool_crd: Mapping[str, Any] | None
+    operator_lease: Mapping[str, Any] | None
+    operator_deployment: Mapping[str, Any] | None
+    nodes: Sequence[Mapping[str, Any]]
+    leases: Sequence[Mapping[str, Any]]  # in lbctl-system
+    pools: Sequence[Mapping[str, Any]]
+    services: Sequence[Mapping[str, Any]]  # every Service (doctor picks lbctl's)
+    # account ("ns/name") → permission → allowed (None: could not be checked, with why in access_problem)
+    access: Mapping[str, Mapping[Permission, bool]] = field(default_factory=dict)
+    access_problem: str = ""
+    extra: Sequence[Check] = ()  # provider checks (credentials, tags, subnets)
+
+
+def check_crd(crd: Mapping[str, Any] | None) -> Check:
+    fix = f"install it: kubectl apply -f examples/deploy/crd-loadbalancerpool.yaml, or {INSTALL}"
+    if crd is None:
+        return Check("crd", FAIL, f"CustomResourceDefinition {facts.POOL_CRD} is not installed", fix)
+    versions = {v.get("name"): v for v in (crd.get("spec") or {}).get("versions") or ()}
+    version = versions.get(facts.POOL_CRD_VERSION)
+    if version is None or not version.get("served"):
+        return Check("crd", FAIL, f"{facts.POOL_CRD} does not serve {facts.POOL_CRD_VERSION} (it serves "
+                     f"{', '.join(sorted(str(v) for v in versions)) or 'nothing'})", "upgrade it: " + fix)
+    conditions = {c.get("type"): c.get("status") for c in (crd.get("status") or {}).get("conditions") or ()}
+    if conditions.get("Established") != "True":
+        return Check("crd", FAIL, f"{facts.POOL_CRD} is not Established yet",
+                     "wait a few seconds; if it stays so, kubectl describe crd " + facts.POOL_CRD)
+    return Check("crd", PASS, f"{facts.POOL_CRD} {facts.POOL_CRD_VERSION} installed")
+
+
+def check_operator(lease: Mapping[str, Any] | None, deployment: Mapping[str, Any] | None, now: float) -> Check:
+    view = facts.lease_view(lease, now, slack_s=OPERATOR_LEASE_SLACK_S)
+    if view is not None and view.fresh:
+        return Check("operator", PASS, f"leader {view.holder} (Lease {facts.SYSTEM_NAMESPACE}/{facts.OPERATOR_LEASE} "
+                     f"renewed {facts.age(view.renewed_age_s)} ago)")
+    ready = int((deployment or {}).get("status", {}).get("readyReplicas") or 0) if deployment else 0
+    if view is not None:
+        why = "held by nobody" if not view.holder else \
+            f"last renewed by {view.holder} {facts.age(view.renewed_age_s)} ago"
+        return Check("operator", FAIL, f"no leader: Lease {facts.SYSTEM_NAMESPACE}/{facts.OPERATOR_LEASE} is {why}"
+                     f"{f'; {ready} operator pod(s) ready' if deployment else ''}",
+                     "kubectl -n lbctl-system get pods -l app.kubernetes.io/name=lbctl-operator; read the logs of "
+                     "the pods that are not Running")
+    if deployment is not None:
+        if ready:
+            return Check("operator", WARN, f"{ready} operator pod(s) ready but no leader Lease: it runs without "
+                         "--leader-elect", "run it with --leader-elect (LBCTL_LEADER_ELECT=true), as the shipped "
+                         "Deployment does, so that one replica acts")
+        return Check("operator", FAIL, "the operator Deployment lbctl-system/lbctl-operator has no ready pod",
+                     "kubectl -n lbctl-system describe deployment lbctl-operator")
+    return Check("operator", FAIL, f"no operator seen: no Lease {facts.SYSTEM_NAMESPACE}/{facts.OPERATOR_LEASE} "
+                 "and no Deployment lbctl-system/lbctl-operator", f"install it: {INSTALL}")
+
+
+def check_access(name: str, account: tuple[str, str], needed: Sequence[Permission],
+                 results: Mapping[Permission, bool] | None, problem: str) -> Check:
+    who = f"ServiceAccount {account[0]}/{account[1]}"
+    if results is None:
+        return Check(name, SKIP, f"could not check the RBAC of {who}: {problem or 'not asked'}",
+                     "run lbctl doctor with credentials that may create subjectaccessreviews")
+    missing = [p for p in needed if not results.get(p, False)]
+    if missing:
+        return Check(name, FAIL, f"{who} may not: " + "; ".join(p.describe() for p in missing),
+                     f"apply the shipped RBAC again: {INSTALL}")
+    return Check(name, PASS, f"{who} has the {len(needed)} permissions it needs")
+
+
+def check_forwarders(nodes: Sequence[Mapping[str, Any]], leases: Sequence[Mapping[str, Any]], now: float) -> Check:
+    by_node = facts.forwarder_leases(leases)
+    eligible = sorted(str(facts.meta(n).get("name")) for n in nodes if ineligibility(n) is None)
+    if not eligible:
+        return Check("forwarders", WARN, "no eligible node (every node is not Ready or excluded)",
+                     "see the nodes check")
+    missing, stale = [], []
+    for node in eligible:
+        view = facts.lease_view(by_node.get(node), now)
+        if view is None:
+            missing.append(node)
+        elif not view.fresh:
+            stale.append(f"{node} (renewed {facts.age(view.renewed_age_s)} ago)")
+    problems = ([f"no forwarder on {', '.join(missing)}"] if missing else []) + \
+        ([f"forwarder not renewing its Lease on {', '.join(stale)}"] if stale else [])
+    if problems:
+        return Check("forwarders", FAIL, "; ".join(problems) + f" ({len(eligible)} eligible nodes)",
+                     "kubectl -n lbctl-system get pods -l app.kubernetes.io/name=lbctl-forwarder -o wide: the "
+                     "DaemonSet must run on every eligible node (its tolerations, nodeSelector, pod status)")
+    return Check("forwarders", PASS, f"a live forwarder on each of the {len(eligible)} eligible nodes")
+
+
+def check_pools(pools: Sequence[Mapping[str, Any]]) -> list[Check]:
+    checks = []
+    parsed = []
+    for obj in pools:
+        name = str(facts.meta(obj).get("name"))
+        try:
+            parsed.append(parse_pool(obj))
+        except PoolError as exc:
+            checks.append(Check(f"pool {name}", FAIL, f"invalid: {exc}", "fix the pool's spec"))
+    overlapping = {o.rejected.name: o for o in overlapping_pools(parsed)}
+    for obj in pools:
+        name = str(facts.meta(obj).get("name"))
+        if name in overlapping:
+            o = overlapping[name]
+            checks.append(Check(f"pool {name}", FAIL, o.message,
+                                f"give each pool its own addresses (pool {o.kept.name} keeps them)"))
+            continue
+        if any(c.name == f"pool {name}" for c in checks):
+            continue
+        status = obj.get("status") or {}
+        if "free" not in status:
+            checks.append(Check(f"pool {name}", SKIP, "no usage recorded yet (the operator writes it)"))
+            continue
+        free, assigned = int(status.get("free") or 0), int(status.get("assigned") or 0)
+        total = free + assigned
+        usage = f"{assigned} of {total} addresses assigned, {free} free"
+        if free == 0:
+            checks.append(Check(f"pool {name}", FAIL, f"exhausted: {usage}",
+                                f"add addresses to spec.addresses of pool {name}, or delete Services that use it"))
+        elif free < NEARLY_EXHAUSTED * total:
+            checks.append(Check(f"pool {name}", WARN, f"nearly exhausted: {usage}",
+                                f"add addresses to spec.addresses of pool {name}"))
+        else:
+            checks.append(Check(f"pool {name}", PASS, usage))
+    if not pools:
+        checks.append(Check("pools", SKIP, "no LoadBalancerPool (needed only by the local provider)"))
+    return checks
+
+
+def check_services(services: Sequence[Mapping[str, Any]], now: float, limit: int = 10) -> Check:
+    ours = [s for s in services if facts.is_lbctls(s)]
+    late = []
+    for service in ours:
+        state = facts.service_state(service)
+        if state.state == facts.READY:
+            continue
+        condition = current_condition(service)
+        since = facts.parse_time((condition or {}).get("lastTransitionTime")) if condition else None
+        created = facts.parse_time(facts.meta(service).get("creationTimestamp"))
+        # waiting since it last stopped being ready (or first failed), else since its creation
+        start = since if since is not None else created if created is not None else now
+        if now - start >= PENDING_AFTER_S:
+            why = state.problem or state.reason
+            late.append(f"{facts.key_of(service)} ({facts.age(now - start)}): {why}" +
+                        (f"; fix: {state.fix}" if state.fix else ""))
+    if late:
+        shown = late[:limit] + ([f"… and {len(late) - limit} more"] if len(late) > limit else [])
+        return Check("services", FAIL, f"{len(late)} Service(s) without a balancer for over a minute: " +
+                     " | ".join(shown), "lbctl status -n NAMESPACE NAME for each")
+    return Check("services", PASS, f"{len(ours)} lbctl Service(s), none waiting for over a minute")
+
+
+def check_nodes(nodes: Sequence[Mapping[str, Any]]) -> Check:
+    excluded = [(str(facts.meta(n).get("name")), why) for n in nodes if (why := ineligibility(n)) is not None]
+    if excluded:
+        return Check("nodes", WARN, f"{len(excluded)} of {len(nodes)} node(s) get no balancer traffic: " +
+                     ", ".join(f"{name} ({why})" for name, why in sorted(excluded)),
+                     "expected for nodes being drained or removed; otherwise make them Ready or drop the "
+                     "label/taint")
+    return Check("nodes", PASS, f"all {len(nodes)} node(s) eligible")
+
+
+def run_checks(snapshot: Snapshot) -> list[Check]:
+    s = snapshot
+    operator_account = "/".join(OPERATOR_ACCOUNT)
+    forwarder_account = "/".join(FORWARDER_ACCOUNT)
+    return [
+        check_crd(s.pool_crd),
+        check_operator(s.operator_lease, s.operator_deployment, s.now),
+        check_access("operator-rbac", OPERATOR_ACCOUNT, OPERATOR_PERMISSIONS, s.access.get(operator_account),
+                     s.access_problem),
+        check_access("forwarder-rbac", FORWARDER_ACCOUNT, FORWARDER_PERMISSIONS, s.access.get(forwarder_account),
+                     s.access_problem),
+        check_forwarders(s.nodes, s.leases, s.now),
+        *check_pools(s.pools),
+        check_services(s.services, s.now),
+        check_nodes(s.nodes),
+        *s.extra,
+    ]
+
+
+def failed(checks: Sequence[Check]) -> bool:
+    return any(c.status == FAIL for c in checks)

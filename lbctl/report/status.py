@@ -1,0 +1,213 @@
+"""`lbctl status`: what the cluster records about lbctl's Services, as rows (one per Service) or
+as the full story of one Service (pure: plain API objects in, plain data out)."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lbctl.model.status import current_condition
+from lbctl.report import facts
+from providers.local_pools import Pool, PoolError, parse_pool
+
+
+@dataclass(frozen=True)
+class Row:
+    namespace: str
+    name: str
+    lb_class: str
+    provider: str
+    addresses: tuple[str, ...]
+    balancer: str  # the pool (local) or the cloud balancer's name
+    served_by: str  # the L2 owner node, or the cloud's DNS name / forwarding rule
+    state: str  # ready | pending | failed
+    age: str
+    reason: str  # "" when ready; else the problem in plain words
+    fix: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "addresses": list(self.addresses)}
+
+
+def parse_pools(objects: Iterable[Mapping[str, Any]]) -> list[Pool]:
+    pools = []
+    for obj in objects:
+        try:
+            pools.append(parse_pool(obj))
+        except PoolError:
+            continue  # an invalid pool holds no address; `lbctl doctor` reports it
+    return pools
+
+
+def pool_of(address: str, pools: Sequence[Pool]) -> str | None:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    return next((p.name for p in pools if p.contains(ip)), None)
+
+
+def _balancer(service: Mapping[str, Any], provider: str, pools: Sequence[Pool]) -> str:
+    if provider == "local":
+        names = sorted({p for p in (pool_of(a, pools) for a in facts.addresses(service)) if p})
+        return ",".join(names) or "-"
+    if not facts.meta(service).get("uid"):
+        return "-"
+    return facts.balancer_name(service)
+
+
+def _served_by(service: Mapping[str, Any], provider: str) -> str:
+    if provider == "local":
+        node = facts.annotations_of(service).get(facts.ANNOUNCING_NODE)
+        return f"{node} (L2)" if node else "-"
+    hostnames = [str(i["hostname"]) for i in facts.ingress_of(service) if i.get("hostname")]
+    if hostnames:
+        return ",".join(hostnames)
+    if provider == "gce" and facts.ingress_of(service):
+        return f"forwarding rule {facts.balancer_name(service)}"
+    return "-"
+
+
+def _last_warning(events: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    return next((e for e in reversed(events) if e.get("type") == "Warning"), None)
+
+
+def row(service: Mapping[str, Any], pools: Sequence[Pool], events: Sequence[Mapping[str, Any]], now: float) -> Row:
+    m = facts.meta(service)
+    provider = facts.provider_of(service)
+    state = facts.service_state(service)
+    reason, fix = "", ""
+    if state.state != facts.READY:
+        reason, fix = state.problem, state.fix
+        warning = _last_warning(events)
+        if not reason and warning is not None:
+            reason, fix = facts.split_fix(str(warning.get("message") or ""))
+        reason = reason or state.reason
+    created = facts.parse_time(m.get("creationTimestamp"))
+    return Row(
+        namespace=str(m.get("namespace") or ""), name=str(m.get("name") or ""),
+        lb_class=facts.lb_class(service) or "", provider=provider,
+        addresses=tuple(facts.addresses(service)), balancer=_balancer(service, provider, pools),
+        served_by=_served_by(service, provider), state=state.state,
+        age=facts.age(None if created is None else now - created), reason=reason, fix=fix,
+    )
+
+
+def rows(services: Iterable[Mapping[str, Any]], pools: Iterable[Mapping[str, Any]],
+         events: Iterable[Mapping[str, Any]], now: float, classes: Iterable[str] = ()) -> list[Row]:
+    """One row per lbctl Service, by namespace and name."""
+    parsed = parse_pools(pools)
+    by_object = facts.events_by_object(events)
+    extra = tuple(classes)
+    ours = [s for s in services if facts.is_lbctls(s, extra)]
+    ours.sort(key=lambda s: (facts.meta(s).get("namespace", ""), facts.meta(s).get("name", "")))
+    return [row(s, parsed, by_object.get(facts.key_of(s), ()), now) for s in ours]
+
+
+# -- one Service: the full story ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NodeView:
+    node: str
+    forwarder: str  # "live (renewed 3s ago)", "stale (…)", "none"
+    announcing: bool
+    ready_endpoints: int  # ready endpoints of this Service on the node
+    healthz: str = ""  # what the forwarder's /healthz said, when asked (--probe)
+    programmed: bool | None = None  # from /healthz: are the Service's rules in the kernel?
+
+
+@dataclass(frozen=True)
+class Detail:
+    row: Row
+    spec: dict[str, Any]
+    condition: dict[str, Any] | None
+    nodes: list[NodeView] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.row.to_dict(), "spec": self.spec, "condition": self.condition,
+                "nodes": [asdict(n) for n in self.nodes], "events": self.events}
+
+
+_RELEVANT_ANNOTATION_PREFIXES = ("lbctl.io/", "metallb.io/", "service.beta.kubernetes.io/aws-load-balancer-",
+                                 "networking.gke.io/", "cloud.google.com/")
+
+
+def relevant_spec(service: Mapping[str, Any]) -> dict[str, Any]:
+    spec = service.get("spec") or {}
+    ports = [f"{p.get('port')}/{p.get('protocol', 'TCP')}" + (f"→{p['nodePort']}" if p.get("nodePort") else "")
+             for p in spec.get("ports") or ()]
+    found: dict[str, Any] = {
+        "ports": ports,
+        "externalTrafficPolicy": spec.get("externalTrafficPolicy", "Cluster"),
+        "ipFamilies": list(spec.get("ipFamilies") or ()),
+        "ipFamilyPolicy": spec.get("ipFamilyPolicy", "SingleStack"),
+    }
+    for name in ("loadBalancerIP", "loadBalancerSourceRanges", "healthCheckNodePort",
+                 "allocateLoadBalancerNodePorts", "sessionAffinity"):
+        if spec.get(name) not in (None, [], "None"):
+            found[name] = spec[name]
+    notes = {k: v for k, v in facts.annotations_of(service).items() if k.startswith(_RELEVANT_ANNOTATION_PREFIXES)}
+    if notes:
+        found["annotations"] = dict(sorted(notes.items()))
+    return found
+
+
+def ready_endpoints_by_node(slices: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for endpoint_slice in slices:
+        for endpoint in endpoint_slice.get("endpoints") or ():
+            if (endpoint.get("conditions") or {}).get("ready") is False:
+                continue
+            node = str(endpoint.get("nodeName") or "?")
+            counts[node] = counts.get(node, 0) + 1
+    return counts
+
+
+def _forwarder(lease: Mapping[str, Any] | None, now: float) -> str:
+    view = facts.lease_view(lease, now)
+    if view is None:
+        return "none (no Lease lbctl-system/lbctl-forwarder-<node>)"
+    ago = "never" if view.renewed_age_s is None else f"{facts.age(view.renewed_age_s)} ago"
+    return f"{'live' if view.fresh else 'stale'} (renewed {ago})"
+
+
+def _probe(body: Mapping[str, Any] | str | None, key: str) -> tuple[str, bool | None]:
+    if body is None:
+        return "", None
+    if isinstance(body, str):
+        return body, None
+    service = (body.get("services") or {}).get(key)
+    state = str(body.get("state") or "?")
+    if not isinstance(service, Mapping):
+        return state, None
+    programmed = service.get("programmed")
+    return state, programmed if isinstance(programmed, bool) else None
+
+
+def detail(service: Mapping[str, Any], pools: Iterable[Mapping[str, Any]], events: Iterable[Mapping[str, Any]],
+           nodes: Iterable[Mapping[str, Any]], leases: Iterable[Mapping[str, Any]],
+           slices: Iterable[Mapping[str, Any]], now: float,
+           probes: Mapping[str, Mapping[str, Any] | str] | None = None, max_events: int = 10) -> Detail:
+    """Everything about one Service. `probes`: node → its forwarder's /healthz body (or why none)."""
+    key = facts.key_of(service)
+    own_events = facts.events_by_object(events).get(key, [])
+    the_row = row(service, parse_pools(pools), own_events, now)
+    by_node = facts.forwarder_leases(leases)
+    endpoints = ready_endpoints_by_node(slices)
+    announcing = facts.annotations_of(service).get(facts.ANNOUNCING_NODE)
+    views = []
+    if the_row.provider == "local":
+        for node in sorted(str(facts.meta(n).get("name")) for n in nodes):
+            healthz, programmed = _probe((probes or {}).get(node), key)
+            views.append(NodeView(node, _forwarder(by_node.get(node), now), node == announcing,
+                                  endpoints.get(node, 0), healthz, programmed))
+    listed = [{
+        "age": facts.age(now - facts.event_time(e)), "type": str(e.get("type") or ""),
+        "reason": str(e.get("reason") or ""), "count": int(e.get("count") or 1),
+        "message": str(e.get("message") or e.get("note") or ""),
+    } for e in own_events[-max_events:]]
+    condition = current_condition(service)
+    return Detail(the_row, relevant_spec(service), dict(condition) if condition else None, views, listed)

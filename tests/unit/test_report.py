@@ -1,0 +1,255 @@
+"""`lbctl status` and `lbctl doctor` decisions: plain API objects in, rows and checks out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from lbctl.report import doctor, facts, render, status
+
+NOW = 1_800_000_000.0  # 2027-01-15T08:00:00Z
+
+
+def stamp(seconds_ago: float) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(NOW - seconds_ago, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def service(name: str = "web", namespace: str = "shop", lb_class: str | None = "lbctl.io/local",
+            ingress: list[dict[str, Any]] | None = None, condition: tuple[str, str, str] | None = None,
+            annotations: dict[str, str] | None = None, kind: str = "LoadBalancer", age_s: float = 30,
+            condition_age_s: float | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"type": kind, "ports": [{"port": 80, "protocol": "TCP", "nodePort": 31000}]}
+    if lb_class:
+        spec["loadBalancerClass"] = lb_class
+    status_: dict[str, Any] = {"loadBalancer": {"ingress": ingress or []}}
+    if condition:
+        status_["conditions"] = [{"type": "LoadBalancerReady", "status": condition[0], "reason": condition[1],
+                                  "message": condition[2],
+                                  "lastTransitionTime": stamp(age_s if condition_age_s is None else condition_age_s)}]
+    return {"metadata": {"name": name, "namespace": namespace, "uid": "0a1b2c3d-0000-4000-8000-000000000001",
+                         "creationTimestamp": stamp(age_s), "annotations": annotations or {}},
+            "spec": spec, "status": status_}
+
+
+def pool(name: str, addresses: list[str], assigned: int | None = None, free: int | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"apiVersion": "lbctl.io/v1alpha1", "kind": "LoadBalancerPool",
+                            "metadata": {"name": name, "creationTimestamp": stamp(100)},
+                            "spec": {"addresses": addresses}}
+    if assigned is not None:
+        body["status"] = {"assigned": assigned, "free": free}
+    return body
+
+
+MARKED = {"lbctl.io/load-balancer-class": "lbctl.io/local"}
+READY_SVC = service(ingress=[{"ip": "198.18.0.10", "ipMode": "VIP"}], annotations={
+    **MARKED, "lbctl.io/announcing-node": "node-1"}, condition=("True", "LoadBalancerEnsured", "local load balancer"))
+EXHAUSTED = service("queued", ingress=[], annotations=MARKED, condition=(
+    "False", "Pending", "every address pool that serves this Service is exhausted (a); fix: delete a Service that "
+    "holds an address, or add addresses to a pool"))
+BAD = service("bad", annotations=MARKED, condition=(
+    "False", "InvalidConfiguration", "annotation lbctl.io/load-balancer-ips: 'x' is not an IP address; fix: write "
+    "one IPv4 and/or one IPv6 address"))
+
+
+@pytest.mark.parametrize(("svc", "expected"), [
+    (READY_SVC, ("ready", "")),
+    (EXHAUSTED, ("pending", "delete a Service that holds an address, or add addresses to a pool")),
+    (BAD, ("failed", "write one IPv4 and/or one IPv6 address")),
+    (service("new", annotations=MARKED), ("pending", "")),
+    (service("unseen"), ("pending", "check that the operator runs and handles this class (`lbctl doctor`)")),
+    (service("no-ingress", condition=("True", "LoadBalancerEnsured", "x")), ("pending", "check that the operator "
+                                                                             "runs and handles this class "
+                                                                             "(`lbctl doctor`)")),
+], ids=["ready", "pool-exhausted", "bad-annotation", "provisioning", "not-seen", "true-but-no-address"])
+def test_service_state(svc: dict[str, Any], expected: tuple[str, str]) -> None:
+    state = facts.service_state(svc)
+    assert (state.state, state.fix) == expected
+
+
+@pytest.mark.parametrize(("svc", "ours"), [
+    (service(), True),
+    (service(lb_class="lbctl.io/aws"), True),
+    (service(lb_class="example.com/other"), False),
+    (service(lb_class=None), False),
+    (service(lb_class=None, annotations=MARKED), True),  # adopted with --default-class
+    (service(kind="ClusterIP", lb_class=None), False),
+])
+def test_which_services_are_lbctls(svc: dict[str, Any], ours: bool) -> None:
+    assert facts.is_lbctls(svc) is ours
+
+
+def test_rows_name_pool_owner_and_the_fix() -> None:
+    events = [{"type": "Warning", "reason": "SyncLoadBalancerFailed", "involvedObject": {
+        "kind": "Service", "namespace": "shop", "name": "new"}, "lastTimestamp": stamp(5),
+        "message": "Error syncing load balancer: no address pool with autoAssign serves this Service's namespace "
+                   "and labels; fix: create a LoadBalancerPool"}]
+    found = status.rows([READY_SVC, EXHAUSTED, BAD, service("new", annotations=MARKED),
+                         service("other", lb_class="example.com/x")],
+                        [pool("a", ["198.18.0.0/28"])], events, NOW)
+    assert [(r.name, r.state, r.balancer, r.served_by, r.age) for r in found] == [
+        ("bad", "failed", "-", "-", "30s"), ("new", "pending", "-", "-", "30s"),
+        ("queued", "pending", "-", "-", "30s"), ("web", "ready", "a", "node-1 (L2)", "30s")]
+    assert found[0].reason == "annotation lbctl.io/load-balancer-ips: 'x' is not an IP address"
+    assert found[1].reason == "the operator is provisioning its balancer"
+    assert found[2].fix.startswith("delete a Service")
+    assert found[3].reason == ""
+
+
+def test_a_condition_less_service_takes_its_reason_from_the_last_warning() -> None:
+    unmarked = service("new")
+    events = [{"type": "Warning", "involvedObject": {"kind": "Service", "namespace": "shop", "name": "new"},
+               "lastTimestamp": stamp(5), "message": "bad thing; fix: do this"}]
+    (row,) = status.rows([{**unmarked, "status": {}}], [], events, NOW)
+    assert row.state == "pending"
+    assert row.reason == "no lbctl operator has taken it up yet"  # the state's own words come first
+
+
+@pytest.mark.parametrize(("svc", "provider", "served_by"), [
+    (service(lb_class="lbctl.io/aws", ingress=[{"hostname": "a1-123.elb.us-east-1.amazonaws.com"}]), "aws",
+     "a1-123.elb.us-east-1.amazonaws.com"),
+    (service(lb_class="lbctl.io/gce", ingress=[{"ip": "203.0.113.7"}]), "gce",
+     "forwarding rule a0a1b2c3d00004000800000000000000"),
+    (service(lb_class="lbctl.io/gce"), "gce", "-"),
+])
+def test_cloud_rows_name_the_balancer(svc: dict[str, Any], provider: str, served_by: str) -> None:
+    (row,) = status.rows([svc], [], [], NOW)
+    assert (row.provider, row.balancer, row.served_by) == (provider, "a0a1b2c3d00004000800000000000000", served_by)
+
+
+def lease(node: str, renewed_ago: float, duration: int = 40) -> dict[str, Any]:
+    return {"metadata": {"name": f"lbctl-forwarder-{node}", "namespace": "lbctl-system"},
+            "spec": {"holderIdentity": node, "leaseDurationSeconds": duration, "renewTime": stamp(renewed_ago)}}
+
+
+def node(name: str, ready: bool = True, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"metadata": {"name": name, "labels": labels or {}},
+            "status": {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+                       "addresses": [{"type": "InternalIP", "address": "192.0.2.1"}]}}
+
+
+def test_detail_shows_each_nodes_forwarder_and_endpoints() -> None:
+    slices = [{"endpoints": [{"nodeName": "node-1", "conditions": {"ready": True}},
+                             {"nodeName": "node-2", "conditions": {"ready": False}},
+                             {"nodeName": "node-2"}]}]
+    probes: dict[str, Any] = {"node-1": {"state": "serving", "services": {"shop/web": {"programmed": True}}},
+                              "node-3": "unreachable (ClientConnectorError)"}
+    result = status.detail(READY_SVC, [pool("a", ["198.18.0.0/28"])], [], [node("node-1"), node("node-2"),
+                                                                           node("node-3")],
+                           [lease("node-1", 5), lease("node-2", 300)], slices, NOW, probes)
+    assert [(n.node, n.forwarder, n.announcing, n.ready_endpoints, n.healthz, n.programmed) for n in result.nodes] == [
+        ("node-1", "live (renewed 5s ago)", True, 1, "serving", True),
+        ("node-2", "stale (renewed 5m ago)", False, 1, "", None),
+        ("node-3", "none (no Lease lbctl-system/lbctl-forwarder-<node>)", False, 0,
+         "unreachable (ClientConnectorError)", None)]
+    assert result.spec["ports"] == ["80/TCP→31000"]
+    text = render.detail_text(result)
+    assert "Served by:     node-1 (L2)" in text and "Pool:          a" in text
+    assert render.dump(result.to_dict(), "json").startswith("{")
+
+
+def test_status_table_lines() -> None:
+    rows = status.rows([READY_SVC, EXHAUSTED], [pool("a", ["198.18.0.0/28"])], [], NOW)
+    lines = render.status_table(rows, all_namespaces=True).splitlines()
+    assert lines[0].split() == ["NAMESPACE", "NAME", "CLASS", "ADDRESSES", "POOL/BALANCER", "SERVED-BY", "STATE",
+                                "AGE", "REASON"]
+    assert lines[1].split()[:6] == ["shop", "queued", "lbctl.io/local", "<pending>", "-", "-"]
+    assert lines[2].split() == ["shop", "web", "lbctl.io/local", "198.18.0.10", "a", "node-1", "(L2)", "ready",
+                                "30s"]
+    coloured = render.status_table(rows, all_namespaces=False, colour=True)
+    assert "\x1b[32mready" in coloured and "\x1b[33mpending" in coloured
+
+
+# -- doctor -----------------------------------------------------------------------------------------
+
+CRD = {"spec": {"versions": [{"name": "v1alpha1", "served": True, "storage": True}]},
+       "status": {"conditions": [{"type": "Established", "status": "True"}]}}
+
+
+@pytest.mark.parametrize(("crd", "result"), [
+    (CRD, "pass"), (None, "fail"),
+    ({"spec": {"versions": [{"name": "v1beta9", "served": True}]}, "status": {}}, "fail"),
+    ({**CRD, "status": {}}, "fail"),
+])
+def test_crd_check(crd: dict[str, Any] | None, result: str) -> None:
+    assert doctor.check_crd(crd).status == result
+
+
+OPERATOR_LEASE = {"spec": {"holderIdentity": "lbctl-operator-1", "leaseDurationSeconds": 3, "renewTime": stamp(1)}}
+
+
+@pytest.mark.parametrize(("lease_", "deployment", "result"), [
+    (OPERATOR_LEASE, None, "pass"),
+    ({"spec": {**OPERATOR_LEASE["spec"], "renewTime": stamp(60)}}, None, "fail"),
+    ({"spec": {**OPERATOR_LEASE["spec"], "holderIdentity": ""}}, None, "fail"),
+    (None, {"status": {"readyReplicas": 1}}, "warn"),
+    (None, {"status": {}}, "fail"),
+    (None, None, "fail"),
+])
+def test_operator_check(lease_: dict[str, Any] | None, deployment: dict[str, Any] | None, result: str) -> None:
+    assert doctor.check_operator(lease_, deployment, NOW).status == result
+
+
+@pytest.mark.parametrize(("nodes", "leases", "result", "words"), [
+    ([node("a"), node("b")], [lease("a", 5), lease("b", 5)], "pass", "each of the 2"),
+    ([node("a"), node("b")], [lease("a", 5)], "fail", "no forwarder on b"),
+    ([node("a"), node("b")], [lease("a", 5), lease("b", 90)], "fail", "not renewing its Lease on b"),
+    ([node("a"), node("b", ready=False)], [lease("a", 5)], "pass", "each of the 1"),
+    ([node("a", ready=False)], [], "warn", "no eligible node"),
+])
+def test_forwarder_check(nodes: list[dict[str, Any]], leases: list[dict[str, Any]], result: str, words: str) -> None:
+    check = doctor.check_forwarders(nodes, leases, NOW)
+    assert check.status == result and words in check.message
+
+
+@pytest.mark.parametrize(("pools", "results"), [
+    ([pool("a", ["198.18.0.0/28"], 2, 14)], ["pass"]),
+    ([pool("a", ["198.18.0.0/28"], 16, 0)], ["fail"]),
+    ([pool("a", ["198.18.0.0/24"], 240, 16)], ["warn"]),
+    ([pool("a", ["198.18.0.0/28"])], ["skip"]),
+    ([pool("a", ["198.18.0.0/28"], 0, 16), pool("b", ["198.18.0.8/29"], 0, 8)], ["pass", "fail"]),
+    ([pool("a", ["not-an-address"], 0, 0)], ["fail"]),
+    ([], ["skip"]),
+])
+def test_pool_checks(pools: list[dict[str, Any]], results: list[str]) -> None:
+    assert [c.status for c in doctor.check_pools(pools)] == results
+
+
+def test_services_waiting_over_a_minute_fail_with_their_reason() -> None:
+    old = service("old", annotations=MARKED, age_s=600, condition=(
+        "False", "Pending", "pool 'a' has no free address for this Service; fix: add addresses"), condition_age_s=90)
+    young = service("young", annotations=MARKED, age_s=10)
+    check = doctor.check_services([READY_SVC, old, young], NOW)
+    assert check.status == "fail"
+    assert "1 Service(s)" in check.message and "shop/old (90s): pool 'a' has no free address" in check.message
+    assert doctor.check_services([READY_SVC, young], NOW).status == "pass"
+
+
+def test_nodes_excluded_are_named_with_why() -> None:
+    check = doctor.check_nodes([node("a"), node("b", ready=False),
+                                node("c", labels={"node.kubernetes.io/exclude-from-external-load-balancers": ""})])
+    assert check.status == "warn"
+    assert "b (not Ready)" in check.message and "c (labelled node.kubernetes.io/exclude" in check.message
+
+
+def test_access_check() -> None:
+    needed = doctor.OPERATOR_PERMISSIONS
+    allowed = dict.fromkeys(needed, True)
+    assert doctor.check_access("x", doctor.OPERATOR_ACCOUNT, needed, allowed, "").status == "pass"
+    denied = {**allowed, needed[0]: False}
+    check = doctor.check_access("x", doctor.OPERATOR_ACCOUNT, needed, denied, "")
+    assert check.status == "fail" and "may not: get services" in check.message
+    assert doctor.check_access("x", doctor.OPERATOR_ACCOUNT, needed, None, "nope").status == "skip"
+
+
+def test_a_healthy_snapshot_passes_and_the_text_ends_with_a_count() -> None:
+    snapshot = doctor.Snapshot(
+        now=NOW, pool_crd=CRD, operator_lease=OPERATOR_LEASE, operator_deployment=None, nodes=[node("a")],
+        leases=[lease("a", 3)], pools=[pool("a", ["198.18.0.0/28"], 1, 15)], services=[READY_SVC],
+        access={"lbctl-system/lbctl-operator": dict.fromkeys(doctor.OPERATOR_PERMISSIONS, True),
+                "lbctl-system/lbctl-forwarder": dict.fromkeys(doctor.FORWARDER_PERMISSIONS, True)})
+    checks = doctor.run_checks(snapshot)
+    assert not doctor.failed(checks), checks
+    assert render.checks_text(checks).splitlines()[-1] == f"{len(checks)} checks: 0 failed, 0 warnings"
