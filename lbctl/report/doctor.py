@@ -55,7 +55,7 @@ OPERATOR_PERMISSIONS = (
     *(Permission(v, "services") for v in ("get", "list", "watch", "patch")),
     Permission("patch", "services", subresource="status"),
     *(Permission(v, "nodes") for v in ("get", "list", "watch")),
-    Permission("create", "events"), Permission("patch", "events"),
+    Permission("create", "events"), Permission("patch", "events"), Permission("list", "events"),
     *(Permission(v, "loadbalancerpools", "lbctl.io") for v in ("get", "list", "watch")),
     Permission("patch", "loadbalancerpools", "lbctl.io", subresource="status"),
     Permission("create", "leases", "coordination.k8s.io", namespace=facts.SYSTEM_NAMESPACE),
