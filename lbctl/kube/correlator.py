@@ -19,6 +19,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from enum import Enum
 
+from lbctl.model.meta import key
+
 
 @dataclass(frozen=True)
 class ObjectRef:
@@ -29,7 +31,7 @@ class ObjectRef:
 
     @property
     def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
+        return key(self.namespace, self.name)
 
 
 @dataclass(frozen=True)

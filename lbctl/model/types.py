@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from lbctl.model.meta import key
+
 EMPTY: Mapping[str, str] = MappingProxyType({})
 
 
@@ -17,7 +19,7 @@ class ServiceRef:
 
     @property
     def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
+        return key(self.namespace, self.name)
 
 
 @dataclass(frozen=True)
@@ -106,4 +108,4 @@ class LoadBalancerRef:
 
     @property
     def service_key(self) -> str:
-        return f"{self.namespace}/{self.service_name}"
+        return key(self.namespace, self.service_name)

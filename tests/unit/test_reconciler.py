@@ -7,8 +7,9 @@ Services a change wakes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -34,10 +35,24 @@ def run(scenario: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(scenario())
 
 
-def local_cluster(events: MemoryEvents | None = None) -> tuple[Cluster, ObservedLocalProvider]:
+def local_cluster(events: MemoryEvents | None = None, **pools: list[str]) -> tuple[Cluster, ObservedLocalProvider]:
+    """A Cluster with the local provider and these pools (name=[addresses])."""
     writer = MemoryWriter()
     provider = ObservedLocalProvider(writer)
-    return Cluster(provider, writer, events), provider
+    cluster = Cluster(provider, writer, events)
+    for name, addresses in pools.items():
+        cluster.add_pool(name, addresses)
+    return cluster, provider
+
+
+@contextlib.asynccontextmanager
+async def leading(cluster: Cluster) -> AsyncIterator[Cluster]:
+    """The reconciler leads (its caches are what the test delivered so far) until the block ends."""
+    await cluster.reconciler.lead()
+    try:
+        yield cluster
+    finally:
+        await cluster.reconciler.stop()
 
 
 def ips(cluster: Cluster, key: str) -> list[str]:
@@ -55,96 +70,86 @@ def condition(cluster: Cluster, key: str) -> dict[str, Any] | None:
 
 def test_the_finalizer_is_written_before_the_balancer_is_made() -> None:
     async def scenario() -> None:
-        cluster, provider = local_cluster()
-        cluster.add_pool("p", ["198.18.0.10/31"])
-        await cluster.reconciler.lead()
-        key = cluster.add(service("web"))
-        assert cluster.queued() == {key}
-        await cluster.sync()
-        assert provider.finalizer_at_ensure == {key: True}
-        writes = cluster.writer.service_writes(key)
-        assert [what for what, _ in writes] == ["service", "status"]
-        assert writes[0][1] == {"metadata": {"finalizers": [FINALIZER],
-                                             "annotations": {OWNER_ANNOTATION: "lbctl.io/local"}}}
-        assert ips(cluster, key) == ["198.18.0.10"]
-        ready = condition(cluster, key)
-        assert ready is not None and ready["status"] == "True" and ready["reason"] == "LoadBalancerEnsured"
-        assert cluster.events.reasons(key) == ["EnsuringLoadBalancer", "EnsuredLoadBalancer"]
-        await cluster.reconciler.stop()
+        cluster, provider = local_cluster(p=["198.18.0.10/31"])
+        async with leading(cluster):
+            key = cluster.add(service("web"))
+            assert cluster.queued() == {key}
+            await cluster.sync()
+            assert provider.finalizer_at_ensure == {key: True}
+            writes = cluster.writer.service_writes(key)
+            assert [what for what, _ in writes] == ["service", "status"]
+            assert writes[0][1] == {"metadata": {"finalizers": [FINALIZER],
+                                                 "annotations": {OWNER_ANNOTATION: "lbctl.io/local"}}}
+            assert ips(cluster, key) == ["198.18.0.10"]
+            ready = condition(cluster, key)
+            assert ready is not None and ready["status"] == "True" and ready["reason"] == "LoadBalancerEnsured"
+            assert cluster.events.reasons(key) == ["EnsuringLoadBalancer", "EnsuredLoadBalancer"]
 
     run(scenario)
 
 
 def test_nothing_is_written_when_nothing_changed() -> None:
     async def scenario() -> None:
-        cluster, _ = local_cluster()
-        cluster.add_pool("p", ["198.18.0.10/31"])
-        await cluster.reconciler.lead()
-        key = cluster.add(service("web"))
-        await cluster.sync()
-        writes, events = len(cluster.writer.writes), len(cluster.events.events)
-        cluster.deliver(key)  # the same object again (a re-list): not even queued
-        assert cluster.queued() == set()
-        await cluster.reconciler._resync()  # a periodic re-sync does queue it, and writes nothing
-        assert cluster.queued() == {key}
-        await cluster.sync()
-        assert len(cluster.writer.writes) == writes and len(cluster.events.events) == events
-        await cluster.reconciler.stop()
+        cluster, _ = local_cluster(p=["198.18.0.10/31"])
+        async with leading(cluster):
+            key = cluster.add(service("web"))
+            await cluster.sync()
+            writes, events = len(cluster.writer.writes), len(cluster.events.events)
+            cluster.deliver(key)  # the same object again (a re-list): not even queued
+            assert cluster.queued() == set()
+            await cluster.reconciler._resync()  # a periodic re-sync does queue it, and writes nothing
+            assert cluster.queued() == {key}
+            await cluster.sync()
+            assert len(cluster.writer.writes) == writes and len(cluster.events.events) == events
 
     run(scenario)
 
 
 def test_an_annotation_written_by_the_forwarder_does_not_queue_the_service() -> None:
     async def scenario() -> None:
-        cluster, _ = local_cluster()
-        cluster.add_pool("p", ["198.18.0.10/31"])
-        await cluster.reconciler.lead()
-        key = cluster.add(service("web"))
-        await cluster.sync()
-        cluster.change(key, lambda s: s["metadata"]["annotations"].update({"lbctl.io/announcing-node": "n1"}))
-        assert cluster.queued() == set()
-        cluster.change(key, lambda s: s["metadata"]["annotations"].update({"example.com/x": "y"}))
-        assert cluster.queued() == {key}
-        await cluster.reconciler.stop()
+        cluster, _ = local_cluster(p=["198.18.0.10/31"])
+        async with leading(cluster):
+            key = cluster.add(service("web"))
+            await cluster.sync()
+            cluster.change(key, lambda s: s["metadata"]["annotations"].update({"lbctl.io/announcing-node": "n1"}))
+            assert cluster.queued() == set()
+            cluster.change(key, lambda s: s["metadata"]["annotations"].update({"example.com/x": "y"}))
+            assert cluster.queued() == {key}
 
     run(scenario)
 
 
 def test_our_finalizer_seen_on_the_watch_before_its_answer_does_not_queue_the_service_again() -> None:
     async def scenario() -> None:
-        cluster, _ = local_cluster()
-        cluster.add_pool("p", ["198.18.0.10/31"])
-        await cluster.reconciler.lead()
-        key = cluster.add(service("web"))
-        queue = cluster.reconciler.queue
-        taken = await queue.get()  # a worker has it and writes the finalizer; the watch is quicker than the answer
+        cluster, _ = local_cluster(p=["198.18.0.10/31"])
+        async with leading(cluster):
+            key = cluster.add(service("web"))
+            queue = cluster.reconciler.queue
+            taken = await queue.get()  # a worker has it and writes the finalizer; the watch is quicker than the answer
 
-        def mark(body: dict[str, Any]) -> None:
-            body["metadata"]["finalizers"] = [FINALIZER]
-            body["metadata"]["annotations"][OWNER_ANNOTATION] = "lbctl.io/local"
+            def mark(body: dict[str, Any]) -> None:
+                body["metadata"]["finalizers"] = [FINALIZER]
+                body["metadata"]["annotations"][OWNER_ANNOTATION] = "lbctl.io/local"
 
-        cluster.change(key, mark)
-        queue.done(taken)
-        assert cluster.queued() == set()
-        cluster.change(key, lambda body: body["metadata"].update(finalizers=[]))  # removed by hand: a change
-        assert cluster.queued() == {key}
-        await cluster.reconciler.stop()
+            cluster.change(key, mark)
+            queue.done(taken)
+            assert cluster.queued() == set()
+            cluster.change(key, lambda body: body["metadata"].update(finalizers=[]))  # removed by hand: a change
+            assert cluster.queued() == {key}
 
     run(scenario)
 
 
 def test_services_of_another_class_are_never_touched() -> None:
     async def scenario() -> None:
-        cluster, _ = local_cluster()
-        cluster.add_pool("p", ["198.18.0.10/31"])
-        await cluster.reconciler.lead()
-        theirs = cluster.add(service("theirs", lb_class="example.com/other"))
-        classless = cluster.add(service("classless", lb_class=None))
-        assert cluster.queued() == set()
-        await cluster.reconciler._resync()
-        await cluster.sync()
-        assert cluster.writer.service_writes(theirs) == [] and cluster.writer.service_writes(classless) == []
-        await cluster.reconciler.stop()
+        cluster, _ = local_cluster(p=["198.18.0.10/31"])
+        async with leading(cluster):
+            theirs = cluster.add(service("theirs", lb_class="example.com/other"))
+            classless = cluster.add(service("classless", lb_class=None))
+            assert cluster.queued() == set()
+            await cluster.reconciler._resync()
+            await cluster.sync()
+            assert cluster.writer.service_writes(theirs) == [] and cluster.writer.service_writes(classless) == []
 
     run(scenario)
 
@@ -154,65 +159,59 @@ def test_services_of_another_class_are_never_touched() -> None:
 
 def test_a_type_change_releases_the_balancer_and_clears_status_finalizer_and_mark() -> None:
     async def scenario() -> None:
-        cluster, provider = local_cluster()
-        cluster.add_pool("p", ["198.18.0.10/32"])
-        await cluster.reconciler.lead()
-        key = cluster.add(service("web"))
-        await cluster.sync()
+        cluster, provider = local_cluster(p=["198.18.0.10/32"])
+        async with leading(cluster):
+            key = cluster.add(service("web"))
+            await cluster.sync()
 
-        def to_cluster_ip(body: dict[str, Any]) -> None:
-            body["spec"]["type"] = "ClusterIP"
-            del body["spec"]["loadBalancerClass"]
+            def to_cluster_ip(body: dict[str, Any]) -> None:
+                body["spec"]["type"] = "ClusterIP"
+                del body["spec"]["loadBalancerClass"]
 
-        cluster.change(key, to_cluster_ip)
-        assert cluster.queued() == {key}
-        await cluster.sync()
-        released = cluster.writer.services[key]
-        assert released["metadata"]["finalizers"] == []
-        assert OWNER_ANNOTATION not in released["metadata"]["annotations"]
-        assert ips(cluster, key) == [] and condition(cluster, key) is None
-        assert cluster.events.reasons(key)[-2:] == ["DeletingLoadBalancer", "DeletedLoadBalancer"]
-        assert provider._allocator.allocation(key) is None
-        nxt = cluster.add(service("next"))
-        await cluster.sync()
-        assert ips(cluster, nxt) == ["198.18.0.10"]  # the address is free again
-        await cluster.reconciler.stop()
+            cluster.change(key, to_cluster_ip)
+            assert cluster.queued() == {key}
+            await cluster.sync()
+            released = cluster.writer.services[key]
+            assert released["metadata"]["finalizers"] == []
+            assert OWNER_ANNOTATION not in released["metadata"]["annotations"]
+            assert ips(cluster, key) == [] and condition(cluster, key) is None
+            assert cluster.events.reasons(key)[-2:] == ["DeletingLoadBalancer", "DeletedLoadBalancer"]
+            assert provider._allocator.allocation(key) is None
+            nxt = cluster.add(service("next"))
+            await cluster.sync()
+            assert ips(cluster, nxt) == ["198.18.0.10"]  # the address is free again
 
     run(scenario)
 
 
 def test_deleting_a_service_releases_it_and_lets_it_go() -> None:
     async def scenario() -> None:
-        cluster, provider = local_cluster()
-        cluster.add_pool("p", ["198.18.0.10/32"])
-        await cluster.reconciler.lead()
-        key = cluster.add(service("web"))
-        await cluster.sync()
-        cluster.writer.delete(key)
-        cluster.deliver(key)
-        await cluster.sync()
-        assert key not in cluster.writer.services  # the finalizer came off, so it is gone
-        assert provider._allocator.allocation(key) is None
-        status_writes = [w for w in cluster.writer.service_writes(key) if w[0] == "status"]
-        assert len(status_writes) == 1  # a deleted Service's status is not cleared first
-        await cluster.reconciler.stop()
+        cluster, provider = local_cluster(p=["198.18.0.10/32"])
+        async with leading(cluster):
+            key = cluster.add(service("web"))
+            await cluster.sync()
+            cluster.writer.delete(key)
+            cluster.deliver(key)
+            await cluster.sync()
+            assert key not in cluster.writer.services  # the finalizer came off, so it is gone
+            assert provider._allocator.allocation(key) is None
+            status_writes = [w for w in cluster.writer.service_writes(key) if w[0] == "status"]
+            assert len(status_writes) == 1  # a deleted Service's status is not cleared first
 
     run(scenario)
 
 
 def test_a_service_gone_without_its_finalizer_has_its_balancer_released() -> None:
     async def scenario() -> None:
-        cluster, provider = local_cluster()
-        cluster.add_pool("p", ["198.18.0.10/32"])
-        await cluster.reconciler.lead()
-        key = cluster.add(service("web"))
-        await cluster.sync()
-        del cluster.writer.services[key]  # finalizer removed by hand, then deleted
-        cluster.deliver(key)
-        assert cluster.queued() == {key}
-        await cluster.sync()
-        assert provider._allocator.allocation(key) is None
-        await cluster.reconciler.stop()
+        cluster, provider = local_cluster(p=["198.18.0.10/32"])
+        async with leading(cluster):
+            key = cluster.add(service("web"))
+            await cluster.sync()
+            del cluster.writer.services[key]  # finalizer removed by hand, then deleted
+            cluster.deliver(key)
+            assert cluster.queued() == {key}
+            await cluster.sync()
+            assert provider._allocator.allocation(key) is None
 
     run(scenario)
 
@@ -225,20 +224,19 @@ def test_nodeports_are_claimed_for_a_provider_that_needs_them() -> None:
         provider = NodePortProvider()
         cluster = Cluster(provider, lb_class="lbctl.io/nodeport")
         cluster.reconciler.on_node(None, node("n1"))
-        await cluster.reconciler.lead()
-        key = cluster.add(service("web", lb_class="lbctl.io/nodeport", ports=(80, 443),
-                                  allocateLoadBalancerNodePorts=False))
-        cluster.writer.services[key]["spec"]["ports"][1]["nodePort"] = 30001  # one already has a NodePort
-        cluster.deliver(key)
-        await cluster.sync()
-        claims = [body for what, body in cluster.writer.service_writes(key) if what == "ports"]
-        assert len(claims) == 1
-        ports = {p["port"]: p["nodePort"] for p in claims[0]}
-        assert ports[443] == 30001 and 30000 <= ports[80] <= 30009 and ports[80] != 30001
-        assert "AllocatedNodePorts" in cluster.events.reasons(key)
-        (spec,) = provider.synced(key)  # then ensured once, with the claimed ports
-        assert {p.port: p.node_port for p in spec.ports} == ports
-        await cluster.reconciler.stop()
+        async with leading(cluster):
+            key = cluster.add(service("web", lb_class="lbctl.io/nodeport", ports=(80, 443),
+                                      allocateLoadBalancerNodePorts=False))
+            cluster.writer.services[key]["spec"]["ports"][1]["nodePort"] = 30001  # one already has a NodePort
+            cluster.deliver(key)
+            await cluster.sync()
+            claims = [body for what, body in cluster.writer.service_writes(key) if what == "ports"]
+            assert len(claims) == 1
+            ports = {p["port"]: p["nodePort"] for p in claims[0]}
+            assert ports[443] == 30001 and 30000 <= ports[80] <= 30009 and ports[80] != 30001
+            assert "AllocatedNodePorts" in cluster.events.reasons(key)
+            (spec,) = provider.synced(key)  # then ensured once, with the claimed ports
+            assert {p.port: p.node_port for p in spec.ports} == ports
 
     run(scenario)
 
@@ -248,17 +246,16 @@ def test_a_lost_nodeport_claim_picks_again_without_an_event() -> None:
         provider = NodePortProvider()
         cluster = Cluster(provider, lb_class="lbctl.io/nodeport")
         cluster.reconciler.on_node(None, node("n1"))
-        await cluster.reconciler.lead()
-        key = cluster.add(service("web", lb_class="lbctl.io/nodeport", allocateLoadBalancerNodePorts=False))
-        await cluster.sync()  # finalizer written ... then the claim, already for the newer version
-        assert provider.synced(key)
-        stale = dict(cluster.reconciler.services[key])
-        stale["metadata"] = {**stale["metadata"], "resourceVersion": "1"}
-        stale["spec"] = {**stale["spec"], "ports": [{"name": "p0", "port": 80, "protocol": "TCP"}]}
-        await cluster.reconciler._claim_node_ports(key, stale)  # another writer changed it meanwhile
-        assert key in cluster.reconciler.queue.scheduled()
-        assert cluster.events.reasons(key).count("AllocatedNodePorts") == 1
-        await cluster.reconciler.stop()
+        async with leading(cluster):
+            key = cluster.add(service("web", lb_class="lbctl.io/nodeport", allocateLoadBalancerNodePorts=False))
+            await cluster.sync()  # finalizer written ... then the claim, already for the newer version
+            assert provider.synced(key)
+            stale = dict(cluster.reconciler.services[key])
+            stale["metadata"] = {**stale["metadata"], "resourceVersion": "1"}
+            stale["spec"] = {**stale["spec"], "ports": [{"name": "p0", "port": 80, "protocol": "TCP"}]}
+            await cluster.reconciler._claim_node_ports(key, stale)  # another writer changed it meanwhile
+            assert key in cluster.reconciler.queue.scheduled()
+            assert cluster.events.reasons(key).count("AllocatedNodePorts") == 1
 
     run(scenario)
 
@@ -268,18 +265,17 @@ def test_no_free_nodeports_waits_for_a_service_to_give_some_back() -> None:
         provider = NodePortProvider()
         cluster = Cluster(provider, lb_class="lbctl.io/nodeport")
         cluster.reconciler.on_node(None, node("n1"))
-        await cluster.reconciler.lead()
-        holders = [cluster.add(service(f"h{i}", lb_class=None, type="NodePort", ports=(80,))) for i in range(10)]
-        for i, key in enumerate(holders):
-            cluster.change(key, lambda s, i=i: s["spec"]["ports"][0].update({"nodePort": 30000 + i}))
-        key = cluster.add(service("web", lb_class="lbctl.io/nodeport", allocateLoadBalancerNodePorts=False))
-        await cluster.sync()
-        assert cluster.reconciler.waits[key].kind is WaitFor.NODE_PORTS
-        assert ("SyncLoadBalancerFailed" in cluster.events.reasons(key))
-        del cluster.writer.services[holders[0]]
-        cluster.deliver(holders[0])
-        assert cluster.queued() == {key}
-        await cluster.reconciler.stop()
+        async with leading(cluster):
+            holders = [cluster.add(service(f"h{i}", lb_class=None, type="NodePort", ports=(80,))) for i in range(10)]
+            for i, key in enumerate(holders):
+                cluster.change(key, lambda s, i=i: s["spec"]["ports"][0].update({"nodePort": 30000 + i}))
+            key = cluster.add(service("web", lb_class="lbctl.io/nodeport", allocateLoadBalancerNodePorts=False))
+            await cluster.sync()
+            assert cluster.reconciler.waits[key].kind is WaitFor.NODE_PORTS
+            assert ("SyncLoadBalancerFailed" in cluster.events.reasons(key))
+            del cluster.writer.services[holders[0]]
+            cluster.deliver(holders[0])
+            assert cluster.queued() == {key}
 
     run(scenario)
 
@@ -293,29 +289,28 @@ def test_a_node_set_change_resyncs_only_the_services_whose_nodes_changed() -> No
         cluster = Cluster(provider, lb_class="lbctl.io/nodeport")
         reconciler = cluster.reconciler
         reconciler.on_node(None, node("n1"))
-        await reconciler.lead()
-        a = cluster.add(service("a", lb_class="lbctl.io/nodeport"))
-        b = cluster.add(service("b", lb_class="lbctl.io/nodeport"))
-        other = cluster.add(service("other", lb_class="example.com/x"))
-        await cluster.sync()
-        assert len(provider.ensured) == 2
+        async with leading(cluster):
+            a = cluster.add(service("a", lb_class="lbctl.io/nodeport"))
+            b = cluster.add(service("b", lb_class="lbctl.io/nodeport"))
+            other = cluster.add(service("other", lb_class="example.com/x"))
+            await cluster.sync()
+            assert len(provider.ensured) == 2
 
-        reconciler.on_node(None, node("n2", ready=False))  # not eligible: nothing to do
-        await until(lambda: reconciler._node_timer is None)
-        assert cluster.queued() == set()
-        reconciler.on_node(node("n1"), node("n1", labels={"team": "x"}))  # labels do not matter to a balancer
-        await until(lambda: reconciler._node_timer is None)
-        assert cluster.queued() == set()
+            reconciler.on_node(None, node("n2", ready=False))  # not eligible: nothing to do
+            await until(lambda: reconciler._node_timer is None)
+            assert cluster.queued() == set()
+            reconciler.on_node(node("n1"), node("n1", labels={"team": "x"}))  # labels do not matter to a balancer
+            await until(lambda: reconciler._node_timer is None)
+            assert cluster.queued() == set()
 
-        reconciler.on_node(node("n2", ready=False), node("n2"))  # eligible now
-        await until(lambda: cluster.queued() == {a, b})
-        c = cluster.add(service("c", lb_class="lbctl.io/nodeport"))  # created after: synced with both nodes
-        await cluster.sync()
-        assert {n.name for n in provider.synced(a)[-1].nodes} == {"n1", "n2"}
-        assert len(provider.synced(c)) == 1 and other not in {s.service.key for s in provider.ensured}
-        assert cluster.events.of(a)[-1] == ("UpdatedLoadBalancer", "Updated load balancer with new hosts")
-        assert cluster.events.reasons(c) == ["EnsuringLoadBalancer", "EnsuredLoadBalancer"]
-        await reconciler.stop()
+            reconciler.on_node(node("n2", ready=False), node("n2"))  # eligible now
+            await until(lambda: cluster.queued() == {a, b})
+            c = cluster.add(service("c", lb_class="lbctl.io/nodeport"))  # created after: synced with both nodes
+            await cluster.sync()
+            assert {n.name for n in provider.synced(a)[-1].nodes} == {"n1", "n2"}
+            assert len(provider.synced(c)) == 1 and other not in {s.service.key for s in provider.ensured}
+            assert cluster.events.of(a)[-1] == ("UpdatedLoadBalancer", "Updated load balancer with new hosts")
+            assert cluster.events.reasons(c) == ["EnsuringLoadBalancer", "EnsuredLoadBalancer"]
 
     run(scenario)
 
@@ -326,34 +321,31 @@ def test_no_eligible_nodes_waits_for_one() -> None:
         cluster = Cluster(provider, lb_class="lbctl.io/nodeport")
         reconciler = cluster.reconciler
         reconciler.on_node(None, node("n1", ready=False))
-        await reconciler.lead()
-        key = cluster.add(service("web", lb_class="lbctl.io/nodeport"))
-        await cluster.sync()
-        found = condition(cluster, key)
-        assert found is not None and found["reason"] == "NoEligibleNodes"
-        assert cluster.events.reasons(key) == ["UnAvailableLoadBalancer"]
-        assert reconciler.waits[key].kind is WaitFor.NODES
-        reconciler.on_node(node("n1", ready=False), node("n1"))
-        await until(lambda: cluster.queued() == {key})
-        await cluster.sync()
-        assert provider.synced(key) and key not in reconciler.waits
-        assert cluster.events.reasons(key)[-1] == "EnsuredLoadBalancer"
-        await reconciler.stop()
+        async with leading(cluster):
+            key = cluster.add(service("web", lb_class="lbctl.io/nodeport"))
+            await cluster.sync()
+            found = condition(cluster, key)
+            assert found is not None and found["reason"] == "NoEligibleNodes"
+            assert cluster.events.reasons(key) == ["UnAvailableLoadBalancer"]
+            assert reconciler.waits[key].kind is WaitFor.NODES
+            reconciler.on_node(node("n1", ready=False), node("n1"))
+            await until(lambda: cluster.queued() == {key})
+            await cluster.sync()
+            assert provider.synced(key) and key not in reconciler.waits
+            assert cluster.events.reasons(key)[-1] == "EnsuredLoadBalancer"
 
     run(scenario)
 
 
 def test_the_local_provider_ignores_node_changes() -> None:
     async def scenario() -> None:
-        cluster, _ = local_cluster()
-        cluster.add_pool("p", ["198.18.0.10/31"])
-        await cluster.reconciler.lead()
-        cluster.add(service("web"))
-        await cluster.sync()
-        cluster.reconciler.on_node(None, node("n9"))
-        await until(lambda: cluster.reconciler._node_timer is None)
-        assert cluster.queued() == set()
-        await cluster.reconciler.stop()
+        cluster, _ = local_cluster(p=["198.18.0.10/31"])
+        async with leading(cluster):
+            cluster.add(service("web"))
+            await cluster.sync()
+            cluster.reconciler.on_node(None, node("n9"))
+            await until(lambda: cluster.reconciler._node_timer is None)
+            assert cluster.queued() == set()
 
     run(scenario)
 
@@ -363,24 +355,22 @@ def test_the_local_provider_ignores_node_changes() -> None:
 
 def test_a_pending_service_says_why_it_waits_and_retries_without_ensuring_again() -> None:
     async def scenario() -> None:
-        cluster, _ = local_cluster()
-        cluster.add_pool("p", ["198.18.0.10/32"])
-        await cluster.reconciler.lead()
-        cluster.add(service("first"))
-        key = cluster.add(service("waiting"))
-        await cluster.sync()
-        pending = condition(cluster, key)
-        assert pending is not None and pending["status"] == "False" and pending["reason"] == "Pending"
-        assert "exhausted" in pending["message"] and "fix" in pending["message"]
-        wait = cluster.reconciler.waits[key]
-        assert wait.kind is WaitFor.ADDRESS and wait.pools == ("p",)
-        assert key in cluster.reconciler.queue.scheduled()  # a safety-net retry, minutes away at most
-        cluster.reconciler.queue.add(key)  # as when that retry comes
-        await cluster.sync()
-        assert cluster.events.reasons(key) == ["EnsuringLoadBalancer", "SyncLoadBalancerFailed",
-                                               "SyncLoadBalancerFailed"]
-        assert len([w for w in cluster.writer.service_writes(key) if w[0] == "status"]) == 1  # same condition
-        await cluster.reconciler.stop()
+        cluster, _ = local_cluster(p=["198.18.0.10/32"])
+        async with leading(cluster):
+            cluster.add(service("first"))
+            key = cluster.add(service("waiting"))
+            await cluster.sync()
+            pending = condition(cluster, key)
+            assert pending is not None and pending["status"] == "False" and pending["reason"] == "Pending"
+            assert "exhausted" in pending["message"] and "fix" in pending["message"]
+            wait = cluster.reconciler.waits[key]
+            assert wait.kind is WaitFor.ADDRESS and wait.pools == ("p",)
+            assert key in cluster.reconciler.queue.scheduled()  # a safety-net retry, minutes away at most
+            cluster.reconciler.queue.add(key)  # as when that retry comes
+            await cluster.sync()
+            assert cluster.events.reasons(key) == ["EnsuringLoadBalancer", "SyncLoadBalancerFailed",
+                                                   "SyncLoadBalancerFailed"]
+            assert len([w for w in cluster.writer.service_writes(key) if w[0] == "status"]) == 1  # same condition
 
     run(scenario)
 
@@ -390,66 +380,61 @@ def test_a_release_wakes_only_the_services_waiting_for_its_pool() -> None:
         cluster, _ = local_cluster()
         cluster.add_pool("a", ["198.18.1.1/32"], namespaces=["team-a"])
         cluster.add_pool("b", ["198.18.2.1/32"], namespaces=["team-b"])
-        await cluster.reconciler.lead()
-        holder_a = cluster.add(service("holder", namespace="team-a"))
-        holder_b = cluster.add(service("holder", namespace="team-b"))
-        await cluster.sync()
-        waiter_a = cluster.add(service("waiter", namespace="team-a"))
-        waiter_b = cluster.add(service("waiter", namespace="team-b"))
-        dual = cluster.add(service("dual", namespace="team-a", ipFamilies=["IPv4", "IPv6"],
-                                   ipFamilyPolicy="RequireDualStack"))
-        await cluster.sync()
-        assert set(cluster.reconciler.waits) == {waiter_a, waiter_b, dual}
-        assert cluster.reconciler.waits[dual].kind is WaitFor.POOL
+        async with leading(cluster):
+            holder_a = cluster.add(service("holder", namespace="team-a"))
+            holder_b = cluster.add(service("holder", namespace="team-b"))
+            await cluster.sync()
+            waiter_a = cluster.add(service("waiter", namespace="team-a"))
+            waiter_b = cluster.add(service("waiter", namespace="team-b"))
+            dual = cluster.add(service("dual", namespace="team-a", ipFamilies=["IPv4", "IPv6"],
+                                       ipFamilyPolicy="RequireDualStack"))
+            await cluster.sync()
+            assert set(cluster.reconciler.waits) == {waiter_a, waiter_b, dual}
+            assert cluster.reconciler.waits[dual].kind is WaitFor.POOL
 
-        cluster.writer.delete(holder_a)
-        cluster.deliver(holder_a)
-        assert await cluster.sync() == [holder_a, waiter_a]  # the release woke the waiter of pool a ...
-        assert ips(cluster, waiter_a) == ["198.18.1.1"]  # ... which got its address
-        assert set(cluster.reconciler.waits) == {waiter_b, dual}
-        assert ips(cluster, holder_b) == ["198.18.2.1"]
-        await cluster.reconciler.stop()
+            cluster.writer.delete(holder_a)
+            cluster.deliver(holder_a)
+            assert await cluster.sync() == [holder_a, waiter_a]  # the release woke the waiter of pool a ...
+            assert ips(cluster, waiter_a) == ["198.18.1.1"]  # ... which got its address
+            assert set(cluster.reconciler.waits) == {waiter_b, dual}
+            assert ips(cluster, holder_b) == ["198.18.2.1"]
 
     run(scenario)
 
 
 def test_a_requested_address_waits_for_its_holder() -> None:
     async def scenario() -> None:
-        cluster, _ = local_cluster()
-        cluster.add_pool("p", ["198.18.0.0/29"])
-        await cluster.reconciler.lead()
-        holder = cluster.add(service("holder", loadBalancerIP="198.18.0.5"))
-        other = cluster.add(service("other"))
-        await cluster.sync()
-        key = cluster.add(service("wants", loadBalancerIP="198.18.0.5"))
-        await cluster.sync()
-        assert cluster.reconciler.waits[key].holders == (holder,)
-        cluster.writer.delete(other)
-        cluster.deliver(other)
-        await cluster.sync()
-        assert key in cluster.reconciler.waits  # another address freed: still waiting
-        cluster.writer.delete(holder)
-        cluster.deliver(holder)
-        await cluster.sync()
-        assert ips(cluster, key) == ["198.18.0.5"]
-        await cluster.reconciler.stop()
+        cluster, _ = local_cluster(p=["198.18.0.0/29"])
+        async with leading(cluster):
+            holder = cluster.add(service("holder", loadBalancerIP="198.18.0.5"))
+            other = cluster.add(service("other"))
+            await cluster.sync()
+            key = cluster.add(service("wants", loadBalancerIP="198.18.0.5"))
+            await cluster.sync()
+            assert cluster.reconciler.waits[key].holders == (holder,)
+            cluster.writer.delete(other)
+            cluster.deliver(other)
+            await cluster.sync()
+            assert key in cluster.reconciler.waits  # another address freed: still waiting
+            cluster.writer.delete(holder)
+            cluster.deliver(holder)
+            await cluster.sync()
+            assert ips(cluster, key) == ["198.18.0.5"]
 
     run(scenario)
 
 
 def test_a_new_pool_wakes_services_waiting_for_a_pool() -> None:
     async def scenario() -> None:
-        cluster, _ = local_cluster()
-        cluster.add_pool("v4", ["198.18.0.0/30"])
-        await cluster.reconciler.lead()
-        key = cluster.add(service("dual", ipFamilies=["IPv4", "IPv6"], ipFamilyPolicy="RequireDualStack"))
-        await cluster.sync()
-        assert cluster.reconciler.waits[key].kind is WaitFor.POOL
-        cluster.add_pool("both", ["198.18.9.0/30", "fd00::/126"])
-        await until(lambda: key in cluster.queued())
-        await cluster.sync()
-        assert len(ips(cluster, key)) == 2
-        await cluster.reconciler.stop()
+        cluster, _ = local_cluster(v4=["198.18.0.0/30"])
+        async with leading(cluster):
+            key = cluster.add(service("dual", ipFamilies=["IPv4", "IPv6"], ipFamilyPolicy="RequireDualStack"))
+            await cluster.sync()
+            assert cluster.reconciler.waits[key].kind is WaitFor.POOL
+            cluster.add_pool("both", ["198.18.9.0/30", "fd00::/126"])
+            await until(lambda: key in cluster.queued())
+            await cluster.sync()
+            assert len(ips(cluster, key)) == 2
 
     run(scenario)
 
@@ -462,19 +447,17 @@ def test_an_invalid_service_is_told_the_field_and_retried_only_after_a_long_back
     annotations: dict[str, str], field: str
 ) -> None:
     async def scenario() -> None:
-        cluster, _ = local_cluster()
-        cluster.add_pool("p", ["198.18.0.10/31"])
-        await cluster.reconciler.lead()
-        key = cluster.add(service("bad", annotations=annotations))
-        await cluster.sync()
-        found = condition(cluster, key)
-        assert found is not None and found["reason"] == "InvalidConfiguration" and field in found["message"]
-        (warning,) = [m for r, m in cluster.events.of(key) if r == "SyncLoadBalancerFailed"]
-        assert field in warning and "fix" in warning
-        assert key not in cluster.reconciler.waits and key in cluster.reconciler.queue.scheduled()
-        due = cluster.reconciler.queue.due_in(key)
-        assert due is not None and due >= 0.8 * USER.base_s
-        await cluster.reconciler.stop()
+        cluster, _ = local_cluster(p=["198.18.0.10/31"])
+        async with leading(cluster):
+            key = cluster.add(service("bad", annotations=annotations))
+            await cluster.sync()
+            found = condition(cluster, key)
+            assert found is not None and found["reason"] == "InvalidConfiguration" and field in found["message"]
+            (warning,) = [m for r, m in cluster.events.of(key) if r == "SyncLoadBalancerFailed"]
+            assert field in warning and "fix" in warning
+            assert key not in cluster.reconciler.waits and key in cluster.reconciler.queue.scheduled()
+            due = cluster.reconciler.queue.due_in(key)
+            assert due is not None and due >= 0.8 * USER.base_s
 
     run(scenario)
 
@@ -484,13 +467,11 @@ def test_an_invalid_service_is_told_the_field_and_retried_only_after_a_long_back
 
 def test_an_outcome_without_its_event_is_recorded_when_leading_starts() -> None:
     async def scenario() -> None:
-        cluster, _ = local_cluster()
-        cluster.add_pool("p", ["198.18.0.10/31"])
-        await cluster.reconciler.lead()
-        done = cluster.add(service("done"))
-        lost = cluster.add(service("lost"))
-        await cluster.sync()
-        await cluster.reconciler.stop()
+        cluster, _ = local_cluster(p=["198.18.0.10/31"])
+        async with leading(cluster):
+            done = cluster.add(service("done"))
+            lost = cluster.add(service("lost"))
+            await cluster.sync()
         stamp = condition(cluster, done)["lastTransitionTime"]  # type: ignore[index]
         uid = cluster.writer.services[done]["metadata"]["uid"]
 
@@ -500,25 +481,24 @@ def test_an_outcome_without_its_event_is_recorded_when_leading_starts() -> None:
         restarted.add_pool("p", ["198.18.0.10/31"])
         for key in (done, lost):
             restarted.reconciler.on_service(None, copy.deepcopy(cluster.writer.services[key]))
-        await restarted.reconciler.lead()
-        assert events.reasons(lost) == ["EnsuredLoadBalancer"] and events.reasons(done) == []
-        await restarted.sync()  # the re-sync of both writes nothing and records nothing more
-        assert events.reasons(lost) == ["EnsuredLoadBalancer"] and events.reasons(done) == []
-        await restarted.reconciler.stop()
+        async with leading(restarted):
+            assert events.reasons(lost) == ["EnsuredLoadBalancer"] and events.reasons(done) == []
+            writes = len(cluster.writer.writes)
+            await restarted.sync()  # the re-sync of both writes nothing and records nothing more
+            assert events.reasons(lost) == ["EnsuredLoadBalancer"] and events.reasons(done) == []
+            assert len(cluster.writer.writes) == writes
 
     run(scenario)
 
 
 def test_nothing_is_written_once_the_lease_is_lost() -> None:
     async def scenario() -> None:
-        cluster, provider = local_cluster()
-        cluster.add_pool("p", ["198.18.0.10/31"])
-        await cluster.reconciler.lead()
-        key = cluster.add(service("web"))
-        cluster.reconciler.may_act = lambda: False
-        with pytest.raises(NotLeadingError):
-            await cluster.reconciler.reconcile(key)
-        assert cluster.writer.service_writes(key) == [] and provider.finalizer_at_ensure == {}
-        await cluster.reconciler.stop()
+        cluster, provider = local_cluster(p=["198.18.0.10/31"])
+        async with leading(cluster):
+            key = cluster.add(service("web"))
+            cluster.reconciler.may_act = lambda: False
+            with pytest.raises(NotLeadingError):
+                await cluster.reconciler.reconcile(key)
+            assert cluster.writer.service_writes(key) == [] and provider.finalizer_at_ensure == {}
 
     run(scenario)
