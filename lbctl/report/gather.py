@@ -72,8 +72,10 @@ class Reader:
             raise self._explain(exc, what) from None
 
     async def list(self, path: str, what: str, params: Mapping[str, str] | None = None,
-                   missing_ok: bool = False) -> list[dict[str, Any]]:
-        query = dict(params or {}, limit="500")
+                   missing_ok: bool = False, cached: bool = True) -> list[dict[str, Any]]:
+        """Every item. `cached`: from the apiserver's watch cache in one answer (resourceVersion=0,
+        as informers list: milliseconds old, and far cheaper than pages read from etcd)."""
+        query = dict(params or {}, resourceVersion="0") if cached else dict(params or {}, limit="500")
         items: list[dict[str, Any]] = []
         while True:
             try:

@@ -3,7 +3,8 @@ as the full story of one Service (pure: plain API objects in, plain data out).""
 
 from __future__ import annotations
 
-import ipaddress
+import bisect
+import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -41,17 +42,43 @@ def parse_pools(objects: Iterable[Mapping[str, Any]]) -> list[Pool]:
     return pools
 
 
-def pool_of(address: str, pools: Sequence[Pool]) -> str | None:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
+class PoolIndex:
+    """Which pool holds an address: ranges sorted by start, found by bisection (status lists
+    thousands of addresses; a pool-by-pool scan with ipaddress objects took most of its time)."""
+
+    def __init__(self, pools: Iterable[Pool]) -> None:
+        spans = sorted((r.version, r.first, r.last, p.name, p.avoid_buggy_ips) for p in pools for r in p.ranges)
+        self._starts = [(version, first) for version, first, *_ in spans]
+        self._spans = spans
+
+    @staticmethod
+    def _number(address: str) -> tuple[int, int] | None:
+        try:
+            if ":" in address:
+                return 6, int.from_bytes(socket.inet_pton(socket.AF_INET6, address), "big")
+            return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, address), "big")
+        except OSError:
+            return None
+
+    def pool_of(self, address: str) -> str | None:
+        found = self._number(address)
+        if found is None:
+            return None
+        version, n = found
+        i = bisect.bisect_right(self._starts, (version, n))
+        while i > 0:  # ranges of different pools never overlap, but a later start may end earlier
+            i -= 1
+            span_version, first, last, name, avoid_buggy = self._spans[i]
+            if span_version != version:
+                return None
+            if first <= n <= last:
+                return None if avoid_buggy and version == 4 and n & 255 in (0, 255) else name
         return None
-    return next((p.name for p in pools if p.contains(ip)), None)
 
 
-def _balancer(service: Mapping[str, Any], provider: str, pools: Sequence[Pool]) -> str:
+def _balancer(service: Mapping[str, Any], provider: str, pools: PoolIndex) -> str:
     if provider == "local":
-        names = sorted({p for p in (pool_of(a, pools) for a in facts.addresses(service)) if p})
+        names = sorted({p for p in (pools.pool_of(a) for a in facts.addresses(service)) if p})
         return ",".join(names) or "-"
     if not facts.meta(service).get("uid"):
         return "-"
@@ -74,7 +101,7 @@ def _last_warning(events: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | No
     return next((e for e in reversed(events) if e.get("type") == "Warning"), None)
 
 
-def row(service: Mapping[str, Any], pools: Sequence[Pool], events: Sequence[Mapping[str, Any]], now: float) -> Row:
+def row(service: Mapping[str, Any], pools: PoolIndex, events: Sequence[Mapping[str, Any]], now: float) -> Row:
     m = facts.meta(service)
     provider = facts.provider_of(service)
     state = facts.service_state(service)
@@ -98,7 +125,7 @@ def row(service: Mapping[str, Any], pools: Sequence[Pool], events: Sequence[Mapp
 def rows(services: Iterable[Mapping[str, Any]], pools: Iterable[Mapping[str, Any]],
          events: Iterable[Mapping[str, Any]], now: float, classes: Iterable[str] = ()) -> list[Row]:
     """One row per lbctl Service, by namespace and name."""
-    parsed = parse_pools(pools)
+    parsed = PoolIndex(parse_pools(pools))
     by_object = facts.events_by_object(events)
     extra = tuple(classes)
     ours = [s for s in services if facts.is_lbctls(s, extra)]
@@ -194,7 +221,7 @@ def detail(service: Mapping[str, Any], pools: Iterable[Mapping[str, Any]], event
     """Everything about one Service. `probes`: node → its forwarder's /healthz body (or why none)."""
     key = facts.key_of(service)
     own_events = facts.events_by_object(events).get(key, [])
-    the_row = row(service, parse_pools(pools), own_events, now)
+    the_row = row(service, PoolIndex(parse_pools(pools)), own_events, now)
     by_node = facts.forwarder_leases(leases)
     endpoints = ready_endpoints_by_node(slices)
     announcing = facts.annotations_of(service).get(facts.ANNOUNCING_NODE)
