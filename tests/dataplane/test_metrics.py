@@ -4,6 +4,7 @@ endpoint change), and the demo still cleans up after."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -129,6 +130,15 @@ def test_both_metrics_endpoints_during_the_demo(demo: RunningDemo) -> None:
     assert sum(value(t, "lbctl_forwarder_vips") or 0 for t in forwarders) == 1  # one holder for the one VIP
     assert sum(value(t, "lbctl_forwarder_gratuitous_arp_total") or 0 for t in forwarders) >= 1
     assert sum(value(t, "lbctl_forwarder_vip_ownership_changes_total", change="taken") or 0 for t in forwarders) >= 1
+
+    # `lbctl status --probe` asks each node's forwarder: the Service's rules are in both kernels
+    story = subprocess.run([sys.executable, "-m", "lbctl", "status", "-n", "demo", "hello", "--probe"],
+                           env={**os.environ, "KUBECONFIG": demo.kubeconfig}, capture_output=True, text=True,
+                           timeout=60)
+    assert story.returncode == 0, story.stderr
+    for node in ("node-1", "node-2"):
+        assert re.search(rf"^  {node}\s+live \(renewed \d+s ago\)\s+(yes\s+)?1\s+serving\s+yes$", story.stdout,
+                         re.M), story.stdout
 
     kube = LabKube(demo.kubeconfig)
     try:

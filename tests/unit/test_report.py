@@ -253,3 +253,17 @@ def test_a_healthy_snapshot_passes_and_the_text_ends_with_a_count() -> None:
     checks = doctor.run_checks(snapshot)
     assert not doctor.failed(checks), checks
     assert render.checks_text(checks).splitlines()[-1] == f"{len(checks)} checks: 0 failed, 0 warnings"
+
+
+@pytest.mark.parametrize(("address", "expected"), [
+    ("198.18.3.4", "a"), ("198.18.255.255", "a"), ("198.19.0.0", None),
+    ("10.0.0.255", "b"), ("10.0.1.0", None), ("fd00::5", "b"), ("fd00::1:0", None),
+    ("192.168.1.0", None), ("192.168.1.7", "c"), ("192.168.1.255", None),  # avoidBuggyIPs
+    ("1.1.1.1", None), ("::1", None), ("not-an-address", None),
+])
+def test_pool_index_finds_the_pool_of_an_address(address: str, expected: str | None) -> None:
+    buggy = pool("c", ["192.168.1.0/24"])
+    buggy["spec"]["avoidBuggyIPs"] = True
+    index = status.PoolIndex(status.parse_pools([pool("a", ["198.18.0.0/16"]), pool("b", ["10.0.0.0/24", "fd00::/120"]),
+                                                 buggy, pool("bad", ["x"])]))
+    assert index.pool_of(address) == expected
