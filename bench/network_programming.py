@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 from lbctl.lab.kube import LabKube, wait_for
@@ -72,6 +73,11 @@ def summary(buckets: list[tuple[float, float]], total: float, count: float) -> d
             "p99_s": None if p99 is None else round(p99, 3), "mean_s": round(total / count, 3) if count else None}
 
 
+def counted(url: str, seen: float) -> Callable[[], bool | None]:
+    """A probe: has the forwarder at `url` counted more than `seen` changes?"""
+    return lambda: histogram(scrape(url))[2] > seen or None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--changes", type=int, default=40)
@@ -101,8 +107,7 @@ def main() -> int:
                 time.sleep(1.0 - time.time() % 1.0)  # just after a whole second (see the docstring)
                 kube.set_pod_ready("demo", "hello-1", change % 2 == 1)
                 for url in urls:
-                    wait_for(lambda u=url, seen=counts[url]: histogram(scrape(u))[2] > seen or None, 30,
-                             f"the change counted at {url}", interval=0.02)
+                    wait_for(counted(url, counts[url]), 30, f"the change counted at {url}", interval=0.02)
         finally:
             kube.set_pod_ready("demo", "hello-1", True)
             kube.close()
