@@ -72,7 +72,7 @@ class _State(Collector):
                                  labels=["pool", "family"])
         usage = getattr(source.provider, "address_usage", None) if source is not None else None
         if callable(usage):  # the local provider's pools
-            for (pool, version), (total, used) in sorted(usage().items()):
+            for (pool, version), (total, used) in sorted(_read(usage).items()):
                 family = f"IPv{version}"
                 size.add_metric([pool, family], total)
                 assigned.add_metric([pool, family], used)
@@ -80,6 +80,17 @@ class _State(Collector):
         yield size
         yield assigned
         yield free
+
+
+def _read(usage: Callable[[], dict[tuple[str, int], tuple[int, int]]]) -> dict[tuple[str, int], tuple[int, int]]:
+    """The scrape runs in prometheus_client's thread while the event loop may change the pools:
+    a read that met a change half-way is simply read again."""
+    for _ in range(5):
+        try:
+            return usage()
+        except RuntimeError:  # "dictionary changed size during iteration"
+            continue
+    return {}
 
 
 STATE = _State()
