@@ -84,10 +84,14 @@ def detail_text(d: Detail, colour: bool = False) -> str:
     if d.nodes:
         lines += ["", "Nodes:"]
         probed = any(n.healthz for n in d.nodes)
-        header = ["NODE", "FORWARDER", "ANNOUNCES", "READY-ENDPOINTS"] + (["HEALTHZ", "PROGRAMMED"] if probed else [])
+        checked = any(n.health_check for n in d.nodes)
+        header = ["NODE", "FORWARDER", "ANNOUNCES", "READY-ENDPOINTS"] + (["HEALTH-CHECK"] if checked else []) + \
+            (["HEALTHZ", "PROGRAMMED"] if probed else [])
         body = []
         for n in d.nodes:
             cells = [n.node, n.forwarder, "yes" if n.announcing else "", str(n.ready_endpoints)]
+            if checked:
+                cells.append(n.health_check)
             if probed:
                 cells += [n.healthz or "-", "-" if n.programmed is None else ("yes" if n.programmed else "no")]
             body.append(cells)

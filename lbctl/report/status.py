@@ -143,6 +143,7 @@ class NodeView:
     ready_endpoints: int  # ready endpoints of this Service on the node
     healthz: str = ""  # what the forwarder's /healthz said, when asked (--probe)
     programmed: bool | None = None  # from /healthz: are the Service's rules in the kernel?
+    health_check: str = ""  # externalTrafficPolicy Local: what its healthCheckNodePort answers there
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,11 @@ def ready_endpoints_by_node(slices: Iterable[Mapping[str, Any]]) -> dict[str, in
     return counts
 
 
+def health_check(local_endpoints: int) -> str:
+    """What a node's healthCheckNodePort answers (kube-proxy's contract, which the forwarder keeps)."""
+    return f"200 ({local_endpoints} local)" if local_endpoints else "503 (no local endpoint)"
+
+
 def _forwarder(lease: Mapping[str, Any] | None, now: float) -> str:
     view = facts.lease_view(lease, now)
     if view is None:
@@ -225,12 +231,15 @@ def detail(service: Mapping[str, Any], pools: Iterable[Mapping[str, Any]], event
     by_node = facts.forwarder_leases(leases)
     endpoints = ready_endpoints_by_node(slices)
     announcing = facts.annotations_of(service).get(facts.ANNOUNCING_NODE)
+    spec = service.get("spec") or {}
+    local_only = spec.get("externalTrafficPolicy") == "Local" and bool(spec.get("healthCheckNodePort"))
     views = []
     if the_row.provider == "local":
         for node in sorted(str(facts.meta(n).get("name")) for n in nodes):
             healthz, programmed = _probe((probes or {}).get(node), key)
-            views.append(NodeView(node, _forwarder(by_node.get(node), now), node == announcing,
-                                  endpoints.get(node, 0), healthz, programmed))
+            ready = endpoints.get(node, 0)
+            views.append(NodeView(node, _forwarder(by_node.get(node), now), node == announcing, ready, healthz,
+                                  programmed, health_check(ready) if local_only else ""))
     listed = [{
         "age": facts.age(now - facts.event_time(e)), "type": str(e.get("type") or ""),
         "reason": str(e.get("reason") or ""), "count": int(e.get("count") or 1),

@@ -267,3 +267,13 @@ def test_pool_index_finds_the_pool_of_an_address(address: str, expected: str | N
     index = status.PoolIndex(status.parse_pools([pool("a", ["198.18.0.0/16"]), pool("b", ["10.0.0.0/24", "fd00::/120"]),
                                                  buggy, pool("bad", ["x"])]))
     assert index.pool_of(address) == expected
+
+
+def test_detail_of_a_local_traffic_service_says_what_each_health_check_answers() -> None:
+    local = {**READY_SVC, "spec": {**READY_SVC["spec"], "externalTrafficPolicy": "Local", "healthCheckNodePort": 32000}}
+    slices = [{"endpoints": [{"nodeName": "node-1", "conditions": {"ready": True}}]}]
+    result = status.detail(local, [], [], [node("node-1"), node("node-2")], [], slices, NOW)
+    assert [(n.node, n.health_check) for n in result.nodes] == [("node-1", "200 (1 local)"),
+                                                               ("node-2", "503 (no local endpoint)")]
+    assert "HEALTH-CHECK" in render.detail_text(result)
+    assert "HEALTH-CHECK" not in render.detail_text(status.detail(READY_SVC, [], [], [node("node-1")], [], [], NOW))
