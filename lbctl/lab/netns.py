@@ -204,7 +204,8 @@ class Lab:
         # deleting a namespace deletes the links in it; already gone is fine
         if Path(f"/run/netns/{namespace}").exists():
             _ip("netns", "del", namespace)
-        self.namespaces.remove(namespace)
+        if namespace in self.namespaces:
+            self.namespaces.remove(namespace)
 
     def add_client(self, index: int = 0) -> str:
         namespace = self.add_namespace(f"client-{index}")
@@ -238,6 +239,12 @@ class Lab:
         _ip("-n", namespace, "route", "add", "default", "via", gateway, "dev", "eth0")
         self.pods[namespace] = (node_index, address)
         return namespace, address
+
+    def remove_pod(self, namespace: str) -> None:
+        """Take a pod namespace away before close() (its veth, address and route on the node go with
+        it); stop the processes in it first."""
+        self._del_namespace(namespace)
+        self.pods.pop(namespace, None)
 
     def route_pods_via(self, namespace: str, node_index: int) -> None:
         """Let `namespace` (a client) reach the pod network through one node (benchmarks' direct path)."""

@@ -9,6 +9,7 @@ are never skipped. Everything made here is removed at the end, also when a test 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -30,20 +31,33 @@ _ENV: DataplaneEnv | None = None
 
 @pytest.fixture(scope="session")
 def dp() -> Iterator[DataplaneEnv]:
+    """Each thing is undone by its own callback, registered as it is made (newest first at the end,
+    each whatever the others do); then nothing with the lab's prefix may be left."""
     global _ENV
     require_root_tools()
     workdir = Path(tempfile.mkdtemp(prefix="lbctl-dataplane-"))
-    lab = Lab(log_dir=workdir)
-    cp_dir = workdir / "controlplane"
-    kube: LabKube | None = None
-    try:
+    problems: list[str] = []
+    with contextlib.ExitStack() as undo:
+        undo.callback(shutil.rmtree, workdir, ignore_errors=True)
+        lab = Lab(log_dir=workdir)
+
+        def close_lab() -> None:
+            problems.extend(lab.close())
+            left = leftovers(lab.prefix)
+            assert not problems and not left, f"dataplane teardown left things behind: {problems} {left}"
+        undo.callback(close_lab)
         lab.add_bridge()
         clients = [lab.add_client(0), lab.add_client(1)]
         for index in NODES:
             lab.add_node(index)
+        cp_dir = workdir / "controlplane"
+        undo.callback(controlplane.down, cp_dir)
         info = controlplane.up(cp_dir, extra_addresses=(lab.bridge_address,))
+        # the lab's processes (operator, forwarders, pods) talk to the apiserver: they stop first
+        undo.callback(lambda: problems.extend(lab.stop_processes()))
         kubeconfig = str(cp_dir / "kubeconfig")
         kube = LabKube(kubeconfig)
+        undo.callback(kube.close)
         kube.install_pool_crd()
         # the forwarders authenticate as the DaemonSet's ServiceAccount, with its RBAC only
         kube.install_forwarder_rbac()
@@ -72,29 +86,27 @@ def dp() -> Iterator[DataplaneEnv]:
                 return False
         wait_for(all_leases, 60, "a Lease from every forwarder", interval=0.2)
         assert operator.poll() is None, (workdir / "operator.log").read_text()
+        undo.callback(_forget_env)
         _ENV = env
         yield env
-    finally:
-        _ENV = None
-        problems = lab.close()
-        if kube is not None:
-            kube.close()
-        controlplane.down(cp_dir)
-        left = leftovers(lab.prefix)
-        shutil.rmtree(workdir, ignore_errors=True)
-        assert not problems and not left, f"dataplane teardown left things behind: {problems} {left}"
+
+
+def _forget_env() -> None:
+    global _ENV
+    _ENV = None
 
 
 @pytest.fixture
 def k8s_namespace(dp: DataplaneEnv) -> Iterator[str]:
-    """A Kubernetes namespace with its own address pool; forwarders and links restored afterwards."""
+    """A Kubernetes namespace with its own address pool; afterwards forwarders and links are
+    restored, and the namespace, its pool and its pods (servers, network namespaces) removed."""
     name, pool = dp.new_namespace()
-    try:
+    with contextlib.ExitStack() as undo:  # each step whatever the others do
+        undo.callback(dp.remove_pods, name)
+        undo.callback(dp.kube.delete_pool, pool)
+        undo.callback(dp.kube.delete_namespace, name)
+        undo.callback(dp.ensure_forwarders)
         yield name
-    finally:
-        dp.ensure_forwarders()
-        dp.kube.delete_namespace(name)
-        dp.kube.delete_pool(pool)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -69,6 +69,8 @@ class DataplaneEnv:
     forwarder_args: list[str] = field(default_factory=list)
     modes: dict[int, str] = field(default_factory=dict)
     _starts: dict[int, int] = field(default_factory=dict)
+    # Kubernetes namespace → its pods' (network namespace, server), removed with it
+    _pods: dict[str, list[tuple[str, subprocess.Popen[bytes]]]] = field(default_factory=dict)
 
     # -- forwarders -----------------------------------------------------------------------------
     def start_forwarder(self, index: int, mode: str = "full") -> None:
@@ -138,6 +140,7 @@ class DataplaneEnv:
         name = f"{app}-{netns.rsplit('-', 2)[-2]}-{netns.rsplit('-', 1)[-1]}"
         server = self.lab.start(netns, [sys.executable, "-m", "lbctl.lab.server", "--name", name,
                                         "--tcp", "8080", "--udp", "5353", "--echo", "9000"], f"pod-{name}.log")
+        self._pods.setdefault(namespace, []).append((netns, server))
         def listening() -> bool:
             try:
                 http_get(self.lab.nodes[node], address, 8080, timeout=0.5)
@@ -149,6 +152,13 @@ class DataplaneEnv:
         self.kube.create_pod(namespace, name, f"node-{node}", address, {"app": app},
                              {"http": ("TCP", 8080), "dns": ("UDP", 5353), "echo": ("TCP", 9000)}, ready=ready)
         return Pod(name, namespace, netns, address, node, server)
+
+    def remove_pods(self, namespace: str) -> None:
+        """Stop the servers of the pods made for Kubernetes namespace `namespace` and take their
+        network namespaces away (at the end of the test that made them, not of the session)."""
+        for netns, server in reversed(self._pods.pop(namespace, [])):
+            self.lab.stop(server)
+            self.lab.remove_pod(netns)
 
     def wait_endpoints(self, namespace: str, service: str, addresses: set[str], timeout: float = 20) -> None:
         wait_for(lambda: self.kube.endpoint_addresses(namespace, service) == addresses, timeout,

@@ -49,11 +49,12 @@ def test_demo_fetches_a_page_through_the_vip_and_cleans_up() -> None:
     assert lab_things() <= before
 
 
-def test_interrupted_demo_cleans_up() -> None:
+def test_interrupted_demo_cleans_up(request: pytest.FixtureRequest) -> None:
     require_root_tools()
     before = lab_things()
     proc = subprocess.Popen([sys.executable, "-m", "lbctl", "demo", "--keep", "120"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    request.addfinalizer(lambda: (proc.kill(), proc.wait()) if proc.poll() is None else None)
     assert proc.stdout is not None
     deadline = time.monotonic() + 180
     for line in proc.stdout:  # interrupt once it is all up

@@ -181,7 +181,8 @@ def test_scaling_endpoints_while_a_client_loops_loses_no_connection(dp: Dataplan
             dp.kube.delete_pod(ns, pod.name)
         remaining = {pods[1].name, added[1].name}
         wait_for(seen(remaining, since=gone_at), 20, "answers from the remaining pods")
-        time.sleep(1.0)
+        wait_for(lambda: sum(1 for t, _ in answers if t > gone_at + 0.5) >= 20, 20,
+                 "20 answers from well after the removed pods went")
     finally:
         stop.set()
         looper.join(timeout=10)
