@@ -71,7 +71,8 @@ def test_without_the_package_index_setup_names_the_step_and_a_second_run_complet
     assert again.returncode == 0, again.stderr
     names = {p.split("-")[0] for p in packages(venv)}
     assert {"kopf", "moto", "pytest", "lbctl"} <= names
-    assert "[setup] 3/3 control plane (etcd, kube-apiserver, kube-controller-manager): ok" in again.stderr
+    assert "[setup] 3/3 Go builds: the control plane (etcd, kube-apiserver, kube-controller-manager) and helm: ok" \
+        in again.stderr
 
 
 def test_without_go_setup_names_the_build_step_and_builds_nothing(venv: Path, tmp_path: Path) -> None:
@@ -80,7 +81,8 @@ def test_without_go_setup_names_the_build_step_and_builds_nothing(venv: Path, tm
     failed = setup(venv, PATH=path, LBCTL_GO=str(tmp_path / "no-go"), LBCTL_CACHE_DIR=str(cache))
     assert failed.returncode == 1, failed.stderr
     assert "[setup] 2/3 Python packages: ok" in failed.stderr
-    assert "[setup] FAILED in step '3/3 control plane" in failed.stderr, failed.stderr
+    assert "[setup] FAILED in step '3/3 Go builds" in failed.stderr, failed.stderr
+    assert "the control-plane build and the helm build failed" in failed.stderr
     assert "no Go toolchain found: install Go ≥ 1.24" in failed.stderr
     assert "install Go >= 1.24 on PATH" in failed.stderr and "run `bash .ci/setup` again" in failed.stderr
     assert not [p for p in cache.rglob("*") if p.is_file()], "a failed build left files in the cache"
