@@ -51,15 +51,30 @@ def one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> Non
         assert word in lines[0], lines[0]
 
 
-def write_forwarder_lease(cluster: ClusterInfo, node: str) -> None:
-    """The Lease a forwarder on `node` keeps (written by the forwarder's own code)."""
-    async def renew() -> None:
+def forwarder_lease(cluster: ClusterInfo, node: str, remove: bool = False) -> None:
+    """The Lease a forwarder on `node` keeps (written, or removed as `--cleanup` does, by the
+    forwarder's own code)."""
+    async def act() -> None:
         kube = KubeClient.from_kubeconfig(cluster.kubeconfig)
         try:
-            await NodeLease(kube, node).renew_once()
+            lease = NodeLease(kube, node)
+            await (lease.release() if remove else lease.renew_once())
         finally:
             await kube.close()
-    asyncio.run(renew())
+    asyncio.run(act())
+
+
+@pytest.fixture
+def write_forwarder_lease(cluster: ClusterInfo) -> Iterator[Callable[[ClusterInfo, str], None]]:
+    written: list[str] = []
+
+    def write(on: ClusterInfo, node: str) -> None:
+        forwarder_lease(on, node)
+        written.append(node)
+
+    yield write
+    for node in written:
+        forwarder_lease(cluster, node, remove=True)
 
 
 @pytest.fixture
@@ -106,7 +121,8 @@ def test_status_table_line_by_line(cluster: ClusterInfo, namespace: str, three_s
 
 
 def test_status_of_one_service_tells_the_story(cluster: ClusterInfo, namespace: str, nodes: Nodes,
-                                               three_services: dict[str, str]) -> None:
+                                               three_services: dict[str, str],
+                                               write_forwarder_lease: Callable[[ClusterInfo, str], None]) -> None:
     nodes.create("node-1")
     nodes.create("node-2")
     write_forwarder_lease(cluster, "node-1")
@@ -182,6 +198,7 @@ def doctor_lines(cluster: ClusterInfo) -> tuple[int, list[str]]:
 
 def test_doctor_passes_on_a_healthy_setup_and_fails_on_exhaustion_and_a_node_without_forwarder(
     cluster: ClusterInfo, core: client.CoreV1Api, namespace: str, pools: Pools, nodes: Nodes, leader: OperatorProcess,
+    write_forwarder_lease: Callable[[ClusterInfo, str], None],
 ) -> None:
     nodes.create("node-a")
     write_forwarder_lease(cluster, "node-a")
@@ -242,7 +259,7 @@ def test_doctor_fails_on_a_missing_crd(bare_cluster: ClusterInfo) -> None:
                for line in lines), lines
 
 
-def test_doctor_json(cluster: ClusterInfo, installed: None) -> None:
+def test_doctor_json(cluster: ClusterInfo, installed: None, pool_crd: None) -> None:
     result = lbctl(cluster.kubeconfig, "doctor", "-o", "json", "--no-rbac")
     checks = json.loads(result.stdout)
     by_name = {c["name"]: c for c in checks}
