@@ -25,7 +25,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, HTTPClientError
 
-from lbctl.model.errors import InvalidServiceError, LoadBalancerError, TransientProviderError
+from lbctl.model.errors import CloudRefusalError, InvalidServiceError, LoadBalancerError, TransientProviderError
 from lbctl.model.types import LoadBalancerRef, LoadBalancerSpec, LoadBalancerStatus
 from providers import aws_plan as plan
 from providers.base import Provider, ProviderSettings
@@ -219,7 +219,7 @@ class AwsProvider(Provider):
             "retry": "lbctl retries with backoff",
             "quota": "raise the AWS quota or remove unused balancers; lbctl retries",
         }.get(kind, "lbctl retries; check the AWS error")
-        return TransientProviderError(what, fix=fix)
+        return CloudRefusalError(what, fix=fix) if kind == "quota" else TransientProviderError(what, fix=fix)
 
     # ── the Provider interface ──────────────────────────────────────────────────────────────────
 

@@ -43,7 +43,7 @@ from google.auth.credentials import AnonymousCredentials, Credentials
 from google.auth.transport.requests import AuthorizedSession
 from google.cloud import compute_v1
 
-from lbctl.model.errors import LoadBalancerError, TransientProviderError
+from lbctl.model.errors import CloudRefusalError, LoadBalancerError, TransientProviderError
 from lbctl.model.types import Ingress, LoadBalancerRef, LoadBalancerSpec, LoadBalancerStatus, PortStatus
 from providers.base import Provider, ProviderSettings
 from providers.gce_plan import (
@@ -129,13 +129,13 @@ def cloud_error(exc: api_exceptions.GoogleAPICallError, what: str) -> LoadBalanc
     """A GCE refusal as the operator reports it; all are retried with backoff by the operator."""
     message = exc.message or str(exc)
     if _reasons(exc) & _QUOTA_REASONS or "quota" in message.lower():
-        return TransientProviderError(
+        return CloudRefusalError(
             f"GCE quota exceeded while {what}: {message}",
             fix="raise the quota named above in the project's IAM & Admin > Quotas, or free unused resources; "
                 "lbctl retries and reuses what it already made",
         )
     if isinstance(exc, api_exceptions.Forbidden):
-        return TransientProviderError(
+        return CloudRefusalError(
             f"GCE denied {what}: {message}",
             fix="grant the operator's service account roles/compute.loadBalancerAdmin and "
                 "roles/compute.securityAdmin",

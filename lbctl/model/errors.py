@@ -52,6 +52,11 @@ class TransientProviderError(LoadBalancerError):
     condition_reason = "ProviderError"
 
 
+class CloudRefusalError(TransientProviderError):
+    """The cloud refused for a reason only a user fixes (a quota, a missing permission): retried,
+    since freed resources or a granted role make it pass, but backing off to minutes."""
+
+
 class NoEligibleNodesError(PendingError):
     reason = "UnAvailableLoadBalancer"
     condition_reason = "NoEligibleNodes"

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lbctl.model.errors import InvalidServiceError, LoadBalancerError, PendingError
+from lbctl.model.errors import CloudRefusalError, InvalidServiceError, LoadBalancerError, PendingError
 from lbctl.model.status import current_condition, ready_condition
 from lbctl.model.waits import Wait
 
@@ -52,7 +52,7 @@ class Backoff:
 TRANSIENT = Backoff(1.0, 60.0)  # the cloud or the apiserver failed: try again soon
 PENDING = Backoff(5.0, 300.0)  # waits for something lbctl cannot watch (the service controller's 5 s … 5 min)
 WAITING = Backoff(30.0, 300.0)  # waits for a change lbctl watches (a `Wait`): the timer is only a safety net
-USER = Backoff(10.0, 300.0)  # only a change of the Service (or of what it names) can help
+USER = Backoff(10.0, 300.0)  # only a user's change can help (the Service, what it names, a quota, a role)
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def retry_for(error: LoadBalancerError, deleting: bool) -> Backoff:
         return TRANSIENT  # a release must happen: nothing the user changes helps it
     if isinstance(error, PendingError):
         return WAITING if error.wait is not None else PENDING
-    if isinstance(error, InvalidServiceError) or not error.retryable:
+    if isinstance(error, InvalidServiceError | CloudRefusalError) or not error.retryable:
         return USER
     return TRANSIENT
 

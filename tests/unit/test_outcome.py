@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from lbctl.model.errors import (
+    CloudRefusalError,
     InvalidServiceError,
     LoadBalancerError,
     NoEligibleNodesError,
@@ -98,6 +99,7 @@ ADDRESS_WAIT = Wait(WaitFor.ADDRESS, pools=("p",), ranges=(address_range("198.18
     (NoEligibleNodesError("none"), False, WAITING, Wait(WaitFor.NODES), "UnAvailableLoadBalancer",
      "NoEligibleNodes"),
     (TransientProviderError("503"), False, TRANSIENT, None, "SyncLoadBalancerFailed", "ProviderError"),
+    (CloudRefusalError("quota exceeded"), False, USER, None, "SyncLoadBalancerFailed", "ProviderError"),
     (LoadBalancerError("odd"), False, USER, None, "SyncLoadBalancerFailed", "Failed"),
     (PendingError("full", wait=ADDRESS_WAIT), True, TRANSIENT, None, "DeleteLoadBalancerFailed", "Pending"),
 ])
