@@ -64,6 +64,7 @@ async def _status(args: argparse.Namespace) -> int:
             result = status_report.detail(story["service"], story["pools"], story["events"], story["nodes"],
                                           story["leases"], story["slices"], time.time(), probes)
             print(render.dump(result.to_dict(), args.output) if args.output else render.detail_text(result, colour))
+            _notes(reader)
             return 0
         namespace = None if args.all_namespaces or not args.namespace else args.namespace
         services, pools, events = await gather.status_table(reader, namespace)
@@ -75,9 +76,15 @@ async def _status(args: argparse.Namespace) -> int:
         else:
             where = f"namespace {namespace}" if namespace else "any namespace"
             print(f"no lbctl Services in {where}", file=sys.stderr)
+        _notes(reader)
         return 0
     finally:
         await client.close()
+
+
+def _notes(reader: Any) -> None:
+    for note in reader.notes:
+        print(f"lbctl status: note: {note}", file=sys.stderr)
 
 
 async def _doctor(args: argparse.Namespace) -> int:

@@ -24,8 +24,9 @@ from lbctl.report.doctor import (
 
 POOLS_PATH = "/apis/lbctl.io/v1alpha1/loadbalancerpools"
 LEASES_PATH = f"/apis/coordination.k8s.io/v1/namespaces/{facts.SYSTEM_NAMESPACE}/leases"
-READ_ROLE_HINT = ("ask for read access to services, events, nodes, endpointslices, leases in lbctl-system and "
-                  "loadbalancerpools (the `view` ClusterRole plus nodes and pools does)")
+READ_ROLE_HINT = ("ask for read access to Services and Events (the `view` ClusterRole has them; nodes, leases in "
+                  "lbctl-system and loadbalancerpools add the per-node view and the pools), or name a namespace "
+                  "you may read with -n")
 
 
 class ReadError(Exception):
@@ -48,6 +49,7 @@ class Reader:
     def __init__(self, client: KubeClient, timeout_s: float = 10.0) -> None:
         self.client = client
         self.timeout_s = timeout_s
+        self.notes: list[str] = []  # what could not be read but was not needed (say so, carry on)
 
     def _explain(self, exc: BaseException, what: str) -> ReadError:
         if isinstance(exc, ApiError):
@@ -72,7 +74,7 @@ class Reader:
             raise self._explain(exc, what) from None
 
     async def list(self, path: str, what: str, params: Mapping[str, str] | None = None,
-                   missing_ok: bool = False, cached: bool = True) -> list[dict[str, Any]]:
+                   missing_ok: bool = False, cached: bool = True, optional: str = "") -> list[dict[str, Any]]:
         """Every item. `cached`: from the apiserver's watch cache in one answer (resourceVersion=0,
         as informers list: milliseconds old, and far cheaper than pages read from etcd)."""
         query = dict(params or {}, resourceVersion="0") if cached else dict(params or {}, limit="500")
@@ -82,6 +84,9 @@ class Reader:
                 page = await self.client.request("GET", path, params=query, timeout_s=self.timeout_s)
             except ApiError as exc:
                 if exc.status == 404 and missing_ok:
+                    return []
+                if exc.status == 403 and optional:  # e.g. the `view` role: no nodes, leases or pools
+                    self.notes.append(f"your credentials may not read {what}: {optional}")
                     return []
                 raise self._explain(exc, what) from None
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -103,7 +108,7 @@ async def status_table(reader: Reader, namespace: str | None) -> tuple[list[dict
     """Services, pools and Warning Events: three lists, read concurrently."""
     services, pools, events = await asyncio.gather(
         reader.list(_ns_path("services", namespace), "services"),
-        reader.list(POOLS_PATH, "loadbalancerpools", missing_ok=True),
+        reader.list(POOLS_PATH, "loadbalancerpools", missing_ok=True, optional="POOL/BALANCER shows - for them"),
         reader.list(_ns_path("events", namespace), "events", {"fieldSelector": "type=Warning"}),
     )
     return services, pools, events
@@ -116,10 +121,10 @@ async def service_story(reader: Reader, namespace: str, name: str) -> dict[str, 
     selector = {"fieldSelector": f"involvedObject.kind=Service,involvedObject.name={name}"}
     slices_params = {"labelSelector": f"kubernetes.io/service-name={name}"}
     pools, events, nodes, leases, slices = await asyncio.gather(
-        reader.list(POOLS_PATH, "loadbalancerpools", missing_ok=True),
+        reader.list(POOLS_PATH, "loadbalancerpools", missing_ok=True, optional="the pool is not named"),
         reader.list(_ns_path("events", namespace), "events", selector),
-        reader.list("/api/v1/nodes", "nodes"),
-        reader.list(LEASES_PATH, "leases in lbctl-system", missing_ok=True),
+        reader.list("/api/v1/nodes", "nodes", optional="no per-node view"),
+        reader.list(LEASES_PATH, "leases in lbctl-system", missing_ok=True, optional="forwarders show as none"),
         reader.list(_ns_path("endpointslices", namespace, "discovery.k8s.io/v1"), "endpointslices", slices_params),
     )
     return {"service": service, "pools": pools, "events": events, "nodes": nodes, "leases": leases,

@@ -267,3 +267,32 @@ def test_doctor_json(cluster: ClusterInfo, installed: None, pool_crd: None) -> N
     assert by_name["operator-rbac"]["status"] == "skip"
     assert result.returncode == (1 if any(c["status"] == "fail" for c in checks) else 0)
 
+
+
+
+def test_reading_services_and_events_is_enough_for_the_table(cluster: ClusterInfo, core: client.CoreV1Api,
+                                                             namespace: str, three_services: dict[str, str],
+                                                             tmp_path: Path) -> None:
+    """A user who may read only Services and Events in the namespace (what the built-in `view` role
+    grants there; this control plane runs no role-aggregation controller, so `view` itself is empty):
+    the table, and a note on what could not be read."""
+    rbac = client.RbacAuthorizationV1Api(core.api_client)
+    rbac.create_namespaced_role(namespace, {"metadata": {"name": "reader"}, "rules": [
+        {"apiGroups": [""], "resources": ["services", "events"], "verbs": ["get", "list", "watch"]}]})
+    rbac.create_namespaced_role_binding(namespace, {
+        "metadata": {"name": "reader"}, "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                                    "name": "reader"},
+        "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": namespace}]})
+    core.create_namespaced_service_account(namespace, {"metadata": {"name": "reader"}})
+    token = core.create_namespaced_service_account_token("reader", namespace, {"spec": {}}).status.token
+    reader = tmp_path / "reader.kubeconfig"
+    reader.write_text(kubeconfig_yaml(cluster.server, Path(cluster.ca_file), "reader", token))
+    result = lbctl(str(reader), "status", "-n", namespace)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["NAME", "bad", "queued", "web"]
+    assert re.fullmatch(rf"web\s+lbctl\.io/local\s+{re.escape(three_services['address'])}\s+-\s+node-1 \(L2\)\s+"
+                        r"ready\s+\d+s", lines[3]), lines[3]
+    assert result.stderr.strip() == ("lbctl status: note: your credentials may not read loadbalancerpools: "
+                                     "POOL/BALANCER shows - for them")
+    one_line_error(lbctl(str(reader), "status"), "may not read", "403")  # every namespace: not allowed
