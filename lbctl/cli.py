@@ -214,6 +214,7 @@ def _forwarder(args: argparse.Namespace) -> int:
             nft_command=tuple(args.nft.split()), peer_port=args.peer_port,
             heartbeat_interval_s=args.heartbeat_interval, dead_after_s=args.dead_after,
             restart_grace_s=args.restart_grace, status_port=args.status_port, metrics_port=args.metrics_port,
+            peer_secret_file=args.peer_secret_file,
         )
     except ValueError as exc:
         print(f"lbctl forwarder: {exc}", file=sys.stderr)
@@ -252,6 +253,9 @@ def _add_forwarder(commands: argparse._SubParsersAction[argparse.ArgumentParser]
                     help="seconds a peer may neither heartbeat nor answer ping before its VIPs move")
     fw.add_argument("--restart-grace", type=float, default=_env("RESTART_GRACE", "15"),
                     help="seconds a peer whose kernel answers ping keeps its VIPs while its forwarder is away")
+    fw.add_argument("--peer-secret-file", default=_env("PEER_SECRET_FILE"),
+                    help="a file holding a key shared by every forwarder: heartbeats are signed with it "
+                         "(HMAC-SHA256) and unsigned ones ignored")
     fw.add_argument("--status-port", type=int, default=_env("STATUS_PORT", "0"),
                     help="serve /healthz on this port (0: off)")
     fw.add_argument("--metrics-port", type=int, default=_env("METRICS_PORT", "0"),

@@ -34,6 +34,7 @@ class Announcer:
         self._garp_repeats = tuple(garp_repeats)
         self.owned: set[str] = set()
         self.adopted: set[str] = set()  # found on the interface at start-up, not yet confirmed ours
+        self.generations: dict[str, int] = {}  # the generation of our take of each VIP we hold
         self._repeaters: dict[str, asyncio.Task[None]] = {}
 
     async def start(self) -> None:
@@ -45,10 +46,12 @@ class Announcer:
         if self.owned:
             log.info("kept %d VIP(s) from an earlier run: %s", len(self.owned), ", ".join(sorted(self.owned)))
 
-    async def reconcile(self, owners: Mapping[str, VipOwner], peer_claims: Mapping[str, frozenset[str]]) -> set[str]:
+    async def reconcile(self, owners: Mapping[str, VipOwner], peer_claims: Mapping[str, frozenset[str]],
+                        generation_seen: Callable[[str], int] = lambda ip: 0) -> set[str]:
         """Hold exactly the VIPs we own; returns those we hold. A VIP another live peer still holds
         is taken only once that peer has let go (its heartbeat no longer claims it), so two nodes
-        never answer for one address."""
+        never answer for one address. Each take (and each adoption confirmed) gets a generation
+        above any claim of the VIP seen so far."""
         mine = {ip for ip, owner in owners.items() if owner.owner == self._node}
         for ip in sorted(self.owned - mine):
             await self._release(ip)
@@ -56,20 +59,22 @@ class Announcer:
             if peer_claims.get(ip):
                 log.debug("%s is ours but %s still holds it: waiting", ip, ", ".join(sorted(peer_claims[ip])))
                 continue
-            await self._take(ip)
+            await self._take(ip, generation_seen(ip) + 1)
         for ip in sorted(mine & self.adopted):
             # ours still; announce again in case the LAN learnt another MAC while we were away
+            self.generations[ip] = generation_seen(ip) + 1
             await self._garp(ip)
         self.adopted.clear()
         return set(self.owned)
 
-    async def _take(self, ip: str) -> None:
+    async def _take(self, ip: str, generation: int) -> None:
         try:
             await asyncio.to_thread(self._addresses.add, ip)
         except Exception as exc:
             log.error("could not add VIP %s to %s: %s", ip, self._addresses.interface, exc)
             return
         self.owned.add(ip)
+        self.generations[ip] = generation
         metrics.OWNERSHIP_CHANGES.labels("taken").inc()
         log.info("announcing %s from this node (%s)", ip, self._addresses.interface)
         await self._garp(ip)
@@ -85,6 +90,7 @@ class Announcer:
             log.error("could not remove VIP %s from %s: %s", ip, self._addresses.interface, exc)
             return
         self.owned.discard(ip)
+        self.generations.pop(ip, None)
         metrics.OWNERSHIP_CHANGES.labels("released").inc()
         log.info("no longer announcing %s", ip)
 

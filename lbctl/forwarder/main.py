@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kubernetes import client as k8s_client
@@ -36,8 +37,8 @@ from lbctl.forwarder.apply import Nft, NftError
 from lbctl.forwarder.desired import BuildContext, build_service, service_key, slice_service_key
 from lbctl.forwarder.health import HealthCheck, HealthServers
 from lbctl.forwarder.leases import LEASE_NAMESPACE, NodeLease
-from lbctl.forwarder.membership import TENTATIVE, Membership, Timing
-from lbctl.forwarder.ownership import VipOwner, excluded_nodes, node_addresses, vip_owners
+from lbctl.forwarder.membership import Membership, Timing, format_claim
+from lbctl.forwarder.ownership import VipOwner, excluded_nodes, newest_takes, node_addresses, vip_owners
 from lbctl.forwarder.peering import DEFAULT_PORT, Peering
 from lbctl.forwarder.render import BASE_DECLARATIONS, BASE_RULES, FAMILY, TABLE, Plan, Planner
 from lbctl.forwarder.state import Problem, ServiceState
@@ -75,6 +76,7 @@ class ForwarderConfig:
     dead_after_s: float = 1.0  # a peer neither heard nor answering ping this long is gone
     restart_grace_s: float = 15.0  # a peer whose kernel answers keeps its VIPs this long
     status_port: int = 0  # /healthz (0: off)
+    peer_secret_file: str | None = None  # a shared key: heartbeats are signed and checked with it
     metrics_port: int = 0  # /metrics (0: off)
     health_bind: str = "0.0.0.0"
     nft_command: tuple[str, ...] = ("nft",)
@@ -322,20 +324,19 @@ class Forwarder:
         inputs = (self._states_version, alive, excluded, self.membership.claims_version, owned, adopted)
         if inputs != self._owners_inputs:  # most wake-ups change nothing
             firm, tentative = self.membership.claims(now)
-            firm_all: dict[str, frozenset[str]] = dict(firm)
-            tentative_all: dict[str, frozenset[str]] = dict(tentative)
-            me = frozenset({self.config.node})
             for ip in owned - adopted:
-                firm_all[ip] = firm_all.get(ip, frozenset()) | me
+                firm.setdefault(ip, {})[self.config.node] = announcer.generations.get(ip, 0)
+            tentative_all = dict(tentative)
             for ip in adopted:
-                tentative_all[ip] = tentative_all.get(ip, frozenset()) | me
-            self._owners = vip_owners(self.states.values(), alive, excluded, firm_all, tentative_all)
+                tentative_all[ip] = tentative_all.get(ip, frozenset()) | {self.config.node}
+            self._owners = vip_owners(self.states.values(), alive, excluded, newest_takes(firm), tentative_all)
             self._owners_inputs = inputs
         return self._owners
 
     def claims(self, announcer: Announcer) -> frozenset[str]:
         """What our heartbeat says we hold: adopted VIPs only tentatively until the first decision."""
-        return frozenset({TENTATIVE + ip if ip in announcer.adopted else ip for ip in announcer.owned})
+        return frozenset(format_claim(ip, announcer.generations.get(ip, 0), tentative=ip in announcer.adopted)
+                         for ip in announcer.owned)
 
     async def _api_reachable(self, client: KubeClient) -> bool:
         """Asked only when no peer answers: are we cut off, or are they all gone? (cached 2 s)"""
@@ -390,8 +391,9 @@ class Forwarder:
             self._rejoined_at = None
         owners = self.owners(announcer, nodes, now)
         firm, tentative = self.membership.claims(now)
-        peer_claims = {ip: firm.get(ip, frozenset()) | tentative.get(ip, frozenset()) for ip in {*firm, *tentative}}
-        held = await announcer.reconcile(owners, peer_claims)
+        peer_claims = {ip: frozenset(firm.get(ip, {})) | tentative.get(ip, frozenset())
+                       for ip in {*firm, *tentative}}
+        held = await announcer.reconcile(owners, peer_claims, self.membership.generation)
         marks.update(owners, held)
 
     # -- run -----------------------------------------------------------------------------------
@@ -407,7 +409,7 @@ class Forwarder:
         announcer = Announcer(self.config.node, addresses, self.config.garp_repeats)
         marks = ServiceMarks(self.config.node, client, lambda key: services.cache.get(key))
         peering = Peering(self.membership, lambda: self.claims(announcer), port=self.config.peer_port,
-                          on_change=self._announce_wake.set)
+                          on_change=self._announce_wake.set, key=peer_key(self.config.peer_secret_file))
         status = StatusServer(self.config.status_port, lambda query: self.status_report(announcer, query))
         metrics_server = metrics.MetricsServer(self.config.metrics_port)
         metrics.VIPS.set_function(lambda: len(announcer.owned))
@@ -496,6 +498,23 @@ class Forwarder:
                 "problems": [str(p) for p in self.problems.get(key, ())],
             }}
         return (200 if has_state else 503), body
+
+
+def peer_key(path: str | None) -> bytes:
+    """The heartbeats' shared key (every forwarder reads the same Secret), or b"" without one."""
+    if path:
+        try:
+            key = Path(path).read_bytes().strip()
+        except OSError as exc:
+            log.warning("no peer secret at %s (%s): heartbeats are not signed", path, exc.strerror)
+        else:
+            if key:
+                return key
+            log.warning("the peer secret in %s is empty: heartbeats are not signed", path)
+    else:
+        log.warning("heartbeats are not signed: anyone who can send UDP to this node's peer port can claim "
+                    "addresses (give every forwarder the same key with --peer-secret-file)")
+    return b""
 
 
 async def _until(waiter: Any, stop: asyncio.Event) -> None:

@@ -18,6 +18,7 @@ forwarder asks the apiserver then (`isolated` is only the first half of that jud
 
 from __future__ import annotations
 
+import hmac
 import json
 import zlib
 from collections.abc import Iterable, Mapping
@@ -25,8 +26,12 @@ from dataclasses import dataclass, field
 
 WIRE_VERSION = 1
 TENTATIVE = "~"
+# Each take of a VIP has a generation one above the highest claim of it ever seen: when two nodes
+# claim one VIP (a healed partition, a late heartbeat from before a cut), the newer take wins.
+GENERATION = "#"
 MAX_DATAGRAM = 60_000  # below the 65,507-byte UDP limit, with room for headers
 _DRIFT = 1e-3
+_SIGNATURE = 32  # bytes of HMAC-SHA256
 
 
 @dataclass(frozen=True)
@@ -34,34 +39,43 @@ class Heartbeat:
     node: str
     incarnation: str  # new for every process start, so a restart is visible
     seq: int
-    claims: tuple[str, ...]  # VIPs the sender holds; "~VIP": held, but only tentatively (see below)
+    claims: tuple[str, ...]  # "VIP#generation" it holds; "~VIP#generation": only tentatively (see below)
     part: int = 0  # a large claim set goes in several datagrams of one (incarnation, seq)
     parts: int = 1
     sent: float = 0.0  # the sender's monotonic clock: tells a heartbeat that sat in a queue
 
 
-def encode(heartbeat: Heartbeat) -> bytes:
+def encode(heartbeat: Heartbeat, key: bytes = b"") -> bytes:
+    """zlib-compressed JSON; with a key, followed by its HMAC-SHA256 (peers without the key, or a
+    spoofer on the node network, cannot claim addresses)."""
     payload = {"v": WIRE_VERSION, "n": heartbeat.node, "i": heartbeat.incarnation, "s": heartbeat.seq,
                "c": list(heartbeat.claims), "p": heartbeat.part, "P": heartbeat.parts, "t": heartbeat.sent}
-    return zlib.compress(json.dumps(payload, separators=(",", ":")).encode())
+    body = zlib.compress(json.dumps(payload, separators=(",", ":")).encode())
+    return body + hmac.digest(key, body, "sha256") if key else body
 
 
-def encode_all(node: str, incarnation: str, seq: int, claims: Iterable[str], sent: float = 0.0) -> list[bytes]:
+def encode_all(node: str, incarnation: str, seq: int, claims: Iterable[str], sent: float = 0.0,
+               key: bytes = b"") -> list[bytes]:
     """The datagrams of one heartbeat: the claims split so that each datagram fits."""
     ordered = sorted(claims)
     chunks = 1
     while True:
         size = -(-len(ordered) // chunks) if ordered else 0
         parts = [tuple(ordered[i:i + size]) for i in range(0, len(ordered), size)] if ordered else [()]
-        encoded = [encode(Heartbeat(node, incarnation, seq, part, index, len(parts), sent))
+        encoded = [encode(Heartbeat(node, incarnation, seq, part, index, len(parts), sent), key)
                    for index, part in enumerate(parts)]
         if all(len(datagram) <= MAX_DATAGRAM for datagram in encoded) or chunks >= len(ordered):
             return encoded
         chunks *= 2
 
 
-def decode(datagram: bytes) -> Heartbeat | None:
-    """A heartbeat, or None for anything else (another version, garbage, a stray packet)."""
+def decode(datagram: bytes, key: bytes = b"") -> Heartbeat | None:
+    """A heartbeat, or None for anything else (another version, garbage, a stray packet, a wrong
+    or missing signature when we have a key)."""
+    if key:
+        datagram, signature = datagram[:-_SIGNATURE], datagram[-_SIGNATURE:]
+        if len(signature) != _SIGNATURE or not hmac.compare_digest(signature, hmac.digest(key, datagram, "sha256")):
+            return None
     try:
         payload = json.loads(zlib.decompress(datagram, bufsize=MAX_DATAGRAM))
         if not isinstance(payload, dict) or payload.get("v") != WIRE_VERSION:
@@ -75,6 +89,23 @@ def decode(datagram: bytes) -> Heartbeat | None:
     if not heartbeat.node or not 0 <= heartbeat.part < heartbeat.parts or not isinstance(claims, list):
         return None
     return heartbeat
+
+
+def format_claim(vip: str, generation: int, tentative: bool = False) -> str:
+    return f"{TENTATIVE if tentative else ''}{vip}{GENERATION}{generation}"
+
+
+def parse_claim(raw: str) -> tuple[str, int, bool]:
+    """(VIP, generation, tentative) of a claim as sent."""
+    tentative = raw.startswith(TENTATIVE)
+    body = raw[len(TENTATIVE):] if tentative else raw
+    vip, sep, number = body.rpartition(GENERATION)
+    if not sep:
+        return body, 0, tentative
+    try:
+        return vip, int(number), tentative
+    except ValueError:
+        return vip, 0, tentative
 
 
 @dataclass(frozen=True)
@@ -121,6 +152,7 @@ class Membership:
         self._peers: dict[str, _Peer] = {}
         self._addresses: dict[str, str] = {}  # node → address from the Node objects
         self.claims_version = 0  # bumped whenever a peer's claims change
+        self._generations: dict[str, int] = {}
 
     # -- inputs ---------------------------------------------------------------------------------
     def set_addresses(self, addresses: Mapping[str, str]) -> None:
@@ -163,6 +195,10 @@ class Membership:
                     del peer.assembling[stale]
         if peer.claims != had:
             self.claims_version += 1
+            for raw in peer.claims - had:
+                vip, generation, _ = parse_claim(raw)
+                if generation > self._generations.get(vip, 0):
+                    self._generations[vip] = generation
         return not was_alive or peer.claims != had
 
     def _stale(self, peer: _Peer, message: Heartbeat, now: float) -> bool:
@@ -207,19 +243,24 @@ class Membership:
         within the grace period while their kernel answers."""
         return frozenset({self.node} | {n for n, p in self._peers.items() if self._state(p, now) in ("alive", "away")})
 
-    def claims(self, now: float) -> tuple[dict[str, frozenset[str]], dict[str, frozenset[str]]]:
-        """(firm, tentative): VIP → the live peers that say they hold it (ours not included)."""
-        firm: dict[str, set[str]] = {}
+    def claims(self, now: float) -> tuple[dict[str, dict[str, int]], dict[str, frozenset[str]]]:
+        """(firm, tentative) claims of the live peers (ours not included): VIP → {node: generation}
+        and VIP → nodes."""
+        firm: dict[str, dict[str, int]] = {}
         tentative: dict[str, set[str]] = {}
         for node, peer in self._peers.items():
             if self._state(peer, now) in ("alive", "away"):
-                for claim in peer.claims:
-                    if claim.startswith(TENTATIVE):
-                        tentative.setdefault(claim[len(TENTATIVE):], set()).add(node)
+                for raw in peer.claims:
+                    vip, generation, is_tentative = parse_claim(raw)
+                    if is_tentative:
+                        tentative.setdefault(vip, set()).add(node)
                     else:
-                        firm.setdefault(claim, set()).add(node)
-        return ({vip: frozenset(nodes) for vip, nodes in firm.items()},
-                {vip: frozenset(nodes) for vip, nodes in tentative.items()})
+                        firm.setdefault(vip, {})[node] = generation
+        return firm, {vip: frozenset(nodes) for vip, nodes in tentative.items()}
+
+    def generation(self, vip: str) -> int:
+        """The highest generation any peer ever claimed `vip` with (dead peers' included)."""
+        return self._generations.get(vip, 0)
 
     def targets(self) -> list[str]:
         """Where to send heartbeats: every node's known address, and peers that reached us."""

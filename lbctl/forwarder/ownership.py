@@ -7,7 +7,8 @@ Every forwarder computes the same answer from the same inputs, so no election is
   came back (no fail-back). Holders are known from the peers' heartbeats (their claims).
 - A VIP nobody eligible holds goes to the eligible live node with the highest rendezvous score
   sha256(node, VIP): when a node dies only its VIPs move, each to a different survivor.
-- Two eligible holders (after a partition heals): the higher score keeps it, the other lets go.
+- Two holders (a late heartbeat from before a cut, a healed partition): the newer take (the higher
+  generation) keeps it; on a tie the higher score does, and the other lets go.
   A tentative holder (a restarted forwarder that found the VIP on its interface) yields to a firm one.
 """
 
@@ -104,3 +105,14 @@ def node_addresses(nodes: Iterable[Mapping[str, Any]]) -> dict[str, str]:
                 found[str(meta.get("name"))] = ips[0]
                 break
     return found
+
+
+def newest_takes(claims: Mapping[str, Mapping[str, int]]) -> dict[str, frozenset[str]]:
+    """VIP → the holders whose claim has the highest generation: when a late heartbeat from before a
+    cut still names the old holder, the node that took the VIP over since is the holder."""
+    newest: dict[str, frozenset[str]] = {}
+    for vip, holders in claims.items():
+        if holders:
+            top = max(holders.values())
+            newest[vip] = frozenset(node for node, generation in holders.items() if generation == top)
+    return newest

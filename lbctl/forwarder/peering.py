@@ -71,8 +71,9 @@ class Peering:
     """Runs the heartbeat and probe sockets for `membership`; `claims()` gives what we hold now."""
 
     def __init__(self, membership: Membership, claims: Callable[[], frozenset[str]], *, port: int = DEFAULT_PORT,
-                 bind: str = "0.0.0.0", on_change: Callable[[], None] = lambda: None) -> None:
+                 bind: str = "0.0.0.0", on_change: Callable[[], None] = lambda: None, key: bytes = b"") -> None:
         self.membership = membership
+        self._key = key
         self._claims = claims
         self._port = port
         self._bind = bind
@@ -85,6 +86,7 @@ class Peering:
         self._icmp_seq = 0
         self.sent = 0
         self.received = 0
+        self.rejected = 0  # datagrams that were no heartbeat of ours (or not signed with our key)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -103,8 +105,9 @@ class Peering:
             self._icmp = icmp
 
     def _datagram(self, data: bytes, address: str) -> None:
-        message = decode(data)
+        message = decode(data, self._key)
         if message is None:
+            self.rejected += 1
             return
         self.received += 1
         if self.membership.heartbeat(message, address, time.monotonic()):
@@ -127,7 +130,8 @@ class Peering:
         if self._transport is None:
             return
         self._seq += 1
-        datagrams = encode_all(self.membership.node, self.incarnation, self._seq, self._claims(), time.monotonic())
+        datagrams = encode_all(self.membership.node, self.incarnation, self._seq, self._claims(), time.monotonic(),
+                               self._key)
         for address in self.membership.targets():
             if ":" in address:
                 continue  # the heartbeat socket is IPv4

@@ -73,13 +73,22 @@ class DataplaneEnv:
     _pods: dict[str, list[tuple[str, subprocess.Popen[bytes]]]] = field(default_factory=dict)
 
     # -- forwarders -----------------------------------------------------------------------------
+    @property
+    def peer_secret(self) -> Path:
+        """The key every forwarder signs its heartbeats with (as the DaemonSet's Secret gives it)."""
+        path = self.workdir / "peer-secret"
+        if not path.exists():
+            path.write_text(uuid.uuid4().hex + "\n")
+        return path
+
     def start_forwarder(self, index: int, mode: str = "full") -> None:
         self._starts[index] = self._starts.get(index, 0) + 1
         self.modes[index] = mode
         self.forwarders[index] = self.lab.start(
             self.lab.nodes[index],
             [sys.executable, "-m", "lbctl", "forwarder", "--node", f"node-{index}", "--mode", mode,
-             "--kubeconfig", self.node_kubeconfig, "--status-port", str(STATUS_PORT), *self.forwarder_args],
+             "--kubeconfig", self.node_kubeconfig, "--status-port", str(STATUS_PORT),
+             "--peer-secret-file", str(self.peer_secret), *self.forwarder_args],
             f"forwarder-node-{index}.log")
 
     def stop_forwarder(self, index: int) -> None:

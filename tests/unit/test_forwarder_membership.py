@@ -16,6 +16,8 @@ from lbctl.forwarder.membership import (
     decode,
     encode,
     encode_all,
+    format_claim,
+    parse_claim,
 )
 from lbctl.forwarder.peering import echo_request, icmp_checksum, parse_echo_reply
 
@@ -90,10 +92,25 @@ def test_we_are_always_alive_to_ourselves_and_our_own_heartbeat_is_ignored() -> 
 
 def test_claims_firm_and_tentative_from_live_peers_only() -> None:
     member = Membership("a", T)
-    member.heartbeat(beat("b", ("198.18.0.1", TENTATIVE + "198.18.0.2")), "192.0.2.2", 0.0)
-    member.heartbeat(beat("c", ("198.18.0.1",)), "192.0.2.3", 0.5)
-    assert member.claims(0.6) == ({"198.18.0.1": {"b", "c"}}, {"198.18.0.2": {"b"}})
-    assert member.claims(1.2) == ({"198.18.0.1": {"c"}}, {})  # b is dead: its claims are void
+    member.heartbeat(beat("b", ("198.18.0.1#3", TENTATIVE + "198.18.0.2#1")), "192.0.2.2", 0.0)
+    member.heartbeat(beat("c", ("198.18.0.1#4",), sent=0.5), "192.0.2.3", 0.5)
+    assert member.claims(0.6) == ({"198.18.0.1": {"b": 3, "c": 4}}, {"198.18.0.2": {"b"}})
+    assert member.claims(1.2) == ({"198.18.0.1": {"c": 4}}, {})  # b is dead: its claims are void
+    assert member.generation("198.18.0.1") == 4 and member.generation("198.18.0.2") == 1
+    assert member.generation("198.18.9.9") == 0
+
+
+@pytest.mark.parametrize(("raw", "parsed"), [
+    ("198.18.0.1#7", ("198.18.0.1", 7, False)),
+    ("~198.18.0.1#2", ("198.18.0.1", 2, True)),
+    ("198.18.0.1", ("198.18.0.1", 0, False)),  # no generation: the lowest
+    ("fd00::1#3", ("fd00::1", 3, False)),
+    ("198.18.0.1#x", ("198.18.0.1", 0, False)),
+])
+def test_claim_format(raw: str, parsed: tuple[str, int, bool]) -> None:
+    assert parse_claim(raw) == parsed
+    vip, generation, tentative = parsed
+    assert parse_claim(format_claim(vip, generation, tentative)) == parsed
 
 
 def test_heartbeat_reports_what_changed() -> None:
@@ -207,3 +224,14 @@ def test_the_delay_base_tolerates_clock_drift() -> None:
         assert member.heartbeat(beat("b", seq=seq, sent=now - 2.0 * minute / 60), "192.0.2.2", now) or True
         seq += 1
         assert "b" in member.alive(now), minute
+
+
+def test_signed_heartbeats_need_the_same_key() -> None:
+    message = Heartbeat("b", "i1", 1, ("198.18.0.1",), sent=1.0)
+    signed = encode(message, b"s3cret")
+    assert decode(signed, b"s3cret") == message
+    assert decode(signed, b"other") is None  # another cluster, or a guess
+    assert decode(encode(message), b"s3cret") is None  # unsigned: refused when we have a key
+    assert decode(signed[:-1] + bytes([signed[-1] ^ 1]), b"s3cret") is None  # tampered
+    assert decode(b"x" * 10, b"s3cret") is None
+    assert all(decode(d, b"k") is not None for d in encode_all("b", "i1", 1, ["198.18.0.1"], 1.0, b"k"))

@@ -7,7 +7,14 @@ from typing import Any
 
 import pytest
 
-from lbctl.forwarder.ownership import EXCLUDE_LABEL, choose_owner, excluded_nodes, node_addresses, vip_owners
+from lbctl.forwarder.ownership import (
+    EXCLUDE_LABEL,
+    choose_owner,
+    excluded_nodes,
+    newest_takes,
+    node_addresses,
+    vip_owners,
+)
 from lbctl.forwarder.state import ServicePort, ServiceState
 
 NODES = [f"node-{i}" for i in range(5)]
@@ -127,3 +134,13 @@ def test_an_ineligible_holder_gives_way_under_local_policy() -> None:
 ])
 def test_node_address_for_heartbeats(node: dict[str, Any], address: str | None) -> None:
     assert node_addresses([node]).get("a") == address
+
+
+@pytest.mark.parametrize(("claims", "newest"), [
+    ({VIP: {"a": 3, "b": 4}}, {VIP: {"b"}}),  # b took it over after a's claim: a's is a late echo
+    ({VIP: {"a": 4, "b": 4}}, {VIP: {"a", "b"}}),  # a tie: the score decides (vip_owners)
+    ({VIP: {"a": 1}}, {VIP: {"a"}}),
+    ({VIP: {}}, {}),
+])
+def test_the_newest_take_holds(claims: dict[str, dict[str, int]], newest: dict[str, set[str]]) -> None:
+    assert newest_takes(claims) == newest
