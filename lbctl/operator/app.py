@@ -80,8 +80,8 @@ class Operator:
         self.informers.start()
         await self.informers.synced()
         if self.elector is None:
+            metrics.LEADER.set(1)  # it acts from here on, as a replica that won the Lease does
             await self.reconciler.lead()
-            metrics.LEADER.set(1)
             return
         self.reconciler.may_act = self.elector.may_act
         log.info("standing by: caches filled (%d services, %d nodes); waiting for lease %s/%s as %s",

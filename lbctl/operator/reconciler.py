@@ -187,7 +187,9 @@ class Reconciler:
         if node_set_key(eligible_nodes(self.nodes.values())) != node_set_key(self.eligible):
             self._nodes_settled()
         for resource in self.provider.watched_resources:
-            await self._write_resource_status(resource)
+            # a pool that changed while we were getting ready reached only the cache: hand the
+            # provider the list once more (a no-op when nothing changed) and write the status
+            await self._resources_settled(resource)
 
     async def _record_missing(self, recorded: list[RecordedEvent]) -> None:
         """Outcomes the Services' status shows but no Event does (the previous leader died with them
@@ -314,7 +316,7 @@ class Reconciler:
 
     async def _resources_settled(self, resource: WatchedResource) -> None:
         self._resource_timers.pop(resource, None)
-        affected = await self.provider.resources_changed(resource, list(self.resources[resource].values()))
+        affected = await self.provider.resources_changed(resource, list(self.resources.get(resource, {}).values()))
         for key in affected:
             self.queue.add(key)
         self._wake(Change(ChangeKind.POOLS))
