@@ -337,8 +337,8 @@ def test_overlapping_pools_are_reported_on_the_pool(
     found = wait_until(rejected, what="the newer pool marked not Ready")
     assert found["reason"] == "OverlappingPool" and "spec.addresses[0]" in found["message"]
     assert older["metadata"]["name"] in found["message"]
-    warnings = core.list_namespaced_event("default", field_selector=f"involvedObject.name={newer['metadata']['name']}")
-    assert any(e.reason == "OverlappingPool" for e in warnings.items)
+    # the Event is posted after the status write, so it may land a moment later
+    wait_for_event(core, "default", newer["metadata"]["name"], "OverlappingPool")
     core.create_namespaced_service(namespace, lb_service("web"))
     assert ipaddress.ip_address(wait_for_ips(core, namespace, "web")[0]) in ipaddress.ip_network("198.18.213.0/28")
 
