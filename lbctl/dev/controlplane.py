@@ -230,9 +230,16 @@ def down(directory: Path = DEFAULT_DIR) -> list[str]:
     """Stop exactly what `up` started in `directory`; returns one line per component."""
     lay = Layout(directory.resolve())
     outcomes = []
+    failures: list[str] = []
+    # one component that cannot be stopped must not leave the others running
     for component in reversed(COMPONENTS):
         if lay.pid_file(component).exists():
-            outcomes.append(processes.stop(lay.pid_file(component)))
+            try:
+                outcomes.append(processes.stop(lay.pid_file(component)))
+            except OSError as exc:
+                failures.append(f"{component}: {exc}")
+    if failures:
+        raise RuntimeError(f"could not stop {'; '.join(failures)} (stopped: {outcomes})")
     if not outcomes:
         outcomes.append(f"nothing to stop in {lay.root}")
     return outcomes

@@ -70,13 +70,13 @@ def stop(pid_file: Path, timeout_s: float = 10.0) -> str:
     if not is_alive(record):
         pid_file.unlink(missing_ok=True)
         return f"{name}: stale pid file for pid {record.pid} removed (process already gone)"
-    os.kill(record.pid, signal.SIGTERM)
+    _signal(record.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and is_alive(record):
         reap(record.pid)
         time.sleep(0.05)
     if is_alive(record):
-        os.kill(record.pid, signal.SIGKILL)
+        _signal(record.pid, signal.SIGKILL)
         while is_alive(record):
             reap(record.pid)
             time.sleep(0.02)
@@ -85,6 +85,12 @@ def stop(pid_file: Path, timeout_s: float = 10.0) -> str:
         outcome = f"{name}: pid {record.pid} stopped"
     pid_file.unlink(missing_ok=True)
     return outcome
+
+
+def _signal(pid: int, signum: int) -> None:
+    # the process may exit between the liveness check and the signal: that is what we wanted
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
 
 
 def reap(pid: int) -> None:

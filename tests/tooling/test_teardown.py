@@ -6,12 +6,15 @@ from __future__ import annotations
 import contextlib
 import secrets
 import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from kubernetes.client.rest import ApiException
 
+from lbctl.dev import controlplane, processes
+from lbctl.dev.layout import Layout
 from lbctl.lab.netns import Lab, leftovers
 from tests.integration.harness import release_services, stop_process
 
@@ -81,3 +84,18 @@ def test_a_lab_undoes_everything_it_made_even_what_someone_removed_first() -> No
     assert proc.poll() is not None
     assert lab.namespaces == [] and lab.processes == []
     assert leftovers(prefix) == []
+
+
+def test_control_plane_down_stops_every_component_when_one_cannot_be_stopped(tmp_path: Path) -> None:
+    lay = Layout(tmp_path.resolve())
+    started = {}
+    for component in ("etcd", "kube-controller-manager"):
+        started[component] = processes.spawn(["sleep", "600"], tmp_path / f"{component}.log", lay.pid_file(component))
+    lay.pid_file("kube-apiserver").mkdir(parents=True)  # a pid "file" that cannot be read or removed
+    try:
+        with pytest.raises(RuntimeError, match="kube-apiserver"):
+            controlplane.down(tmp_path)
+        assert [started[c].wait(timeout=10) for c in started] == [-15, -15]
+    finally:
+        for proc in started.values():
+            stop_process(proc)
