@@ -10,7 +10,6 @@ deletion), the time the watch event arrived stands in, which leaves out the apis
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -19,9 +18,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, ge
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
+from lbctl.forwarder.endpoint import HttpEndpoint
 from lbctl.report.facts import parse_time
-
-log = logging.getLogger(__name__)
 
 TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
 PEER_STATES = ("alive", "away", "dead", "unknown")
@@ -107,34 +105,12 @@ class ProgrammingLatency:
         return observed
 
 
-class MetricsServer:
-    """/metrics over aiohttp in the forwarder's own event loop: the gauges read at scrape time see
-    its state between two steps, never half-way through one (a scrape thread could)."""
+class MetricsServer(HttpEndpoint):
+    """/metrics in the forwarder's own event loop: the gauges read at scrape time see its state
+    between two steps, never half-way through one (a scrape thread could)."""
 
     def __init__(self, port: int, bind: str = "0.0.0.0") -> None:
-        self._port = port
-        self._bind = bind
-        self._runner: web.AppRunner | None = None
+        super().__init__(port, "/metrics", self._handle, bind)
 
     async def _handle(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def start(self) -> None:
-        if not self._port:
-            return
-        app = web.Application()
-        app.router.add_get("/metrics", self._handle)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, self._bind, self._port, reuse_address=True).start()
-        except OSError as exc:
-            log.warning("cannot serve /metrics on port %d: %s", self._port, exc)
-            await runner.cleanup()
-            return
-        self._runner = runner
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
