@@ -16,8 +16,10 @@ FINALIZER = "service.kubernetes.io/load-balancer-cleanup"
 OWNER_ANNOTATION = "lbctl.io/load-balancer-class"
 #: the forwarder that announces a Service's VIP writes its node name here
 ANNOUNCING_NODE_ANNOTATION = "lbctl.io/announcing-node"
+#: the operator names here the nodes that announce a BGP-advertised Service (sorted, comma-separated)
+BGP_ANNOUNCING_NODES_ANNOTATION = "lbctl.io/bgp-announcing-nodes"
 #: annotations lbctl's own components write on Services: a change of them is no reason to sync
-WRITTEN_BY_LBCTL = frozenset({ANNOUNCING_NODE_ANNOTATION})
+WRITTEN_BY_LBCTL = frozenset({ANNOUNCING_NODE_ANNOTATION, BGP_ANNOUNCING_NODES_ANNOTATION})
 
 #: the older way to set spec.loadBalancerSourceRanges
 SOURCE_RANGES_ANNOTATION = "service.beta.kubernetes.io/load-balancer-source-ranges"

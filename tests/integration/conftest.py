@@ -14,6 +14,7 @@ from kubernetes.client.rest import ApiException
 
 from lbctl.dev.layout import ClusterInfo
 from tests.integration.harness import (
+    BGP_PEER_CRD,
     POOL_CRD,
     Nodes,
     OperatorProcess,
@@ -26,19 +27,21 @@ from tests.integration.harness import (
 
 @pytest.fixture(scope="session")
 def pool_crd(api_client: client.ApiClient) -> None:
+    """lbctl's CRDs: LoadBalancerPool and BGPPeer."""
     extensions = client.ApiextensionsV1Api(api_client)
-    body = yaml.safe_load(POOL_CRD.read_text())
-    try:
-        extensions.create_custom_resource_definition(body)
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
+    for path in (POOL_CRD, BGP_PEER_CRD):
+        body = yaml.safe_load(path.read_text())
+        try:
+            extensions.create_custom_resource_definition(body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
 
-    def established() -> bool:
-        crd = extensions.read_custom_resource_definition(body["metadata"]["name"])
-        return any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or ())
+        def established(name: str = body["metadata"]["name"]) -> bool:
+            crd = extensions.read_custom_resource_definition(name)
+            return any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or ())
 
-    wait_until(established, what="CRD established")
+        wait_until(established, what=f"CRD {body['metadata']['name']} established")
 
 
 @pytest.fixture

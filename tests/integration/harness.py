@@ -24,6 +24,7 @@ from lbctl.dev.layout import ClusterInfo
 
 REPO = Path(__file__).resolve().parents[2]
 POOL_CRD = REPO / "examples" / "deploy" / "crd-loadbalancerpool.yaml"
+BGP_PEER_CRD = REPO / "examples" / "deploy" / "crd-bgppeer.yaml"
 LOCAL_CLASS = "lbctl.io/local"
 T = TypeVar("T")
 
@@ -300,3 +301,20 @@ class Nodes:
     def cleanup(self) -> None:
         for name in self.names:
             self.delete(name)
+
+
+def apply_peer_status(api_client: client.ApiClient, peer: str, node: str, state: str,
+                      since: str = "2026-01-01T00:00:00Z", routes: int = 0, message: str = "") -> None:
+    """What a forwarder writes about its BGP session with `peer` (the contract): its own entry of
+    the BGPPeer's status.nodes, server-side applied as field manager lbctl-forwarder-<node>."""
+    from kubernetes import dynamic
+
+    api = dynamic.DynamicClient(api_client)
+    status = api.resources.get(api_version="lbctl.io/v1alpha1", kind="BGPPeer").subresources["status"]
+    entry: dict[str, Any] = {"node": node, "state": state, "since": since, "routesAnnounced": routes}
+    if message:
+        entry["message"] = message
+    body = {"apiVersion": "lbctl.io/v1alpha1", "kind": "BGPPeer", "metadata": {"name": peer},
+            "status": {"nodes": [entry]}}
+    api.server_side_apply(status, body=body, name=peer, field_manager=f"lbctl-forwarder-{node}",
+                          force_conflicts=True)

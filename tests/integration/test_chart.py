@@ -82,8 +82,9 @@ def test_the_defaults_install_what_examples_deploy_installs(helm_bin: Path) -> N
         if key[0] in ("ClusterRoleBinding", "RoleBinding"):
             assert chart[key]["roleRef"] == shipped[key]["roleRef"] and chart[key]["subjects"] == shipped[key][
                 "subjects"], key
-    crd = ("CustomResourceDefinition", "loadbalancerpools.lbctl.io")
-    assert chart[crd]["spec"] == shipped[crd]["spec"]
+    for name in ("loadbalancerpools.lbctl.io", "bgppeers.lbctl.io"):
+        crd = ("CustomResourceDefinition", name)
+        assert chart[crd]["spec"] == shipped[crd]["spec"], name
     operator, shipped_operator = chart[("Deployment", "lbctl-operator")], shipped[("Deployment", "lbctl-operator")]
     for field in ("replicas", "strategy", "selector"):
         assert operator["spec"][field] == shipped_operator["spec"][field], field
