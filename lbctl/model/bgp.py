@@ -176,17 +176,18 @@ def check_aggregation(advertisement: Advertisement, ranges: Iterable[tuple[int, 
     for version, first, last in ranges:
         length = advertisement.length_for(version)
         name = "aggregationLength" if version == 4 else "aggregationLengthV6"
-        blocks: list[ipaddress.IPv4Network] | list[ipaddress.IPv6Network]
         if version == 4:
-            blocks = list(ipaddress.summarize_address_range(ipaddress.IPv4Address(first), ipaddress.IPv4Address(last)))
+            blocks = [(b.prefixlen, str(b.network_address)) for b in ipaddress.summarize_address_range(
+                ipaddress.IPv4Address(first), ipaddress.IPv4Address(last))]
         else:
-            blocks = list(ipaddress.summarize_address_range(ipaddress.IPv6Address(first), ipaddress.IPv6Address(last)))
-        widest = min(blocks, key=lambda b: b.prefixlen)
-        if length < widest.prefixlen:
+            blocks = [(b.prefixlen, str(b.network_address)) for b in ipaddress.summarize_address_range(
+                ipaddress.IPv6Address(first), ipaddress.IPv6Address(last))]
+        prefix, network = min(blocks)
+        if length < prefix:
             raise BgpConfigError(
-                f"{where}.{name}", f"{length} is shorter than the pool's block {widest}: the route "
-                f"{widest.network_address}/{length} would draw traffic for addresses outside the pool",
-                f"set {name} to {widest.prefixlen} or more")
+                f"{where}.{name}", f"{length} is shorter than the pool's block {network}/{prefix}: the route "
+                f"{network}/{length} would draw traffic for addresses outside the pool",
+                f"set {name} to {prefix} or more")
 
 
 # ---- peers -----------------------------------------------------------------------------------------
