@@ -44,7 +44,7 @@ if TYPE_CHECKING:
         TagTypeDef,
     )
     from mypy_boto3_elbv2 import ElasticLoadBalancingv2Client
-    from mypy_boto3_elbv2.literals import ProtocolEnumType
+    from mypy_boto3_elbv2.literals import IpAddressTypeType, ProtocolEnumType
     from mypy_boto3_elbv2.type_defs import (
         ActionTypeDef,
         CertificateTypeDef,
@@ -386,6 +386,7 @@ class AwsProvider(Provider):
                 arn=arn, scheme=raw.get("Scheme", ""), dns_name=raw.get("DNSName", ""),
                 subnet_ids=frozenset(z["SubnetId"] for z in raw.get("AvailabilityZones", []) if "SubnetId" in z),
                 tags={}, cross_zone=cross_zone, security_groups=frozenset(raw.get("SecurityGroups", [])),
+                ip_address_type=str(raw.get("IpAddressType") or plan.IPV4),
             )
         raw_groups: list[TargetGroupTypeDef] = []
         if attached:
@@ -504,6 +505,10 @@ class AwsProvider(Provider):
                 plan.SubnetInfo(
                     id=s["SubnetId"], zone=s.get("AvailabilityZone", ""), vpc_id=s.get("VpcId", ""),
                     cidr=s.get("CidrBlock", ""), tags={t["Key"]: t.get("Value", "") for t in s.get("Tags", [])},
+                    ipv6_cidrs=tuple(
+                        a["Ipv6CidrBlock"] for a in s.get("Ipv6CidrBlockAssociationSet", [])
+                        if a.get("Ipv6CidrBlock") and _ipv6_block_usable(a.get("Ipv6CidrBlockState", {}))
+                    ),
                 )
                 for s in page.get("Subnets", [])
             ]
@@ -561,8 +566,12 @@ class AwsProvider(Provider):
         if changes.set_security_groups:
             await self._run(self._elb, self.elbv2.set_security_groups, LoadBalancerArn=arn,
                             SecurityGroups=[frontend, backend])
+        if changes.set_ip_address_type == plan.IPV4:  # before the subnets: they may lack IPv6
+            await self._set_ip_address_type(arn, changes.set_ip_address_type)
         if changes.set_subnets is not None:
             await self._run(self._elb, self.elbv2.set_subnets, LoadBalancerArn=arn, Subnets=list(changes.set_subnets))
+        if changes.set_ip_address_type == plan.DUALSTACK:  # after the subnets: all of them have IPv6 now
+            await self._set_ip_address_type(arn, changes.set_ip_address_type)
         if changes.set_cross_zone is not None:
             value = "true" if changes.set_cross_zone else "false"
             await self._run(self._elb, self.elbv2.modify_load_balancer_attributes, LoadBalancerArn=arn,
@@ -613,7 +622,8 @@ class AwsProvider(Provider):
             mapping["AllocationId"] = allocation
         try:
             page = await self._run(
-                self._elb, self.elbv2.create_load_balancer, Name=desired.name, Type="network", IpAddressType="ipv4",
+                self._elb, self.elbv2.create_load_balancer, Name=desired.name, Type="network",
+                IpAddressType=cast("IpAddressTypeType", desired.ip_address_type),
                 Scheme="internal" if desired.scheme == plan.SCHEME_INTERNAL else "internet-facing",
                 Tags=_elb_tags(desired.tags), SubnetMappings=mappings, SecurityGroups=security_groups,
             )
@@ -625,6 +635,11 @@ class AwsProvider(Provider):
                 raise
             created = found
         return created["LoadBalancerArn"], created.get("DNSName", "")
+
+    async def _set_ip_address_type(self, arn: str, ip_address_type: str) -> None:
+        log.info("NLB %s: IP address type becomes %s", arn.rsplit("/", 2)[-2], ip_address_type)
+        await self._run(self._elb, self.elbv2.set_ip_address_type, LoadBalancerArn=arn,
+                        IpAddressType=cast("IpAddressTypeType", ip_address_type))
 
     async def _create_target_group(self, tg: plan.TargetGroupPlan, desired: plan.Desired, vpc_id: str) -> str:
         try:
@@ -704,6 +719,11 @@ class AwsProvider(Provider):
 
 def _caused_by(exc: BaseException, code: str) -> bool:
     return isinstance(exc.__cause__, ClientError) and _code(exc.__cause__) == code
+
+
+def _ipv6_block_usable(state: Mapping[str, Any]) -> bool:
+    """A subnet's IPv6 block counts unless it is going or gone (associating is about to hold)."""
+    return str(state.get("State", "")) not in ("disassociating", "disassociated", "failing", "failed")
 
 
 def _certificates(listener: plan.ListenerPlan) -> list[CertificateTypeDef]:

@@ -54,6 +54,10 @@ ANN_HC_INTERVAL = ANNOTATION_PREFIX + "healthcheck-interval"
 ANN_HC_TIMEOUT = ANNOTATION_PREFIX + "healthcheck-timeout"
 ANN_HC_HEALTHY = ANNOTATION_PREFIX + "healthcheck-healthy-threshold"
 ANN_HC_UNHEALTHY = ANNOTATION_PREFIX + "healthcheck-unhealthy-threshold"
+# The AWS Load Balancer Controller's name and values for the NLB's IP address type.
+ANN_IP_ADDRESS_TYPE = ANNOTATION_PREFIX + "ip-address-type"
+IPV4 = "ipv4"
+DUALSTACK = "dualstack"
 
 TAG_CLUSTER_PREFIX = "kubernetes.io/cluster/"
 TAG_SERVICE_NAME = "kubernetes.io/service-name"
@@ -71,6 +75,7 @@ SCHEME_INTERNAL = "internal"
 MAX_LISTENERS = 50  # per NLB (AWS quota)
 TRAFFIC_PORT = "traffic-port"
 EVERYONE = ("0.0.0.0/0",)
+EVERYONE_DUALSTACK = ("0.0.0.0/0", "::/0")
 TARGET_GROUP_NAME_MAX = 32
 _PREFIX_LEN = 22  # + "-" + 9 hex digits = 32
 
@@ -149,6 +154,7 @@ class ServiceIntent:
     cross_zone: bool
     source_ranges: tuple[str, ...]
     ports: tuple[PortStatus, ...]
+    ip_address_type: str = IPV4  # ipv4 | dualstack
 
 
 def read_service(spec: LoadBalancerSpec) -> ServiceIntent:
@@ -187,9 +193,12 @@ def read_service(spec: LoadBalancerSpec) -> ServiceIntent:
         raise InvalidServiceError(
             "an allocation id is listed twice", field=_ann(ANN_EIP_ALLOCATIONS), fix="list each allocation once",
         )
-    source_ranges = normalize_source_ranges(spec.source_ranges)
+    ip_address_type = read_ip_address_type(ann)
+    source_ranges = normalize_source_ranges(spec.source_ranges, ip_address_type)
     health = read_health_check(spec)
     target_groups, listeners = plan_ports(spec, health)
+    if ip_address_type == DUALSTACK:
+        check_dualstack_listeners(spec, listeners)
     instances = select_instances(spec)
     tags = {
         TAG_CLUSTER_PREFIX + spec.cluster_name: "owned",
@@ -204,6 +213,7 @@ def read_service(spec: LoadBalancerSpec) -> ServiceIntent:
         subnet_refs=subnet_refs, eip_allocations=eips, cross_zone=cross_zone,
         source_ranges=source_ranges,
         ports=tuple(PortStatus(port=p.port, protocol=p.protocol) for p in spec.ports),
+        ip_address_type=ip_address_type,
     )
 
 
@@ -281,9 +291,48 @@ def _key_values(ann: Mapping[str, str], key: str, *, reserved: bool) -> dict[str
     return result
 
 
-def normalize_source_ranges(ranges: Sequence[str]) -> tuple[str, ...]:
-    """Everyone when none are given (the Kubernetes default)."""
-    return tuple(str(n) for n in parse_cidrs(ranges)) or EVERYONE
+def read_ip_address_type(ann: Mapping[str, str]) -> str:
+    """ipv4 (the default) or dualstack, as the AWS Load Balancer Controller reads the annotation."""
+    raw = ann.get(ANN_IP_ADDRESS_TYPE)
+    if raw is None:
+        return IPV4
+    value = raw.strip().lower()
+    if value not in (IPV4, DUALSTACK):
+        raise InvalidServiceError(
+            f"{raw!r} is not an NLB IP address type", field=_ann(ANN_IP_ADDRESS_TYPE),
+            fix=f'set "{IPV4}" or "{DUALSTACK}" (dualstack-without-public-ipv4 exists only for ALBs)',
+        )
+    return value
+
+
+def check_dualstack_listeners(spec: LoadBalancerSpec, listeners: Sequence[ListenerPlan]) -> None:
+    """lbctl's target groups hold instances, so they are IPv4 target groups: the NLB translates IPv6
+    TCP clients to them, but AWS carries IPv6 UDP only to IPv6 (IP-type) target groups."""
+    for listener in listeners:
+        if listener.protocol in ("UDP", "TCP_UDP"):
+            index = next(i for i, p in enumerate(spec.ports) if p.port == listener.port and p.protocol == "UDP")
+            raise InvalidServiceError(
+                f"port {listener.port} carries UDP, which a dualstack NLB forwards to IPv6 clients only through "
+                "IPv6 target groups of IP targets; lbctl registers instances (IPv4 target groups)",
+                field=f"spec.ports[{index}].protocol",
+                fix=f"serve UDP from a Service without {ANN_IP_ADDRESS_TYPE}: dualstack, or use TCP",
+            )
+
+
+def normalize_source_ranges(ranges: Sequence[str], ip_address_type: str = IPV4) -> tuple[str, ...]:
+    """Everyone when none are given (the Kubernetes default): both families on a dualstack NLB. An
+    IPv6 range on an IPv4-only NLB could never match a client, so it is refused."""
+    networks = parse_cidrs(ranges)
+    if ip_address_type != DUALSTACK:
+        for index, text in enumerate(ranges):
+            network = ipaddress.ip_network(text.strip(), strict=False)
+            if network.version == 6:
+                raise InvalidServiceError(
+                    f"{network} is an IPv6 range but the NLB takes IPv4 clients only",
+                    field=f"spec.loadBalancerSourceRanges[{index}]",
+                    fix=f'remove the IPv6 ranges, or set {ANN_IP_ADDRESS_TYPE}: "{DUALSTACK}"',
+                )
+    return tuple(str(n) for n in networks) or (EVERYONE_DUALSTACK if ip_address_type == DUALSTACK else EVERYONE)
 
 
 def _int_annotation(ann: Mapping[str, str], key: str, low: int, high: int) -> int | None:
@@ -481,6 +530,7 @@ class SubnetInfo:
     vpc_id: str
     cidr: str
     tags: Mapping[str, str] = field(default_factory=lambda: EMPTY, compare=False, hash=False)
+    ipv6_cidrs: tuple[str, ...] = ()  # associated IPv6 CIDR blocks
 
 
 @dataclass(frozen=True)
@@ -537,21 +587,40 @@ def choose_subnets(
                 "two subnets are in one availability zone", field=_ann(ANN_SUBNETS),
                 fix="list at most one subnet per availability zone",
             )
+        if intent.ip_address_type == DUALSTACK and (v4_only := [s.id for s in chosen if not s.ipv6_cidrs]):
+            raise InvalidServiceError(
+                f"subnets {','.join(v4_only)} have no IPv6 CIDR, which a dualstack NLB needs in every subnet",
+                field=_ann(ANN_IP_ADDRESS_TYPE),
+                fix=f"associate an IPv6 CIDR with them, list dualstack subnets in {ANN_SUBNETS}, "
+                    "or remove the annotation",
+            )
         result = tuple(sorted(chosen, key=lambda s: s.zone))
     else:
         role = TAG_ROLE_INTERNAL_ELB if intent.scheme == SCHEME_INTERNAL else TAG_ROLE_ELB
         cluster_tag = TAG_CLUSTER_PREFIX + cluster_name
-        by_zone: dict[str, SubnetInfo] = {}
-        for subnet in sorted(vpc_subnets, key=lambda s: s.id):
-            if subnet.tags.get(role) not in ("1", "") or subnet.tags.get(cluster_tag) not in ("owned", "shared"):
-                continue
-            by_zone.setdefault(subnet.zone, subnet)
-        if not by_zone:
+        tagged = [
+            s for s in sorted(vpc_subnets, key=lambda s: s.id)
+            if s.tags.get(role) in ("1", "") and s.tags.get(cluster_tag) in ("owned", "shared")
+        ]
+        if not tagged:
             raise InvalidServiceError(
                 f"no subnet of the nodes' VPC is tagged {role}=1 and {cluster_tag}=owned|shared",
                 field=_ann(ANN_SUBNETS),
                 fix="tag one subnet per zone for the cluster, or list subnets in the annotation",
             )
+        if intent.ip_address_type == DUALSTACK:
+            # Only subnets with IPv6 can hold a dualstack NLB: a zone without one is left out.
+            usable = [s for s in tagged if s.ipv6_cidrs]
+            if not usable:
+                raise InvalidServiceError(
+                    f"subnets {','.join(s.id for s in tagged)} have no IPv6 CIDR, which a dualstack NLB needs",
+                    field=_ann(ANN_IP_ADDRESS_TYPE),
+                    fix=f"associate an IPv6 CIDR with the cluster's {role} subnets, or remove the annotation",
+                )
+            tagged = usable
+        by_zone: dict[str, SubnetInfo] = {}
+        for subnet in tagged:
+            by_zone.setdefault(subnet.zone, subnet)
         result = tuple(by_zone[z] for z in sorted(by_zone))
     if intent.eip_allocations and len(intent.eip_allocations) != len(result):
         raise InvalidServiceError(
@@ -609,6 +678,7 @@ class Desired:
     targets: frozenset[str]
     frontend_rules: frozenset[SgRule]
     node_groups: tuple[str, ...]
+    ip_address_type: str = IPV4
 
 
 def frontend_group_name(balancer_name: str) -> str:
@@ -641,6 +711,7 @@ def build_desired(
         cross_zone=intent.cross_zone, tags=intent.tags, target_groups=intent.target_groups,
         listeners=intent.listeners, targets=frozenset(i.id for i in instances),
         frontend_rules=frontend_rules(intent), node_groups=tuple(group_ids),
+        ip_address_type=intent.ip_address_type,
     )
 
 
@@ -653,6 +724,7 @@ class ObservedBalancer:
     tags: Mapping[str, str]
     cross_zone: bool
     security_groups: frozenset[str]
+    ip_address_type: str = IPV4
 
 
 @dataclass(frozen=True)
@@ -693,6 +765,9 @@ class Changes:
     delete_balancer: str | None = None  # ARN; the scheme changed, which no NLB can do in place
     create_balancer: bool = False
     set_subnets: tuple[str, ...] | None = None
+    # SetIpAddressType in place (the NLB keeps its name, DNS name and IPv4 addresses); with
+    # dualstack it comes after set_subnets (every subnet must have IPv6 first), with ipv4 before.
+    set_ip_address_type: str | None = None
     set_cross_zone: bool | None = None
     balancer_tags: Mapping[str, str] = field(default_factory=lambda: EMPTY)
     create_target_groups: tuple[TargetGroupPlan, ...] = ()
@@ -734,6 +809,7 @@ def plan_changes(desired: Desired, observed: Observed) -> Changes:
     subnet_ids = tuple(s.id for s in desired.subnets)
 
     set_subnets = None
+    set_ip_address_type = None
     set_cross_zone: bool | None = desired.cross_zone if desired.cross_zone else None
     balancer_tags: Mapping[str, str] = EMPTY
     set_security_groups = False
@@ -742,6 +818,8 @@ def plan_changes(desired: Desired, observed: Observed) -> Changes:
         set_security_groups = None in groups_now or balancer.security_groups != groups_now
         if frozenset(subnet_ids) != balancer.subnet_ids:
             set_subnets = subnet_ids
+        if desired.ip_address_type != balancer.ip_address_type:
+            set_ip_address_type = desired.ip_address_type
         set_cross_zone = desired.cross_zone if desired.cross_zone != balancer.cross_zone else None
         balancer_tags = missing_tags(desired.tags, balancer.tags)
 
@@ -795,6 +873,7 @@ def plan_changes(desired: Desired, observed: Observed) -> Changes:
         delete_balancer=balancer.arn if recreate and balancer is not None else None,
         create_balancer=fresh,
         set_subnets=set_subnets,
+        set_ip_address_type=set_ip_address_type,
         set_cross_zone=set_cross_zone,
         balancer_tags=balancer_tags,
         create_target_groups=create_groups,

@@ -5,6 +5,7 @@ cluster's nodes. Shared by the provider tests, the operator tests and bench/aws.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import socket
@@ -95,6 +96,27 @@ class AwsWorld:
 
     def nodes(self) -> tuple[NodeTarget, ...]:
         return tuple(self.node(i) for i in range(len(self.instances)))
+
+    def enable_ipv6(self, *subnet_ids: str) -> dict[str, str]:
+        """Give the VPC an Amazon-provided IPv6 /56 (once) and each subnet a /64 of it, as a
+        dual-stack VPC has; returns subnet id -> its IPv6 CIDR."""
+        vpc = self.ec2.describe_vpcs(VpcIds=[self.vpc_id])["Vpcs"][0]
+        blocks = [a["Ipv6CidrBlock"] for a in vpc.get("Ipv6CidrBlockAssociationSet", [])]
+        if not blocks:
+            reply = self.ec2.associate_vpc_cidr_block(VpcId=self.vpc_id, AmazonProvidedIpv6CidrBlock=True)
+            blocks = [reply["Ipv6CidrBlockAssociation"]["Ipv6CidrBlock"]]
+        taken = {
+            a["Ipv6CidrBlock"] for s in self.ec2.describe_subnets(
+                Filters=[{"Name": "vpc-id", "Values": [self.vpc_id]}])["Subnets"]
+            for a in s.get("Ipv6CidrBlockAssociationSet", [])
+        }
+        free = (str(n) for n in ipaddress.ip_network(blocks[0]).subnets(new_prefix=64) if str(n) not in taken)
+        result = {}
+        for subnet_id in subnet_ids:
+            cidr = next(free)
+            self.ec2.associate_subnet_cidr_block(SubnetId=subnet_id, Ipv6CidrBlock=cidr)
+            result[subnet_id] = cidr
+        return result
 
 
 def build_world(url: str, nodes: int) -> AwsWorld:

@@ -299,3 +299,54 @@ def test_a_port_change_touches_only_its_listener_and_a_resync_writes_nothing(
     writes = proxy.writes()
     assert "CreateLoadBalancer" not in writes and "DeleteLoadBalancer" not in writes
     assert writes.count("CreateListener") == 1 and writes.count("DeleteListener") == 1
+
+
+# ---- dual-stack NLBs ------------------------------------------------------------------------------
+
+IP_ADDRESS_TYPE = "service.beta.kubernetes.io/aws-load-balancer-ip-address-type"
+
+
+def test_dual_stack_service_gets_a_dualstack_nlb_and_switches_back_in_place(
+    core: client.CoreV1Api, namespace: str, world: AwsWorld, start_operator: Callable[..., OperatorProcess],
+) -> None:
+    world.enable_ipv6(*world.public_subnets.values())
+    start_aws(start_operator, world)
+    core.create_namespaced_service(namespace, lb_service(
+        "both", [80], lb_class=AWS_CLASS, annotations={IP_ADDRESS_TYPE: "dualstack"},
+        ipFamilyPolicy="RequireDualStack", ipFamilies=["IPv4", "IPv6"],
+        loadBalancerSourceRanges=["203.0.113.0/24", "2001:db8:1::/48"]))
+    dns = hostname(core, namespace, "both")
+    lb = balancer(world, lb_name(core, namespace, "both"))
+    assert lb is not None and lb["DNSName"] == dns and lb["IpAddressType"] == "dualstack"
+    assert {z["SubnetId"] for z in lb["AvailabilityZones"]} == set(world.public_subnets.values())
+    frontend = [g for g in world.ec2.describe_security_groups(GroupIds=lb["SecurityGroups"])["SecurityGroups"]
+                if g["GroupName"] == f"lbctl-{lb['LoadBalancerName']}"]
+    (permission,) = frontend[0]["IpPermissions"]
+    assert [r["CidrIp"] for r in permission["IpRanges"]] == ["203.0.113.0/24"]
+    assert [r["CidrIpv6"] for r in permission["Ipv6Ranges"]] == ["2001:db8:1::/48"]
+    wait_for_condition(core, namespace, "both", "True")
+
+    core.patch_namespaced_service("both", namespace, {"metadata": {"annotations": {IP_ADDRESS_TYPE: "ipv4"}},
+                                                      "spec": {"loadBalancerSourceRanges": ["203.0.113.0/24"]}})
+    wait_until(lambda: (balancer(world, lb["LoadBalancerName"]) or {}).get("IpAddressType") == "ipv4",
+               timeout=20, what="the NLB switched to ipv4")
+    assert balancer(world, lb["LoadBalancerName"])["LoadBalancerArn"] == lb["LoadBalancerArn"]  # type: ignore[index]
+    assert hostname(core, namespace, "both") == dns
+
+
+def test_dualstack_refusals_name_the_field_and_make_nothing(
+    core: client.CoreV1Api, namespace: str, world: AwsWorld, start_operator: Callable[..., OperatorProcess],
+) -> None:
+    start_aws(start_operator, world)  # the world's subnets have no IPv6
+    core.create_namespaced_service(namespace, lb_service(
+        "nov6", lb_class=AWS_CLASS, annotations={IP_ADDRESS_TYPE: "dualstack"}))
+    core.create_namespaced_service(namespace, lb_service(
+        "v6range", lb_class=AWS_CLASS, loadBalancerSourceRanges=["2001:db8::/32"]))
+    found = wait_for_condition(core, namespace, "nov6", "False", timeout=20)
+    assert IP_ADDRESS_TYPE in found.message and "have no IPv6 CIDR" in found.message
+    assert all(subnet in found.message for subnet in world.public_subnets.values())
+    wait_for_event(core, namespace, "nov6", "SyncLoadBalancerFailed", "remove the annotation")
+    found = wait_for_condition(core, namespace, "v6range", "False", timeout=20)
+    assert "spec.loadBalancerSourceRanges[0]" in found.message and IP_ADDRESS_TYPE in found.message
+    assert world.elbv2.describe_load_balancers()["LoadBalancers"] == []
+    assert world.elbv2.describe_target_groups()["TargetGroups"] == []

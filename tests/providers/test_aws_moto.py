@@ -141,7 +141,8 @@ def ingress_rules(world: AwsWorld, group_id: str) -> dict[tuple[str, int, str], 
     rules = world.ec2.describe_security_group_rules(
         Filters=[{"Name": "group-id", "Values": [group_id]}])["SecurityGroupRules"]
     return {
-        (r["IpProtocol"], r["FromPort"], r.get("CidrIpv4") or r.get("ReferencedGroupInfo", {}).get("GroupId")): r
+        (r["IpProtocol"], r["FromPort"],
+         r.get("CidrIpv4") or r.get("CidrIpv6") or r.get("ReferencedGroupInfo", {}).get("GroupId")): r
         for r in rules if not r["IsEgress"]
     }
 
@@ -591,3 +592,126 @@ def test_bad_input_on_an_existing_balancer_changes_nothing(
         run(provider.ensure(dataclasses.replace(spec, annotations={P + "subnets": "subnet-0123456789abcdef0"})))
     assert not calls.writes
     assert len(balancers(aws_world)) == 1 and len(target_groups(aws_world)) == 2
+
+
+# ─── dual-stack NLBs ────────────────────────────────────────────────────────────────────────────
+# What moto does not model (so these tests cannot show it): it accepts IpAddressType=dualstack on
+# subnets without IPv6 and UDP listeners on a dualstack NLB (AWS refuses the first; the second is
+# refused by lbctl's plan before any call), gives the NLB no IPv6 addresses, and reports a subnet's
+# Ipv6CidrBlockState.State as the text of a dict. The provider's own checks are what is tested.
+
+DUALSTACK = {plan.ANN_IP_ADDRESS_TYPE: "dualstack"}
+
+
+def test_dualstack_balancer_uses_only_subnets_with_ipv6(aws_world: AwsWorld, forgetful: AwsProvider) -> None:
+    provider, calls = forgetful, Calls(forgetful)  # reads AWS on every ensure: subnets change behind it
+    zone_a, zone_b = sorted(aws_world.public_subnets)
+    v6_subnet = aws_world.public_subnets[zone_a]
+    aws_world.enable_ipv6(v6_subnet)
+    spec = make_spec(aws_world, annotations=DUALSTACK,
+                     source_ranges=("203.0.113.0/24", "2001:db8:1::/48"))
+    status = run(provider.ensure(spec))
+
+    [lb] = balancers(aws_world)
+    assert lb["IpAddressType"] == "dualstack"
+    assert {z["SubnetId"] for z in lb["AvailabilityZones"]} == {v6_subnet}  # zone_b's subnet has no IPv6
+    [ingress] = status.ingress
+    assert ingress.hostname == lb["DNSName"] and ingress.ip is None
+    # Instance targets: IPv4 target groups, which a dualstack NLB's TCP listeners may use.
+    for group in target_groups(aws_world).values():
+        assert group.get("IpAddressType", "ipv4") == "ipv4" and group["TargetType"] == "instance"
+        assert targets(aws_world, group["TargetGroupArn"]) == instance_ids(aws_world)
+    # Source ranges of both families on the NLB's own group: IpRanges and Ipv6Ranges.
+    assert frontend_rules(aws_world, spec) == {
+        ("tcp", port, cidr) for port in (80, 443) for cidr in ("203.0.113.0/24", "2001:db8:1::/48")
+    }
+    group = security_groups(aws_world)[plan.frontend_group_name(spec.name)]
+    by_port = {p["FromPort"]: p for p in group["IpPermissions"]}
+    assert [r["CidrIpv6"] for r in by_port[80]["Ipv6Ranges"]] == ["2001:db8:1::/48"]
+    assert [r["CidrIp"] for r in by_port[80]["IpRanges"]] == ["203.0.113.0/24"]
+
+    # Without source ranges, clients of both families are admitted.
+    run(provider.ensure(dataclasses.replace(spec, source_ranges=())))
+    assert frontend_rules(aws_world, spec) == {
+        ("tcp", port, cidr) for port in (80, 443) for cidr in ("0.0.0.0/0", "::/0")
+    }
+
+    # Once zone_b's subnet gets IPv6 too, the NLB spreads to it with SetSubnets.
+    aws_world.enable_ipv6(aws_world.public_subnets[zone_b])
+    calls.clear()
+    run(provider.ensure(dataclasses.replace(spec, source_ranges=())))
+    [lb] = balancers(aws_world)
+    assert {z["SubnetId"] for z in lb["AvailabilityZones"]} == set(aws_world.public_subnets.values())
+    assert calls.writes == Counter({"SetSubnets": 1})
+
+
+def test_changing_the_ip_address_type_keeps_the_balancer(
+    aws_world: AwsWorld, provider: AwsProvider, calls: Calls
+) -> None:
+    aws_world.enable_ipv6(*aws_world.public_subnets.values())
+    spec = make_spec(aws_world)
+    run(provider.ensure(spec))
+    [before] = balancers(aws_world)
+    assert before["IpAddressType"] == "ipv4"
+
+    calls.clear()
+    status = run(provider.ensure(dataclasses.replace(spec, annotations=DUALSTACK)))
+    [after] = balancers(aws_world)
+    assert (after["LoadBalancerArn"], after["IpAddressType"]) == (before["LoadBalancerArn"], "dualstack")
+    assert status.ingress[0].hostname == before["DNSName"]
+    # In place: SetIpAddressType, and ::/0 joins the frontend group; nothing is recreated.
+    assert calls.writes == Counter({"SetIpAddressType": 1, "AuthorizeSecurityGroupIngress": 1})
+    assert ("SetIpAddressType", {"LoadBalancerArn": before["LoadBalancerArn"], "IpAddressType": "dualstack"}) \
+        in calls.params
+
+    calls.clear()
+    run(provider.ensure(spec))  # the annotation removed: back to ipv4, ::/0 revoked
+    [back] = balancers(aws_world)
+    assert (back["LoadBalancerArn"], back["IpAddressType"]) == (before["LoadBalancerArn"], "ipv4")
+    assert calls.writes == Counter({"SetIpAddressType": 1, "RevokeSecurityGroupIngress": 1})
+    assert frontend_rules(aws_world, spec) == {("tcp", 80, "0.0.0.0/0"), ("tcp", 443, "0.0.0.0/0")}
+
+
+def test_dualstack_without_ipv6_subnets_is_refused_before_any_write(
+    aws_world: AwsWorld, provider: AwsProvider, calls: Calls
+) -> None:
+    spec = make_spec(aws_world, annotations=DUALSTACK)
+    with pytest.raises(InvalidServiceError) as caught:
+        run(provider.ensure(spec))
+    assert caught.value.field == f"metadata.annotations[{plan.ANN_IP_ADDRESS_TYPE}]"
+    for subnet in aws_world.public_subnets.values():
+        assert subnet in caught.value.problem
+    assert "remove the annotation" in (caught.value.fix or "")
+    assert not calls.writes and balancers(aws_world) == []
+
+    # Subnets named in the annotation must each have IPv6.
+    zone_a, zone_b = sorted(aws_world.public_subnets)
+    v6 = aws_world.public_subnets[zone_a]
+    aws_world.enable_ipv6(v6)
+    listed = {**DUALSTACK, P + "subnets": ",".join(aws_world.public_subnets.values())}
+    with pytest.raises(InvalidServiceError) as caught:
+        run(provider.ensure(make_spec(aws_world, annotations=listed)))
+    assert aws_world.public_subnets[zone_b] in caught.value.problem and v6 not in caught.value.problem
+    assert not calls.writes
+
+    # An existing ipv4 NLB is left as it is when the switch cannot be made.
+    run(provider.ensure(make_spec(aws_world)))
+    calls.clear()
+    with pytest.raises(InvalidServiceError):
+        run(provider.ensure(make_spec(aws_world, annotations=listed)))
+    assert not calls.writes and balancers(aws_world)[0]["IpAddressType"] == "ipv4"
+
+
+def test_dualstack_refusals_leave_nothing(aws_world: AwsWorld, provider: AwsProvider, calls: Calls) -> None:
+    aws_world.enable_ipv6(*aws_world.public_subnets.values())
+    udp = make_spec(aws_world, annotations=DUALSTACK,
+                    ports=(PortSpec("http", "TCP", 80, 30080), PortSpec("dns", "UDP", 53, 30053)))
+    ipv6_range_on_ipv4 = make_spec(aws_world, source_ranges=("203.0.113.0/24", "2001:db8::/32"))
+    bad_value = make_spec(aws_world, annotations={plan.ANN_IP_ADDRESS_TYPE: "ipv6"})
+    for spec, field in ((udp, "spec.ports[1].protocol"),
+                        (ipv6_range_on_ipv4, "spec.loadBalancerSourceRanges[1]"),
+                        (bad_value, f"metadata.annotations[{plan.ANN_IP_ADDRESS_TYPE}]")):
+        with pytest.raises(InvalidServiceError) as caught:
+            run(provider.ensure(spec))
+        assert caught.value.field == field and caught.value.fix
+    assert not calls.writes and balancers(aws_world) == [] and target_groups(aws_world) == {}

@@ -89,6 +89,12 @@ BAD_INPUT: list[tuple[str, Callable[[], LoadBalancerSpec], str]] = [
     ("loadBalancerIP", lambda: spec(load_balancer_ip="1.2.3.4"), "spec.loadBalancerIP"),
     ("Local without health port", lambda: spec(external_traffic_policy="Local"), "spec.healthCheckNodePort"),
     ("NLB name", lambda: spec(name="internal-x"), "metadata.uid"),
+    ("ip address type", lambda: with_annotations(ip_address_type="ipv6"), f"metadata.annotations[{P}ip-address-type]"),
+    ("IPv6 range on an ipv4 NLB", lambda: spec(source_ranges=("10.0.0.0/8", "2001:db8::/32")),
+     "spec.loadBalancerSourceRanges[1]"),
+    ("UDP on a dualstack NLB", lambda: spec(
+        annotations={P + "ip-address-type": "dualstack"},
+        ports=(PortSpec("t", "TCP", 53, 30053), PortSpec("u", "UDP", 53, 30053))), "spec.ports[1].protocol"),
 ]
 
 
@@ -218,8 +224,17 @@ def test_tags() -> None:
 
 def test_source_ranges_are_normalized() -> None:
     assert plan.read_service(spec()).source_ranges == ("0.0.0.0/0",)
-    intent = plan.read_service(spec(source_ranges=("10.1.2.3/8", "10.0.0.0/8", "2001:db8::1/64")))
+    dualstack = {P + "ip-address-type": "dualstack"}
+    intent = plan.read_service(spec(source_ranges=("10.1.2.3/8", "10.0.0.0/8", "2001:db8::1/64"),
+                                    annotations=dualstack))
     assert intent.source_ranges == ("10.0.0.0/8", "2001:db8::/64")
+    assert plan.read_service(spec(annotations=dualstack)).source_ranges == ("0.0.0.0/0", "::/0")
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, "ipv4"), ("ipv4", "ipv4"), (" DualStack ", "dualstack")])
+def test_ip_address_type(value: str | None, expected: str) -> None:
+    annotations = {} if value is None else {P + "ip-address-type": value}
+    assert plan.read_service(spec(annotations=annotations)).ip_address_type == expected
 
 
 def test_target_group_names() -> None:
@@ -263,6 +278,24 @@ SUBNETS = [
 def test_choose_subnets(annotations: dict[str, str], expected: list[str]) -> None:
     intent = plan.read_service(spec(annotations=annotations))
     assert [s.id for s in plan.choose_subnets(intent, CLUSTER, SUBNETS)] == expected
+
+
+def test_choose_subnets_for_a_dualstack_balancer() -> None:
+    with_v6 = [dataclasses.replace(s, ipv6_cidrs=("2001:db8:0:3::/64",)) if s.zone == "az-b" else s for s in SUBNETS]
+    dualstack = {P + "ip-address-type": "dualstack"}
+    intent = plan.read_service(spec(annotations=dualstack))
+    # Discovery keeps only tagged subnets with IPv6: az-a's have none, so the NLB lives in az-b alone.
+    assert [s.id for s in plan.choose_subnets(intent, CLUSTER, with_v6)] == ["subnet-00000000000000003"]
+    with pytest.raises(InvalidServiceError) as caught:
+        plan.choose_subnets(intent, CLUSTER, SUBNETS)
+    assert caught.value.field == f"metadata.annotations[{P}ip-address-type]"
+    assert caught.value.problem.startswith(
+        "subnets subnet-00000000000000001,subnet-00000000000000002,subnet-00000000000000003 have no IPv6 CIDR")
+    listed = plan.read_service(spec(annotations={**dualstack, P + "subnets": "pub-a,pub-b"}))
+    with pytest.raises(InvalidServiceError) as caught:
+        plan.choose_subnets(listed, CLUSTER, with_v6)
+    assert caught.value.problem.startswith("subnets subnet-00000000000000002 have no IPv6 CIDR")
+    assert "remove the annotation" in (caught.value.fix or "")
 
 
 @pytest.mark.parametrize(("annotations", "subnets", "field"), [
@@ -316,13 +349,16 @@ def test_frontend_rules_admit_everyone_on_the_listener_ports_by_default() -> Non
 
 
 def test_frontend_rules_follow_source_ranges_and_protocols() -> None:
-    got = rules_of({"source_ranges": ("203.0.113.0/24", "2001:db8::/64"), "ports": (
+    got = rules_of({"source_ranges": ("203.0.113.0/24", "198.51.100.0/24"), "ports": (
         PortSpec("d", "UDP", 53, 30053), PortSpec("t", "TCP", 53, 30053), PortSpec("s", "UDP", 514, 30514))})
     assert got == {
         (proto, port, port, cidr)
         for proto, port in (("tcp", 53), ("udp", 53), ("udp", 514))
-        for cidr in ("203.0.113.0/24", "2001:db8::/64")
+        for cidr in ("203.0.113.0/24", "198.51.100.0/24")
     }
+    dualstack = rules_of({"source_ranges": ("203.0.113.0/24", "2001:db8::/64"),
+                          "annotations": {P + "ip-address-type": "dualstack"}})
+    assert dualstack == {("tcp", p, p, c) for p in (80, 443) for c in ("203.0.113.0/24", "2001:db8::/64")}
 
 
 def test_frontend_rules_for_tls_and_local_traffic_policy() -> None:
@@ -363,7 +399,8 @@ def observed_as(desired: plan.Desired, **changes: Any) -> plan.Observed:
         for li in desired.listeners
     )
     balancer = plan.ObservedBalancer("arn:lb", desired.scheme, "lb.example", frozenset(s.id for s in desired.subnets),
-                                     dict(desired.tags), desired.cross_zone, frozenset({"sg-front", "sg-back"}))
+                                     dict(desired.tags), desired.cross_zone, frozenset({"sg-front", "sg-back"}),
+                                     desired.ip_address_type)
     base = plan.Observed(balancer, listeners, groups, frontend_group="sg-front", frontend_rules=desired.frontend_rules,
                          backend_group="sg-back", node_groups_open=frozenset(desired.node_groups))
     return dataclasses.replace(base, **changes)
@@ -490,6 +527,18 @@ def test_balancer_attributes(observed_changes: dict[str, Any], expected: plan.Ch
         observed_changes = {"tags": {**desired.tags, "owner": "me"}}
     balancer = dataclasses.replace(full.balancer, **observed_changes)
     assert plan.plan_changes(desired, dataclasses.replace(full, balancer=balancer)) == expected
+
+
+def test_ip_address_type_changes_in_place() -> None:
+    ipv4 = desired_for(spec())
+    dualstack = desired_for(spec(annotations={P + "ip-address-type": "dualstack"}))
+    assert dualstack.ip_address_type == "dualstack"
+    changes = plan.plan_changes(dualstack, observed_as(ipv4))
+    assert changes.set_ip_address_type == "dualstack" and not changes.create_balancer
+    assert set(changes.authorize_frontend) == {plan.SgRule("tcp", p, p, "::/0") for p in (80, 443)}
+    back = plan.plan_changes(ipv4, observed_as(dualstack))
+    assert back.set_ip_address_type == "ipv4" and set(back.revoke_frontend) == set(changes.authorize_frontend)
+    assert plan.plan_changes(dualstack, NOTHING).set_ip_address_type is None  # created with it
 
 
 def test_cross_zone_on_a_new_balancer() -> None:
