@@ -82,7 +82,7 @@ def run(services: int, endpoints: int) -> dict[str, Any]:
         started = time.perf_counter()
         plan = planner.plan_full(states, replace=True)
         planned = time.perf_counter()
-        nft.apply(plan.texts)
+        nft.apply(plan.transaction)
         applied = time.perf_counter()
         planner.commit(plan)
         del plan
@@ -91,7 +91,7 @@ def run(services: int, endpoints: int) -> dict[str, Any]:
         started = time.perf_counter()
         plan = planner.plan_full(states)
         planned = time.perf_counter()
-        nft.apply(plan.texts)
+        nft.apply(plan.transaction)
         applied = time.perf_counter()
         planner.commit(plan)
         del plan
@@ -106,7 +106,7 @@ def run(services: int, endpoints: int) -> dict[str, Any]:
             state = build(service, endpoint_slice)
             plan = planner.plan_update({state.key: state})
             planned = time.perf_counter()
-            nft.apply(plan.texts)
+            nft.apply(plan.transaction)
             samples.append(time.perf_counter() - started)
             plan_samples.append(planned - started)
             planner.commit(plan)

@@ -11,6 +11,8 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from lbctl.forwarder.nftables import Table, Transaction
+
 _CHUNK_LINES = 2000
 _LOCATION = re.compile(r"^(?:/dev/stdin|<cmdline>):(\d+):\d+(?:-\d+)?: Error: (.*)$", re.MULTILINE)
 
@@ -51,8 +53,9 @@ class Nft:
     def __init__(self, command: Sequence[str] = ("nft",)) -> None:
         self.command = tuple(command)
 
-    def _run(self, args: Sequence[str], transaction: str | Sequence[str]) -> str:
-        """Feed `transaction` (text, or lines without their newline) to nft on stdin."""
+    def _run(self, args: Sequence[str], transaction: str | Sequence[str] | Transaction) -> str:
+        """Feed `transaction` (text, lines without their newline, or typed operations written
+        line by line as nft reads them) to nft on stdin."""
         try:
             proc = subprocess.Popen([*self.command, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE)
@@ -64,6 +67,14 @@ class Nft:
         try:
             if isinstance(transaction, str):
                 proc.stdin.write(transaction.encode())
+            elif isinstance(transaction, Transaction):  # written in slices: never all the text at once
+                pending: list[str] = []
+                for text in transaction.texts():
+                    pending.append(text)
+                    if len(pending) == _CHUNK_LINES:
+                        proc.stdin.write(("\n".join(pending) + "\n").encode())
+                        pending = []
+                proc.stdin.write(("\n".join(pending) + "\n").encode() if pending else b"")
             else:  # in slices: no copy of a whole large transaction
                 for start in range(0, len(transaction), _CHUNK_LINES):
                     chunk = transaction[start:start + _CHUNK_LINES]
@@ -73,13 +84,14 @@ class Nft:
             pass  # nft stopped reading: its exit status and stderr say why
         stdout, stderr = proc.stdout.read(), proc.stderr.read()
         if proc.wait() != 0:
-            raise NftError((stderr or stdout).decode(errors="replace"), transaction)
+            lines = list(transaction.texts()) if isinstance(transaction, Transaction) else transaction
+            raise NftError((stderr or stdout).decode(errors="replace"), lines)
         return stdout.decode(errors="replace")
 
-    def apply(self, transaction: str | Sequence[str]) -> None:
+    def apply(self, transaction: str | Sequence[str] | Transaction) -> None:
         self._run(("-f", "-"), transaction)
 
-    def check(self, transaction: str | Sequence[str]) -> None:
+    def check(self, transaction: str | Sequence[str] | Transaction) -> None:
         self._run(("-c", "-f", "-"), transaction)
 
     def list_table(self, family: str, table: str) -> str:
@@ -87,8 +99,11 @@ class Nft:
 
     def delete_table(self, family: str, table: str) -> None:
         """Remove the table if it exists (leaving: nothing of ours stays in the kernel)."""
+        gone = Transaction(Table(family, table))
+        gone.add(None, gone.table)  # adding first: deleting a missing table would fail
+        gone.delete(None, gone.table)
         with contextlib.suppress(NftError, NftNotFoundError):
-            self._run(("-f", "-"), f"add table {family} {table}\ndelete table {family} {table}\n")
+            self._run(("-f", "-"), gone)
 
     async def apply_async(self, transaction: str) -> None:
         await asyncio.to_thread(self.apply, transaction)

@@ -40,7 +40,7 @@ from lbctl.forwarder.leases import LEASE_NAMESPACE, NodeLease
 from lbctl.forwarder.membership import Membership, Timing, format_claim
 from lbctl.forwarder.ownership import VipOwner, excluded_nodes, newest_takes, node_addresses, vip_owners
 from lbctl.forwarder.peering import DEFAULT_PORT, Peering
-from lbctl.forwarder.render import BASE_DECLARATIONS, BASE_RULES, FAMILY, TABLE, Plan, Planner
+from lbctl.forwarder.render import FAMILY, TABLE, Plan, Planner, base_check_lines
 from lbctl.forwarder.state import Problem, ServiceState
 from lbctl.forwarder.status import StatusServer
 from lbctl.kube.client import KubeClient, load_configuration
@@ -198,8 +198,8 @@ class Forwarder:
     # -- nftables ------------------------------------------------------------------------------
     def _apply(self, plan: Plan) -> None:
         """Blocking: run in a thread."""
-        if plan.texts:
-            self.nft.apply(plan.texts)
+        if plan.transaction:
+            self.nft.apply(plan.transaction)
 
     async def _sync_kernel(self, changed: set[str]) -> None:
         now = time.monotonic()
@@ -248,7 +248,7 @@ class Forwarder:
 
     def _committed(self, plan: Plan, now: float) -> None:
         self.planner.commit(plan)
-        metrics.STATEMENTS.labels("full" if plan.full else "incremental").inc(len(plan.texts))
+        metrics.STATEMENTS.labels("full" if plan.full else "incremental").inc(len(plan.transaction))
         metrics.SERVICES_PROGRAMMED.set(len(self.planner.keys))
         for key in [k for k in self._quarantine if not self._held(k, now) and k in plan.changes]:
             self._quarantine.pop(key)  # its retry went in
@@ -556,7 +556,7 @@ def check_tools(config: ForwarderConfig) -> str | None:
     try:
         # a check-only transaction of the base table: proves nft runs, we may use it, and the
         # kernel has every expression we need (nat, fib, numgen, maps)
-        Nft(config.nft_command).check("".join(line + "\n" for line in (*BASE_DECLARATIONS, *BASE_RULES)))
+        Nft(config.nft_command).check(base_check_lines())
     except Exception as exc:
         return f"nftables is not usable here: {exc}"
     return None

@@ -1,4 +1,6 @@
-"""ServiceState → nftables ruleset text (pure).
+"""ServiceState → typed nftables operations (pure).
+
+This module decides *what* goes into the table; lbctl.forwarder.nftables writes it as nft syntax.
 
 One table, `ip lbctl`. Packets are dispatched by verdict maps, not rule lists, so the cost per
 packet does not grow with the number of Services:
@@ -35,12 +37,46 @@ import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
+from lbctl.forwarder import nftables as nft
+from lbctl.forwarder.nftables import (
+    Chain,
+    DaddrInSet,
+    DaddrNot,
+    Datatype,
+    DnatRandom,
+    DnatTo,
+    Drop,
+    Element,
+    EndpointValue,
+    Field,
+    Goto,
+    Hook,
+    Jump,
+    L4Proto,
+    LocalDestination,
+    Map,
+    MarkAny,
+    Masquerade,
+    RandomVerdict,
+    RecordSource,
+    Rule,
+    SaddrIn,
+    SaddrInSet,
+    Set,
+    SetMarkBits,
+    SlotKey,
+    Statement,
+    Table,
+    Transaction,
+    VerdictLookup,
+)
 from lbctl.forwarder.state import PROTOCOLS, UDP, ServicePort, ServiceState
 
 FAMILY = "ip"
 TABLE = "lbctl"
+LBCTL = Table(FAMILY, TABLE)
 MASQUERADE_MARK = 0x00004000  # the bit kube-proxy uses for the same purpose
 SERVICE_IPS = "service-ips"
 NODE_PORTS = "node-ports"
@@ -55,34 +91,45 @@ SHARDS = 64
 # tcp` once it is read back from the kernel ("conflicting protocols specified: tcp vs. th").
 ENDPOINT_MAPS = {proto: tuple(f"{ENDPOINTS}-{proto}/{n:03d}" for n in range(SHARDS)) for proto in PROTOCOLS}
 ENDPOINT_CHAIN_MAPS = tuple(f"{ENDPOINT_CHAINS}/{n:03d}" for n in range(SHARDS))
-MAPS = (SERVICE_IPS, NODE_PORTS)  # the shards are declared when first used
-SETS = (LB_IPS,)
 
-_PREFIX = f"{FAMILY} {TABLE}"
+_VERDICT = (Datatype.VERDICT,)
+FIXED_MAPS = (
+    Map(SERVICE_IPS, (Datatype.IPV4_ADDR, Datatype.INET_PROTO, Datatype.INET_SERVICE), _VERDICT),
+    Map(NODE_PORTS, (Datatype.INET_PROTO, Datatype.INET_SERVICE), _VERDICT),
+)
+FIXED_SETS = (Set(LB_IPS, Datatype.IPV4_ADDR),)
+MAPS = tuple(m.name for m in FIXED_MAPS)  # the shards are declared when first used
+SETS = tuple(s.name for s in FIXED_SETS)
 
-BASE_DECLARATIONS = (
-    f"add table {_PREFIX}",
-    f"add map {_PREFIX} {SERVICE_IPS} {{ type ipv4_addr . inet_proto . inet_service : verdict; }}",
-    f"add map {_PREFIX} {NODE_PORTS} {{ type inet_proto . inet_service : verdict; }}",
-    f"add set {_PREFIX} {LB_IPS} {{ type ipv4_addr; }}",
-    f"add chain {_PREFIX} services",
-    f"add chain {_PREFIX} prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}",
-    # `dstnat` is only a name in prerouting; -100 is the same priority
-    f"add chain {_PREFIX} output {{ type nat hook output priority -100; policy accept; }}",
-    f"add chain {_PREFIX} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}",
-    f"add chain {_PREFIX} input {{ type filter hook input priority filter; policy accept; }}",
+# `dstnat` is only a name in prerouting; -100 is the same priority
+BASE_OBJECTS: tuple[nft.Object, ...] = (
+    LBCTL,
+    *FIXED_MAPS,
+    *FIXED_SETS,
+    Chain("services"),
+    Chain("prerouting", Hook("nat", "prerouting", "dstnat")),
+    Chain("output", Hook("nat", "output", "-100")),
+    Chain("postrouting", Hook("nat", "postrouting", "srcnat")),
+    Chain("input", Hook("filter", "input", "filter")),
 )
 BASE_RULES = (
-    f"add rule {_PREFIX} prerouting jump services",
-    f"add rule {_PREFIX} output jump services",
-    f"add rule {_PREFIX} services ip daddr . meta l4proto . th dport vmap @{SERVICE_IPS}",
+    Rule("prerouting", (Jump("services"),)),
+    Rule("output", (Jump("services"),)),
+    Rule("services", (VerdictLookup((Field.DADDR4, Field.L4PROTO, Field.DPORT), SERVICE_IPS),)),
     # NodePorts answer on every local address but loopback (route_localnet stays off)
-    f"add rule {_PREFIX} services fib daddr type local ip daddr != 127.0.0.0/8 "
-    f"meta l4proto . th dport vmap @{NODE_PORTS}",
-    f"add rule {_PREFIX} postrouting meta mark & 0x{MASQUERADE_MARK:08x} != 0 masquerade",
-    f"add rule {_PREFIX} input meta l4proto tcp ip daddr @{LB_IPS} drop",
-    f"add rule {_PREFIX} input meta l4proto udp ip daddr @{LB_IPS} drop",
+    Rule("services", (LocalDestination(), DaddrNot("127.0.0.0/8"),
+                      VerdictLookup((Field.L4PROTO, Field.DPORT), NODE_PORTS))),
+    Rule("postrouting", (MarkAny(MASQUERADE_MARK), Masquerade())),
+    Rule("input", (L4Proto("tcp"), DaddrInSet(LB_IPS, 4), Drop())),
+    Rule("input", (L4Proto("udp"), DaddrInSet(LB_IPS, 4), Drop())),
 )
+
+
+def base_check_lines() -> list[str]:
+    """The base table as `nft -c` input: proves nft runs and the kernel has what we need."""
+    out = Transaction(LBCTL)
+    out.add(None, *BASE_OBJECTS, *BASE_RULES)
+    return list(out.texts())
 
 
 class SlotRange(NamedTuple):
@@ -90,13 +137,7 @@ class SlotRange(NamedTuple):
     size: int
 
 
-# NamedTuples, not frozen dataclasses: a full sync makes ~100,000 of these
-class Element(NamedTuple):
-    """One element of a named map or set; `value` is "" for a set."""
-
-    collection: str
-    key: str
-    value: str = ""
+Body = tuple[Statement, ...]  # one rule without its chain
 
 
 @dataclass(frozen=True)
@@ -105,8 +146,8 @@ class Program:
 
     key: str
     priority: tuple[str, str]  # (creationTimestamp, key): the older Service keeps a clashing address
-    chains: Mapping[str, tuple[str, ...]]  # chain name → rule bodies
-    sets: Mapping[str, str]  # set name → declaration "{ … }"
+    chains: Mapping[str, tuple[Body, ...]]  # chain name → its rules
+    sets: Mapping[str, Set]  # set name → the set
     elements: tuple[Element, ...]
     slots: Mapping[str, SlotRange] = field(default_factory=dict)  # port id → its range in @endpoints
     udp_backends: frozenset[tuple[str, int]] = frozenset()
@@ -185,13 +226,11 @@ def allocate(state: ServiceState, previous: Mapping[str, SlotRange], allocator: 
 _SHARD_PREFIXES = (*(f"{ENDPOINTS}-{proto}/" for proto in PROTOCOLS), f"{ENDPOINT_CHAINS}/")
 
 
-def shard_declaration(name: str) -> str:
-    """`add map` for an endpoint shard (idempotent: harmless when the map exists)."""
+def shard_map(name: str) -> Map:
+    """An endpoint shard (`add map` of it is harmless when the map exists)."""
     if name.startswith(ENDPOINT_CHAINS):
-        data = "verdict"
-    else:
-        data = f"ip daddr . {name.removeprefix(ENDPOINTS + '-').split('/')[0]} dport"
-    return f"add map {_PREFIX} {name} {{ typeof numgen random mod 1 : {data}; }}"
+        return Map(name, SlotKey(), _VERDICT)
+    return Map(name, SlotKey(), EndpointValue(4, name.removeprefix(ENDPOINTS + "-").split("/")[0]))
 
 
 def _shards(programs: Iterable[Program | None]) -> list[str]:
@@ -213,73 +252,74 @@ def _affinity_set(pid: str, ip: str, port: int, timeout: int) -> str:
     return f"aff/{pid}/{ip}/{port}/{timeout}"
 
 
+_DROP: Body = (Drop(),)
+_L4 = {proto: L4Proto(proto) for proto in PROTOCOLS}
+_MARK: Body = (SetMarkBits(MASQUERADE_MARK),)
+
+
 def render_program(state: ServiceState, slots: Mapping[str, SlotRange]) -> Program:
-    chains: dict[str, tuple[str, ...]] = {}
-    sets: dict[str, str] = {}
+    chains: dict[str, tuple[Body, ...]] = {}
+    sets: dict[str, Set] = {}
     elements: list[Element] = []
     udp: set[tuple[str, int]] = set()
     for port in state.ports:
         pid = port_id(state, port)
         svc = f"svc/{pid}"
-        rules: list[str] = []
+        rules: list[Body] = []
         backends = port.backends
-        if port.protocol == UDP:
+        proto = port.protocol
+        if proto == UDP:
             udp.update((b.ip, b.port) for b in backends)
         if not backends:
-            rules.append("drop")  # no endpoint (for ETP=Local: none on this node)
+            rules.append(_DROP)  # no endpoint (for ETP=Local: none on this node)
         else:
             if state.masquerade:
-                rules.append(f"meta mark set meta mark | 0x{MASQUERADE_MARK:08x}")
+                rules.append(_MARK)
             if state.affinity_timeout is not None:
+                timeout = state.affinity_timeout
                 for b in backends:
                     ep = _endpoint_chain(pid, b.ip, b.port)
-                    aff = _affinity_set(pid, b.ip, b.port, state.affinity_timeout)
-                    sets[aff] = f"{{ type ipv4_addr; flags dynamic,timeout; timeout {state.affinity_timeout}s; }}"
-                    chains[ep] = (f"update @{aff} {{ ip saddr }}",
-                                  f"meta l4proto {port.protocol} dnat to {b.ip}:{b.port}")
-                    rules.append(f"ip saddr @{aff} goto {ep}")
+                    aff = _affinity_set(pid, b.ip, b.port, timeout)
+                    sets[aff] = Set(aff, Datatype.IPV4_ADDR, timeout)
+                    chains[ep] = ((RecordSource(aff, 4),), (_L4[proto], DnatTo(b.ip, b.port)))
+                    rules.append((SaddrInSet(aff, 4), Goto(ep)))
                 if len(backends) == 1:
-                    rules.append(f"goto {_endpoint_chain(pid, backends[0].ip, backends[0].port)}")
+                    rules.append((Goto(_endpoint_chain(pid, backends[0].ip, backends[0].port)),))
                 else:
                     base = slots[pid].base
                     vmap = ENDPOINT_CHAIN_MAPS[shard(pid)]
-                    rules.append(f"numgen random mod {len(backends)} offset {base} vmap @{vmap}")
-                    elements.extend(
-                        Element(vmap, str(base + i), f"goto {_endpoint_chain(pid, b.ip, b.port)}")
-                        for i, b in enumerate(backends))
+                    rules.append((RandomVerdict(len(backends), base, vmap),))
+                    elements.extend(Element(vmap, base + i, Goto(_endpoint_chain(pid, b.ip, b.port)))
+                                    for i, b in enumerate(backends))
             elif len(backends) == 1:
-                rules.append(f"meta l4proto {port.protocol} dnat to {backends[0].ip}:{backends[0].port}")
+                rules.append((_L4[proto], DnatTo(backends[0].ip, backends[0].port)))
             else:
                 base = slots[pid].base
-                dmap = ENDPOINT_MAPS[port.protocol][shard(pid)]
-                rules.append(f"meta l4proto {port.protocol} dnat to numgen random mod {len(backends)} "
-                             f"offset {base} map @{dmap}")
-                elements.extend(Element(dmap, str(base + i), f"{b.ip} . {b.port}")
-                                for i, b in enumerate(backends))
+                dmap = ENDPOINT_MAPS[proto][shard(pid)]
+                rules.append((_L4[proto], DnatRandom(4, len(backends), base, dmap)))
+                elements.extend(Element(dmap, base + i, (b.ip, b.port)) for i, b in enumerate(backends))
         chains[svc] = tuple(rules)
 
         entry = svc
         if state.source_ranges is not None:
             entry = f"lb/{pid}"
-            chains[entry] = (*(f"ip saddr {cidr} goto {svc}" for cidr in state.source_ranges), "drop")
+            chains[entry] = (*((SaddrIn(cidr), Goto(svc)) for cidr in state.source_ranges), _DROP)
+        target = Goto(entry)
         for ip in state.lb_ips:
-            elements.append(Element(SERVICE_IPS, f"{ip} . {port.protocol} . {port.port}", f"goto {entry}"))
+            elements.append(Element(SERVICE_IPS, (ip, proto, port.port), target))
         if port.node_port is not None:
-            elements.append(Element(NODE_PORTS, f"{port.protocol} . {port.node_port}", f"goto {svc}"))
+            elements.append(Element(NODE_PORTS, (proto, port.node_port), Goto(svc)))
     if state.ports:
         elements.extend(Element(LB_IPS, ip) for ip in state.lb_ips)
     return Program(key=state.key, priority=(state.created, state.key), chains=chains, sets=sets,
                    elements=tuple(elements), slots=dict(slots), udp_backends=frozenset(udp))
 
 
-def _element_text(element: Element) -> str:
-    return f"{element.key} : {element.value}" if element.value else element.key
-
-
 # Keys two Services may both want (a clash: the older Service keeps it). Slot keys are handed out
 # by the planner itself and so are never shared.
 SHARED = frozenset({SERVICE_IPS, NODE_PORTS, LB_IPS})
-ElementKey = tuple[str, str]  # (collection, key)
+ElementKey = tuple[str, nft.Part | tuple[nft.Part, ...]]  # (collection, key)
+ElementValue = nft.Part | tuple[nft.Part, ...] | Goto | None
 
 
 @dataclass(frozen=True)
@@ -298,24 +338,11 @@ class Committed:
         return render_program(self.state, self.slots)
 
 
-class _Transaction:
-    """Commands and, line by line, the Service each belongs to (None: the table itself)."""
-
-    def __init__(self) -> None:
-        self.texts: list[str] = []
-        self.owners: list[str | None] = []
-
-    def add(self, owner: str | None, *texts: str) -> None:
-        self.texts.extend(texts)
-        self.owners.extend([owner] * len(texts))
-
-
 @dataclass
 class Plan:
     """A transaction and what the planner becomes once the kernel has taken it."""
 
-    texts: list[str]  # one command per line
-    owners: list[str | None]  # the Service each line belongs to
+    transaction: Transaction
     changes: dict[str, Committed | None]  # changed keys → new committed state (None: removed)
     allocator: SlotAllocator
     full: bool
@@ -327,17 +354,28 @@ class Plan:
     udp: Counter[tuple[str, int]] = field(default_factory=Counter)  # full: all; update: the change
 
     @property
+    def ops(self) -> list[nft.Op]:
+        return self.transaction.ops
+
+    @property
     def lines(self) -> list[Line]:
-        return [Line(owner, text) for owner, text in zip(self.owners, self.texts, strict=True)]
+        return [Line(owner, text) for owner, text in self.transaction.lines()]
+
+    @property
+    def texts(self) -> list[str]:
+        return list(self.transaction.texts())
 
     @property
     def text(self) -> str:
-        return "".join(text + "\n" for text in self.texts)
+        return self.transaction.text()
 
     def owner_of_line(self, number: int) -> str | None:
         """The Service of 1-based line `number` of `text`."""
-        if 1 <= number <= len(self.owners):
-            return self.owners[number - 1]
+        if number < 1:
+            return None
+        for index, (owner, _) in enumerate(self.transaction.lines(), start=1):
+            if index == number:
+                return owner
         return None
 
 
@@ -390,46 +428,45 @@ class Planner:
             changes.update({k: None for k in self._committed if k not in changes})
             stale = [c.program() for k, c in self._committed.items() if changes.get(k) != c]
 
-        out = _Transaction()
+        out = Transaction(LBCTL, batch_elements=True)
         if replace:
-            out.add(None, f"add table {_PREFIX}", f"delete table {_PREFIX}")
-        out.add(None, *BASE_DECLARATIONS)
+            out.add(None, LBCTL)
+            out.delete(None, LBCTL)
+        out.add(None, *BASE_OBJECTS)
         declared: set[str] = set()
 
         def declare(shards: Iterable[str]) -> None:
             for name in shards:
                 if name not in declared:
                     declared.add(name)
-                    out.add(None, shard_declaration(name))
+                    out.add(None, shard_map(name))
                     if not replace:
-                        out.add(None, f"flush map {_PREFIX} {name}")
+                        out.flush(None, shard_map(name))
 
         if not replace:
-            out.add(None, f"flush table {_PREFIX}", *(f"flush map {_PREFIX} {name}" for name in MAPS),
-                    *(f"flush set {_PREFIX} {name}" for name in SETS))
+            out.flush(None, LBCTL, *FIXED_MAPS, *FIXED_SETS)
             declare(_shards(stale))
         out.add(None, *BASE_RULES)
 
         winners: dict[ElementKey, str | None] = {}
-        values: dict[ElementKey, str] = {}
+        values: dict[ElementKey, object] = {}
         contested: dict[ElementKey, tuple[str, ...] | None] = {}
         conflicts: list[Conflict] = []
         udp = Counter[tuple[str, int]]()
         kept_chains: dict[str, frozenset[str]] = {}
         kept_sets: dict[str, frozenset[str]] = {}
-        # one `add element` per collection, one element per line (nft names the line of a bad
-        # element): 40,000 commands of a few elements each took nft half a second and 50 MB more
-        elements: dict[str, _Transaction] = {}
+        # elements are gathered per collection and written as one `add element` each
+        elements: dict[str, tuple[list[Element], list[str]]] = {}
         for state in sorted(ordered, key=lambda s: (s.created, s.key)):
             key = state.key
             committed = changes[key]
             assert committed is not None
             program = render_program(state, committed.slots)
             declare(_shards([program]))
-            out.add(key, *(f"add chain {_PREFIX} {name}" for name in program.chains))
-            out.add(key, *(f"add set {_PREFIX} {name} {decl}" for name, decl in program.sets.items()))
+            out.add(key, *(Chain(name) for name in program.chains))
+            out.add(key, *program.sets.values())
             for name, rules in program.chains.items():
-                out.add(key, *(f"add rule {_PREFIX} {name} {rule}" for rule in rules))
+                out.add(key, *(Rule(name, body) for body in rules))
             for el in program.elements:
                 if el.collection in SHARED:
                     ck = (el.collection, el.key)
@@ -437,27 +474,26 @@ class Planner:
                     if winner is not None:
                         contested[ck] = (*(contested.get(ck) or (winner,)), key)
                         if values[ck] != el.value:
-                            conflicts.append(Conflict(el.collection, el.key, winner, key))
+                            conflicts.append(Conflict(el.collection, _key_text(el), winner, key))
                         continue
                     winners[ck] = key
                     values[ck] = el.value
-                if el.collection not in elements:
-                    elements[el.collection] = _Transaction()
-                elements[el.collection].add(key, f"\t{_element_text(el)},")
+                listed = elements.get(el.collection)
+                if listed is None:
+                    listed = elements[el.collection] = ([], [])
+                listed[0].append(el)
+                listed[1].append(key)
             udp.update(program.udp_backends)
             if not replace and key in self._committed:
                 kept_chains[key], kept_sets[key] = frozenset(program.chains), frozenset(program.sets)
-        for name, listed in elements.items():
-            out.add(None, f"add element {_PREFIX} {name} {{")
-            out.texts += listed.texts
-            out.owners += listed.owners
-            out.add(None, "}")
+        for objects, owners in elements.values():
+            out.add_owned(objects, owners)
         for program in stale:  # chains and sets the new state has no more
             chains, sets = kept_chains.get(program.key, frozenset()), kept_sets.get(program.key, frozenset())
-            out.add(program.key, *(f"delete chain {_PREFIX} {n}" for n in program.chains if n not in chains))
-            out.add(program.key, *(f"delete set {_PREFIX} {n}" for n in program.sets if n not in sets))
+            out.delete(program.key, *(Chain(n) for n in program.chains if n not in chains))
+            out.delete(program.key, *(s for n, s in program.sets.items() if n not in sets))
         gone = sorted(b for b in self._udp if b not in udp)
-        return Plan(texts=out.texts, owners=out.owners, changes=changes, allocator=allocator, full=True,
+        return Plan(transaction=out, changes=changes, allocator=allocator, full=True,
                     conflicts=conflicts, udp_backends_gone=gone, winners=winners, contested=contested, udp=udp)
 
     # -- incremental --------------------------------------------------------------------------
@@ -482,15 +518,14 @@ class Planner:
             new[key] = render_program(state, slots)
             changes[key] = Committed(state, slots)
 
-        lines: list[Line] = []
+        out = Transaction(LBCTL)
         # 1. new chains, sets and shards (rules and elements below refer to them)
-        lines += [Line(None, shard_declaration(name)) for name in _shards(new.values())]
+        out.add(None, *(shard_map(name) for name in _shards(new.values())))
         for key, program in new.items():
             if program is not None:
                 before = old[key]
-                lines += [Line(key, f"add chain {_PREFIX} {n}") for n in program.chains if not _has_chain(before, n)]
-                lines += [Line(key, f"add set {_PREFIX} {n} {d}") for n, d in program.sets.items()
-                          if not _has_set(before, n)]
+                out.add(key, *(Chain(n) for n in program.chains if not _has_chain(before, n)))
+                out.add(key, *(s for n, s in program.sets.items() if not _has_set(before, n)))
         # 2. rules of new and changed chains
         for key, program in new.items():
             if program is None:
@@ -500,46 +535,47 @@ class Planner:
                 if before is not None and before.chains.get(name) == rules:
                     continue
                 if _has_chain(before, name):
-                    lines.append(Line(key, f"flush chain {_PREFIX} {name}"))
-                lines += [Line(key, f"add rule {_PREFIX} {name} {rule}") for rule in rules]
+                    out.flush(key, Chain(name))
+                out.add(key, *(Rule(name, body) for body in rules))
         # 3. elements: deletions first (a slot or key may pass to another Service in this plan)
-        deletes: list[Line] = []
-        adds: list[Line] = []
+        deletes = Transaction(LBCTL)
+        adds = Transaction(LBCTL)
         for key in changes:
             before_own = _own_elements(old[key])
             after_own = _own_elements(new[key])
             for ck, value in before_own.items():
-                if after_own.get(ck) != value:
-                    deletes.append(Line(key, f"delete element {_PREFIX} {ck[0]} {{ {ck[1]} }}"))
+                if after_own.get(ck, _MISSING) != value:
+                    deletes.delete(key, Element(ck[0], ck[1]))
             for ck, value in after_own.items():
-                if before_own.get(ck) != value:
-                    adds.append(Line(key, f"add element {_PREFIX} {ck[0]} {{ {_element_text(Element(*ck, value))} }}"))
+                if before_own.get(ck, _MISSING) != value:
+                    adds.add(key, Element(ck[0], ck[1], value))
         winners, contested, conflicts = self._shared_changes(changes, old, new, deletes, adds)
-        lines += deletes
-        lines += adds
+        out.extend(deletes)
+        out.extend(adds)
         # 4. chains and sets no longer used: emptied first, as they may jump to one another
         going = [(key, n) for key, program in old.items() if program is not None
                  for n in program.chains if not _has_chain(new[key], n)]
-        lines += [Line(key, f"flush chain {_PREFIX} {name}") for key, name in going]
-        lines += [Line(key, f"delete chain {_PREFIX} {name}") for key, name in going]
+        for key, name in going:
+            out.flush(key, Chain(name))
+        for key, name in going:
+            out.delete(key, Chain(name))
         for key, program in old.items():
             if program is not None:
-                lines += [Line(key, f"delete set {_PREFIX} {n}") for n in program.sets if not _has_set(new[key], n)]
+                out.delete(key, *(s for n, s in program.sets.items() if not _has_set(new[key], n)))
 
         udp = Counter[tuple[str, int]]()
         for key in changes:
             udp.subtract(old[key].udp_backends if old[key] else ())  # type: ignore[union-attr]
             udp.update(new[key].udp_backends if new[key] else ())  # type: ignore[union-attr]
         gone = sorted(b for b, n in udp.items() if n < 0 and self._udp.get(b, 0) + n <= 0)
-        return Plan(texts=[line.text for line in lines], owners=[line.owner for line in lines], changes=changes,
-                    allocator=allocator, full=False, conflicts=conflicts, udp_backends_gone=gone, winners=winners,
-                    contested=contested, udp=udp)
+        return Plan(transaction=out, changes=changes, allocator=allocator, full=False, conflicts=conflicts,
+                    udp_backends_gone=gone, winners=winners, contested=contested, udp=udp)
 
     def _shared_changes(
         self, changes: Mapping[str, Committed | None], old: Mapping[str, Program | None],
-        new: Mapping[str, Program | None], deletes: list[Line], adds: list[Line],
+        new: Mapping[str, Program | None], deletes: Transaction, adds: Transaction,
     ) -> tuple[dict[ElementKey, str | None], dict[ElementKey, tuple[str, ...] | None], list[Conflict]]:
-        """Shared keys touched by the changed Services: who holds each now, and the element lines."""
+        """Shared keys touched by the changed Services: who holds each now, and the element operations."""
         touched: set[ElementKey] = set()
         for key in changes:
             for program in (old[key], new[key]):
@@ -560,29 +596,28 @@ class Planner:
         winners: dict[ElementKey, str | None] = {}
         contested: dict[ElementKey, tuple[str, ...] | None] = {}
         conflicts: list[Conflict] = []
-        for ck in sorted(touched):
+        for ck in sorted(touched, key=_sort_key):
             before = self._contested.get(ck) or ((self._winners[ck],) if ck in self._winners else ())
             after = [c for c in before if c not in changes]
             after += [k for k in changes if ck in _shared_elements(new[k])]
             winner_before = self._winners.get(ck)
             winner_after = min(after, key=priority) if after else None
-            value_before = _value(program_of(winner_before, False), ck) if winner_before else None
-            value_after = _value(program_of(winner_after, True), ck) if winner_after else None
+            value_before = _value(program_of(winner_before, False), ck) if winner_before else _MISSING
+            value_after = _value(program_of(winner_after, True), ck) if winner_after else _MISSING
             for claimant in after:
                 if claimant != winner_after and claimant in changes \
                         and _value(new[claimant], ck) != value_after:
-                    conflicts.append(Conflict(ck[0], ck[1], winner_after or "", claimant))
+                    conflicts.append(Conflict(ck[0], _key_text(Element(*ck)), winner_after or "", claimant))
             winners[ck] = winner_after
             contested[ck] = tuple(after) if len(after) > 1 else None
             if winner_before == winner_after and value_before == value_after:
                 continue
-            if value_before is not None and value_after is not None and value_before == value_after:
+            if value_before is not _MISSING and value_after is not _MISSING and value_before == value_after:
                 continue  # another Service holds it now, with the same element
             if winner_before is not None:
-                deletes.append(Line(winner_before, f"delete element {_PREFIX} {ck[0]} {{ {ck[1]} }}"))
-            if winner_after is not None and value_after is not None:
-                text = _element_text(Element(ck[0], ck[1], value_after))
-                adds.append(Line(winner_after, f"add element {_PREFIX} {ck[0]} {{ {text} }}"))
+                deletes.delete(winner_before, Element(*ck))
+            if winner_after is not None and value_after is not _MISSING:
+                adds.add(winner_after, Element(ck[0], ck[1], cast(ElementValue, value_after)))
         return winners, contested, conflicts
 
     def commit(self, plan: Plan) -> None:
@@ -614,7 +649,18 @@ class Planner:
         self._allocator = plan.allocator
 
 
-def _own_elements(program: Program | None) -> dict[ElementKey, str]:
+_MISSING: object = object()  # no element (a set's element has the value None)
+
+
+def _key_text(element: Element) -> str:
+    return nft.element_text(Element(element.collection, element.key))
+
+
+def _sort_key(ck: ElementKey) -> tuple[str, str]:
+    return ck[0], _key_text(Element(*ck))
+
+
+def _own_elements(program: Program | None) -> dict[ElementKey, ElementValue]:
     if program is None:
         return {}
     return {(el.collection, el.key): el.value for el in program.elements if el.collection not in SHARED}
@@ -626,11 +672,11 @@ def _shared_elements(program: Program | None) -> set[ElementKey]:
     return {(el.collection, el.key) for el in program.elements if el.collection in SHARED}
 
 
-def _value(program: Program | None, ck: ElementKey) -> str | None:
+def _value(program: Program | None, ck: ElementKey) -> object:
     for el in program.elements if program else ():
         if el.collection == ck[0] and el.key == ck[1]:
             return el.value
-    return None
+    return _MISSING
 
 
 @contextlib.contextmanager

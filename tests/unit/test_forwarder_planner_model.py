@@ -1,7 +1,8 @@
 """The planner against a model of the kernel: random sequences of changes, applied as incremental
 transactions, must end where a fresh full sync of the final state ends — with nothing left over.
 
-The model interprets our subset of nft commands with the kernel's strictness: deleting a missing
+The model interprets the plans' typed operations (lbctl.forwarder.nftables), not their text, with
+the kernel's strictness: deleting a missing
 element or chain fails, a chain still jumped to cannot be deleted, an element key cannot be added
 twice. (tests/dataplane/test_forwarder_nft.py runs the real nft; this runs thousands of steps.)
 """
@@ -9,16 +10,30 @@ twice. (tests/dataplane/test_forwarder_nft.py runs the real nft; this runs thous
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass, field
 
 import pytest
 
+from lbctl.forwarder.nftables import (
+    Chain,
+    DnatRandom,
+    Element,
+    Goto,
+    Jump,
+    Map,
+    Op,
+    RandomVerdict,
+    Rule,
+    Set,
+    Statement,
+    Table,
+    Verb,
+)
 from lbctl.forwarder.render import Plan, Planner
 from lbctl.forwarder.state import Backend, ServicePort, ServiceState
 
-_ELEMENTS = re.compile(r"^(add|delete) element ip lbctl (\S+) \{ (.*) \}$")
-_PICK = re.compile(r"numgen random mod (\d+) offset (\d+) (v?map) @(\S+)")
+Key = object
+Spelt = tuple[object, ...]
 
 
 class ModelError(AssertionError):
@@ -27,95 +42,84 @@ class ModelError(AssertionError):
 
 @dataclass
 class Kernel:
-    chains: dict[str, list[str]] = field(default_factory=dict)
-    collections: dict[str, dict[str, str]] = field(default_factory=dict)
+    chains: dict[str, list[tuple[Statement, ...]]] = field(default_factory=dict)
+    collections: dict[str, dict[Key, object]] = field(default_factory=dict)
 
-    def apply(self, text: str) -> None:
+    def apply(self, ops: list[Op]) -> None:
         """All or nothing, like a transaction."""
         trial = Kernel({k: list(v) for k, v in self.chains.items()}, {k: dict(v) for k, v in self.collections.items()})
-        pending: list[str] = []
-        for line in text.splitlines():
-            if pending or line.endswith("{"):  # a list of elements, one per line
-                pending.append(line.strip().rstrip(","))
-                if line == "}":
-                    trial._one(f"{pending[0]} {', '.join(pending[1:-1])} }}")
-                    pending = []
-                continue
-            trial._one(line)
-        assert not pending, "unterminated element list"
+        for op in ops:
+            trial._one(op)
         self.chains, self.collections = trial.chains, trial.collections
 
-    def _one(self, line: str) -> None:
-        words = line.split()
-        verb, kind = words[0], words[1]
-        if (verb, kind) in (("add", "table"), ("flush", "table")):
-            if verb == "flush":  # rules go; chains, maps and sets stay
+    def _one(self, op: Op) -> None:
+        verb, obj = op.verb, op.object
+        if isinstance(obj, Table):
+            if verb is Verb.FLUSH:  # rules go; chains, maps and sets stay
                 self.chains = {name: [] for name in self.chains}
-            return
-        if (verb, kind) == ("delete", "table"):
-            self.chains, self.collections = {}, {}
-            return
-        name = words[4] if kind in ("map", "set", "chain") else ""
-        if kind in ("map", "set"):
-            if verb == "add":
-                self.collections.setdefault(name, {})
-            elif verb == "flush":
-                self.collections[name].clear()
+            elif verb is Verb.DELETE:
+                self.chains, self.collections = {}, {}
+        elif isinstance(obj, Map | Set):
+            if verb is Verb.ADD:
+                self.collections.setdefault(obj.name, {})
+            elif verb is Verb.FLUSH:
+                self.collections[obj.name].clear()
             else:
-                del self.collections[name]
-        elif kind == "chain":
-            if verb == "add":
-                self.chains.setdefault(name, [])
-            elif verb == "flush":
-                self.chains[name] = []
+                del self.collections[obj.name]
+        elif isinstance(obj, Chain):
+            if verb is Verb.ADD:
+                self.chains.setdefault(obj.name, [])
+            elif verb is Verb.FLUSH:
+                self.chains[obj.name] = []
             else:
-                if name not in self.chains:
-                    raise ModelError(f"{line}: no such chain")
-                users = [c for c, rules in self.chains.items() if c != name and any(
-                    re.search(rf"(goto|jump) {re.escape(name)}$", r) for r in rules)]
-                users += [m for m, els in self.collections.items() if f"goto {name}" in els.values()]
-                if users:
-                    raise ModelError(f"{line}: still used by {users}")
-                del self.chains[name]
-        elif kind == "rule":
-            self.chains[words[4]].append(" ".join(words[5:]))
-        elif kind == "element":
-            match = _ELEMENTS.match(line)
-            assert match, line
-            collection = self.collections[match.group(2)]
-            for item in match.group(3).split(", "):
-                key, _, value = item.partition(" : ")
-                if verb == "add":
-                    if key in collection and collection[key] != value:
-                        raise ModelError(f"{line}: {key} exists")
-                    collection[key] = value
-                elif key not in collection:
-                    raise ModelError(f"{line}: no element {key}")
-                else:
-                    del collection[key]
+                self._delete_chain(obj.name)
+        elif isinstance(obj, Rule):
+            assert verb is Verb.ADD, op
+            self.chains[obj.chain].append(obj.statements)
+        elif isinstance(obj, Element):
+            collection = self.collections[obj.collection]
+            if verb is Verb.ADD:
+                if obj.key in collection and collection[obj.key] != obj.value:
+                    raise ModelError(f"{op}: {obj.key} exists")
+                collection[obj.key] = obj.value
+            elif obj.key not in collection:
+                raise ModelError(f"{op}: no element {obj.key}")
+            else:
+                del collection[obj.key]
+        else:
+            raise AssertionError(f"unexpected operation {op}")
 
-    def canonical(self) -> tuple[dict[str, list[str]], dict[str, dict[str, str]]]:
+    def _delete_chain(self, name: str) -> None:
+        if name not in self.chains:
+            raise ModelError(f"delete chain {name}: no such chain")
+        jumps = (Goto(name), Jump(name))
+        users = [c for c, rules in self.chains.items() if c != name and any(
+            rule and rule[-1] in jumps for rule in rules)]
+        users += [m for m, els in self.collections.items() if Goto(name) in els.values()]
+        if users:
+            raise ModelError(f"delete chain {name}: still used by {users}")
+        del self.chains[name]
+
+    def canonical(self) -> tuple[dict[str, list[Spelt]], dict[str, dict[Key, object]]]:
         """Chains with each random pick spelt out (slot numbers differ between histories), and the
         shared maps; fails on endpoint elements no rule can reach."""
-        reached: set[tuple[str, str]] = set()
+        reached: set[tuple[str, Key]] = set()
 
-        def spell(rule: str) -> str:
-            match = _PICK.search(rule)
-            if not match:
-                return rule
-            count, base, kind, name = int(match.group(1)), int(match.group(2)), match.group(3), match.group(4)
+        def spell(statement: Statement) -> object:
+            if not isinstance(statement, RandomVerdict | DnatRandom):
+                return statement
             picked = []
-            for slot in range(base, base + count):
-                reached.add((name, str(slot)))
-                picked.append(self.collections[name][str(slot)])
-            return rule[:match.start()] + f"pick {kind} {picked}" + rule[match.end():]
+            for slot in range(statement.offset, statement.offset + statement.size):
+                reached.add((statement.map, slot))
+                picked.append(self.collections[statement.map][slot])
+            return ("pick", type(statement).__name__, picked)
 
-        chains = {name: [spell(r) for r in rules] for name, rules in self.chains.items()}
+        chains = {name: [tuple(spell(s) for s in rule) for rule in rules] for name, rules in self.chains.items()}
         for name, elements in self.collections.items():
-            if name.startswith(("endpoints-", "endpoint-chains/")):
+            if name.startswith(("endpoints", "endpoint-chains")):
                 leaked = {k for k in elements if (name, k) not in reached}
                 assert not leaked, f"{name} keeps unreachable slots {leaked}"
-        shared = {n: dict(e) for n, e in self.collections.items() if not n.startswith(("endpoints-", "endpoint-"))}
+        shared = {n: dict(e) for n, e in self.collections.items() if not n.startswith(("endpoints", "endpoint-"))}
         return chains, shared
 
 
@@ -147,7 +151,7 @@ def test_incremental_history_ends_where_a_full_sync_ends(seed: int) -> None:
     planner, kernel = Planner(), Kernel()
 
     def run(plan: Plan) -> None:
-        kernel.apply(plan.text)
+        kernel.apply(plan.ops)
         planner.commit(plan)
 
     run(planner.plan_full(current.values(), replace=True))
@@ -166,5 +170,5 @@ def test_incremental_history_ends_where_a_full_sync_ends(seed: int) -> None:
             run(planner.plan_update(changes))
 
     fresh = Kernel()
-    fresh.apply(Planner().plan_full(current.values(), replace=True).text)
+    fresh.apply(Planner().plan_full(current.values(), replace=True).ops)
     assert kernel.canonical() == fresh.canonical()
