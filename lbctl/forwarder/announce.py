@@ -1,4 +1,5 @@
-"""Makes this node's share of VIP ownership real: VIP/32 on the local interface, gratuitous ARP at
+"""Makes this node's share of VIP ownership real: VIP/32 on the local interface and gratuitous ARP
+(IPv4), VIP/128 on the announce interface and unsolicited neighbour advertisements (IPv6), at
 takeover and a few times after. The owner's name on each Service (annotation and Event) is written
 by ServiceMarks in the background: the apiserver may be away, and the VIPs never wait for it."""
 
@@ -95,13 +96,15 @@ class Announcer:
         log.info("no longer announcing %s", ip)
 
     async def _garp(self, ip: str) -> None:
+        """Gratuitous ARP (IPv4) or an unsolicited neighbour advertisement (IPv6) on each link."""
+        v6 = ":" in ip
         try:
-            links = await asyncio.to_thread(self._addresses.send_gratuitous_arp, ip)
-            metrics.GRATUITOUS_ARP.inc(len(links))
+            links = await asyncio.to_thread(self._addresses.announce, ip)
+            (metrics.UNSOLICITED_NA if v6 else metrics.GRATUITOUS_ARP).inc(len(links))
             if not links:
                 log.warning("no interface to announce %s on (give one with --interface)", ip)
         except OSError as exc:
-            log.warning("gratuitous ARP for %s failed: %s", ip, exc)
+            log.warning("%s for %s failed: %s", "neighbour advertisement" if v6 else "gratuitous ARP", ip, exc)
 
     async def _garp_later(self, ip: str) -> None:
         """Repeats, for switches and hosts that missed the first one."""

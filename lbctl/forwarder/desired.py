@@ -182,8 +182,8 @@ def _lb_ips(key: str, status: Mapping[str, Any], problems: list[Problem]) -> tup
         except ValueError:
             problems.append(Problem(key, f"status.loadBalancer.ingress[{index}].ip", f"{ip!r} is not an address"))
             continue
-        if address.version == 4 and ip not in ips:  # the table is IPv4 (see render.py)
-            ips.append(ip)
+        if str(address) not in ips:  # both families: announced (and forwarded where the table has the family)
+            ips.append(str(address))
     return tuple(ips)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import ipaddress
 import logging
@@ -193,7 +194,11 @@ class Forwarder:
         return quarantine is not None and quarantine.until > now
 
     def _state_for_kernel(self, key: str, now: float) -> ServiceState | None:
-        return self.planner.committed_state(key) if self._held(key, now) else self.states.get(key)
+        state = self.planner.committed_state(key) if self._held(key, now) else self.states.get(key)
+        if FAMILY == "ip" and state is not None and any(":" in ip for ip in state.lb_ips):
+            # an IPv4-only table: IPv6 VIPs are announced (NDP), not forwarded
+            state = dataclasses.replace(state, lb_ips=tuple(ip for ip in state.lb_ips if ":" not in ip))
+        return state
 
     # -- nftables ------------------------------------------------------------------------------
     def _apply(self, plan: Plan) -> None:

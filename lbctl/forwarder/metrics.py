@@ -39,6 +39,8 @@ OWNERSHIP_CHANGES = Counter(
     "lbctl_forwarder_vip_ownership_changes_total", "VIPs this node took or gave up, by change (taken, released)",
     ["change"])
 GRATUITOUS_ARP = Counter("lbctl_forwarder_gratuitous_arp_total", "Gratuitous ARP announcements sent")
+UNSOLICITED_NA = Counter("lbctl_forwarder_unsolicited_na_total",
+                         "Unsolicited neighbour advertisements sent (IPv6 VIPs)")
 HEALTH_CHECK_RESPONSES = Counter(
     "lbctl_forwarder_health_check_responses_total",
     "Answers on healthCheckNodePorts (externalTrafficPolicy Local), by HTTP code", ["code"])

@@ -7,6 +7,11 @@ Every forwarder computes the same answer from the same inputs, so no election is
   came back (no fail-back). Holders are known from the peers' heartbeats (their claims).
 - A VIP nobody eligible holds goes to the eligible live node with the highest rendezvous score
   sha256(node, VIP): when a node dies only its VIPs move, each to a different survivor.
+- The addresses of one Service (a dual-stack Service's IPv4 and IPv6 address) go to one node: a
+  VIP nobody holds goes to the node that holds one of its siblings when that node is eligible,
+  else the rendezvous key is the group's first address, so both fail over together, to the same
+  survivor. One Service, one announcing node: the annotation naming it stays true, and a client
+  falling back from one family to the other finds the same path.
 - Two holders (a late heartbeat from before a cut, a healed partition): the newer take (the higher
   generation) keeps it; on a tie the higher score does, and the other lets go.
   A tentative holder (a restarted forwarder that found the VIP on its interface) yields to a firm one.
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +42,16 @@ def choose_owner(vip: str, candidates: Iterable[str]) -> str | None:
         if best is None or entry > best:
             best = entry
     return best[1] if best else None
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def canonical(ip: str) -> str:
+    """One spelling per address: "2001:DB8:0::1" and "2001:db8::1" are one VIP (the kernel, and so
+    our claims, use the short lower-case form)."""
+    try:
+        return str(ipaddress.ip_address(ip))
+    except ValueError:
+        return ip
 
 
 @dataclass(frozen=True)
@@ -59,10 +75,16 @@ def vip_owners(
     """
     candidates = frozenset(live) - frozenset(excluded)
     groups: dict[str, list[ServiceState]] = {}
+    siblings: dict[str, set[str]] = {}
     for state in states:
         if state.announce:
-            for ip in state.lb_ips:
+            ips = [canonical(ip) for ip in state.lb_ips]
+            for ip in ips:
                 groups.setdefault(ip, []).append(state)
+                siblings.setdefault(ip, set()).update(ips)
+    firm_of = _by_canonical(holders)
+    tentative_of = _by_canonical(tentative)
+    eligible_of: dict[str, frozenset[str]] = {}
     owners: dict[str, VipOwner] = {}
     for ip, members in groups.items():
         local_sets = [s.endpoint_nodes & candidates for s in members if s.local_only]
@@ -70,10 +92,31 @@ def vip_owners(
         if local_sets:
             both = frozenset.intersection(*local_sets)
             eligible = both if both else frozenset.union(*local_sets)
-        firm = eligible & frozenset((holders or {}).get(ip, ()))
-        held = firm or eligible & frozenset((tentative or {}).get(ip, ()))
-        owners[ip] = VipOwner(ip, choose_owner(ip, held or eligible), tuple(sorted(s.key for s in members)))
+        eligible_of[ip] = eligible
+        firm = eligible & firm_of.get(ip, frozenset())
+        held = firm or eligible & tentative_of.get(ip, frozenset())
+        if held:
+            owners[ip] = VipOwner(ip, choose_owner(ip, held), tuple(sorted(s.key for s in members)))
+    for ip, members in groups.items():
+        if ip in owners:
+            continue
+        eligible = eligible_of[ip]
+        # with a sibling's holder when it may hold this one too; else by the group's first address
+        # (the same key for every address of the group: they land on one node)
+        with_siblings = frozenset(o for sib in siblings[ip] - {ip}
+                                  if (o := owners[sib].owner if sib in owners else None) in eligible)
+        anchor = min(siblings[ip])
+        owners[ip] = VipOwner(ip, choose_owner(anchor, with_siblings or eligible),
+                              tuple(sorted(s.key for s in members)))
     return owners
+
+
+def _by_canonical(mapping: Mapping[str, Iterable[str]] | None) -> dict[str, frozenset[str]]:
+    found: dict[str, frozenset[str]] = {}
+    for ip, nodes in (mapping or {}).items():
+        key = canonical(ip)
+        found[key] = found.get(key, frozenset()) | frozenset(nodes)
+    return found
 
 
 def excluded_nodes(nodes: Iterable[Mapping[str, Any]]) -> frozenset[str]:

@@ -133,7 +133,8 @@ class LabKube:
                 raise
 
     def create_pod(self, namespace: str, name: str, node: str, address: str, labels: Mapping[str, str],
-                   ports: Mapping[str, tuple[str, int]] | None = None, ready: bool = True) -> None:
+                   ports: Mapping[str, tuple[str, int]] | None = None, ready: bool = True,
+                   address6: str | None = None) -> None:
         """A Pod bound to `node` whose status says it runs at `address` (no kubelet: we write it)."""
         container_ports = [{"name": n, "protocol": proto, "containerPort": port}
                            for n, (proto, port) in (ports or {}).items()]
@@ -144,9 +145,10 @@ class LabKube:
                      "containers": [{"name": "app", "image": "lab.invalid/app", "ports": container_ports}]},
         }
         self.core.create_namespaced_pod(namespace, pod)
-        self.set_pod_ready(namespace, name, ready, address)
+        self.set_pod_ready(namespace, name, ready, address, address6)
 
-    def set_pod_ready(self, namespace: str, name: str, ready: bool, address: str | None = None) -> None:
+    def set_pod_ready(self, namespace: str, name: str, ready: bool, address: str | None = None,
+                      address6: str | None = None) -> None:
         status = "True" if ready else "False"
         now = _now()
         body: dict[str, Any] = {"status": {
@@ -155,7 +157,8 @@ class LabKube:
                            for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")],
         }}
         if address:
-            body["status"].update({"podIP": address, "podIPs": [{"ip": address}], "startTime": now})
+            ips = [{"ip": address}, *([{"ip": address6}] if address6 else [])]  # dual-stack: both families
+            body["status"].update({"podIP": address, "podIPs": ips, "startTime": now})
         self.core.patch_namespaced_pod_status(name, namespace, body)
 
     def delete_pod(self, namespace: str, name: str) -> None:

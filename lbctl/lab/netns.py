@@ -15,6 +15,14 @@ no root interface uses yet, so several labs can coexist):
       ├─ node-i namespaces L.(10+i), ip_forward on, routes to the other nodes' pods
       │     └─ pod namespaces 198.19.i.(10+k)/32, point-to-point to the node's 198.19.i.1
       └─ VIPs: L.128 and up (on the LAN, so clients reach them by ARP)
+
+The lab is dual-stack: every namespace also has an IPv6 address from the documentation prefix
+2001:db8::/32, only inside the lab's namespaces (the root namespace's bridge has none, so nothing
+IPv6 is routed out of the machine). With L = 198.18.X: the LAN is 2001:db8:0:X::/64 (client
+::100+, node-i ::(10+i), VIPs ::128 and up, the host part written with the same digits as the
+IPv4 one), node i's pods are 2001:db8:1:i::(10+k)/128 behind the node's 2001:db8:1:i::1. IPv6
+forwarding is on in the nodes; duplicate address detection is off in every lab namespace, so
+addresses are usable at once (no namespace shares a link with anything outside the lab).
 """
 
 from __future__ import annotations
@@ -61,6 +69,18 @@ def pod_gateway(node_index: int) -> str:
 
 def pod_address(node_index: int, pod_index: int) -> str:
     return f"198.19.{node_index}.{10 + pod_index}"
+
+
+def pod_gateway6(node_index: int) -> str:
+    return f"2001:db8:1:{node_index}::1"
+
+
+def pod_address6(node_index: int, pod_index: int) -> str:
+    return f"2001:db8:1:{node_index}::{10 + pod_index}"
+
+
+def pod_network6(node_index: int) -> str:
+    return f"2001:db8:1:{node_index}::/64"
 
 
 def _ip(*args: str) -> None:
@@ -132,6 +152,7 @@ class Lab:
                 record.write(self.prefix + "\n")
         self.nodes: dict[int, str] = {}  # index → namespace
         self.pods: dict[str, tuple[int, str]] = {}  # pod namespace → (node index, address)
+        self.pods6: dict[str, str] = {}  # pod namespace → its IPv6 address
         self._pod_counts: dict[int, int] = {}
 
     def __enter__(self) -> Lab:
@@ -165,6 +186,21 @@ class Lab:
     def client_address(self, index: int) -> str:
         return self.lan_address(100 + index)
 
+    @property
+    def lan6(self) -> str:
+        """The LAN's IPv6 /64, e.g. 2001:db8:0:42::/64 for 198.18.42."""
+        return f"2001:db8:0:{self.lan.rsplit('.', 1)[1]}::/64"
+
+    def lan6_address(self, host: int) -> str:
+        """The IPv6 twin of lan_address(host): the same digits as the last group."""
+        return f"2001:db8:0:{self.lan.rsplit('.', 1)[1]}::{host}"
+
+    def node6_address(self, index: int) -> str:
+        return self.lan6_address(10 + index)
+
+    def client6_address(self, index: int) -> str:
+        return self.lan6_address(100 + index)
+
     # -- building -------------------------------------------------------------------------------
     def add_bridge(self) -> None:
         _ip("link", "add", self.bridge, "type", "bridge")
@@ -177,16 +213,20 @@ class Lab:
         _ip("netns", "add", namespace)
         self.namespaces.append(namespace)
         self._on_close(f"netns {namespace}", lambda: self._del_namespace(namespace))
+        for conf in ("all", "default"):  # before any link is made in it: no DAD on its addresses
+            self.sysctl(namespace, f"net.ipv6.conf.{conf}.accept_dad", "0")
         _ip("-n", namespace, "link", "set", "lo", "up")
         return namespace
 
-    def _attach(self, namespace: str, short: str, address: str) -> None:
+    def _attach(self, namespace: str, short: str, address: str, address6: str | None = None) -> None:
         root_end = f"{self.prefix}{short}"
         _ip("link", "add", root_end, "type", "veth", "peer", "name", "eth0", "netns", namespace)
         self._add_root_link(root_end)
         _ip("link", "set", root_end, "master", self.bridge)
         _ip("link", "set", root_end, "up")
         _ip("-n", namespace, "addr", "add", f"{address}/{LAN_PREFIX_LEN}", "dev", "eth0")
+        if address6:
+            _ip("-n", namespace, "addr", "add", f"{address6}/64", "dev", "eth0", "nodad")
         _ip("-n", namespace, "link", "set", "eth0", "up")
 
     def _add_root_link(self, link: str) -> None:
@@ -209,16 +249,19 @@ class Lab:
 
     def add_client(self, index: int = 0) -> str:
         namespace = self.add_namespace(f"client-{index}")
-        self._attach(namespace, f"c{index}", self.client_address(index))
+        self._attach(namespace, f"c{index}", self.client_address(index), self.client6_address(index))
         return namespace
 
     def add_node(self, index: int) -> str:
         namespace = self.add_namespace(f"node-{index}")
-        self._attach(namespace, f"n{index}", self.node_address(index))
+        self._attach(namespace, f"n{index}", self.node_address(index), self.node6_address(index))
         self.sysctl(namespace, "net.ipv4.ip_forward", "1")
+        self.sysctl(namespace, "net.ipv6.conf.all.forwarding", "1")
         for other, other_ns in self.nodes.items():  # pods of each node are reached through it
             _ip("-n", namespace, "route", "add", f"198.19.{other}.0/24", "via", self.node_address(other))
             _ip("-n", other_ns, "route", "add", f"198.19.{index}.0/24", "via", self.node_address(index))
+            _ip("-n", namespace, "route", "add", pod_network6(other), "via", self.node6_address(other))
+            _ip("-n", other_ns, "route", "add", pod_network6(index), "via", self.node6_address(index))
         self.nodes[index] = namespace
         return namespace
 
@@ -237,7 +280,14 @@ class Lab:
         _ip("-n", namespace, "link", "set", "eth0", "up")
         _ip("-n", namespace, "route", "add", f"{gateway}/32", "dev", "eth0")
         _ip("-n", namespace, "route", "add", "default", "via", gateway, "dev", "eth0")
+        address6, gateway6 = pod_address6(node_index, count), pod_gateway6(node_index)
+        _ip("-n", node_ns, "addr", "add", f"{gateway6}/128", "dev", link, "nodad")
+        _ip("-n", node_ns, "route", "add", f"{address6}/128", "dev", link)
+        _ip("-n", namespace, "addr", "add", f"{address6}/128", "dev", "eth0", "nodad")
+        _ip("-n", namespace, "route", "add", f"{gateway6}/128", "dev", "eth0")
+        _ip("-n", namespace, "route", "add", "default", "via", gateway6, "dev", "eth0")
         self.pods[namespace] = (node_index, address)
+        self.pods6[namespace] = address6
         return namespace, address
 
     def remove_pod(self, namespace: str) -> None:
@@ -245,10 +295,12 @@ class Lab:
         it); stop the processes in it first."""
         self._del_namespace(namespace)
         self.pods.pop(namespace, None)
+        self.pods6.pop(namespace, None)
 
     def route_pods_via(self, namespace: str, node_index: int) -> None:
         """Let `namespace` (a client) reach the pod network through one node (benchmarks' direct path)."""
         _ip("-n", namespace, "route", "add", "198.19.0.0/16", "via", self.node_address(node_index))
+        _ip("-n", namespace, "route", "add", "2001:db8:1::/48", "via", self.node6_address(node_index))
 
     @staticmethod
     def sysctl(namespace: str, key: str, value: str) -> None:

@@ -4,7 +4,9 @@ each request, and long-lived TCP flows that tell whether they were ever reset.""
 
 from __future__ import annotations
 
+import ipaddress
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -13,13 +15,30 @@ from dataclasses import dataclass, field
 
 from pyroute2 import IPRoute
 
+from lbctl.forwarder.addresses import ADDRESS_PROTO
 from lbctl.lab.netns import call_in, http_get
 
 
 def holds(namespace: str, vip: str) -> bool:
+    wanted = ipaddress.ip_address(vip)
+    family = socket.AF_INET6 if wanted.version == 6 else socket.AF_INET
+
     def read() -> bool:
         with IPRoute() as ip:
-            return any(a.get("address") == vip for a in ip.get_addr(family=socket.AF_INET))
+            return any(ipaddress.ip_address(str(a.get("address"))) == wanted for a in ip.get_addr(family=family))
+    return call_in(namespace, read)
+
+
+def held_vips(namespace: str) -> set[str]:
+    """The VIPs a forwarder put in `namespace`: IPv4 ones carry the label "<if>:lbctl", IPv6 ones
+    the forwarder's address protocol."""
+    def read() -> set[str]:
+        with IPRoute() as ip:
+            found = {str(a.get("address")) for a in ip.get_addr(family=socket.AF_INET)
+                     if str(a.get("label") or "").endswith(":lbctl")}
+            found |= {str(ipaddress.ip_address(str(a.get("address")))) for a in ip.get_addr(family=socket.AF_INET6)
+                      if a.get("IFA_PROTO") == ADDRESS_PROTO}
+            return found
     return call_in(namespace, read)
 
 
@@ -113,3 +132,107 @@ def exchange_all(flows: list[socket.socket], label: str) -> list[str]:
         except OSError as exc:
             failed.append(f"flow {index}: {type(exc).__name__}: {exc}")
     return failed
+
+
+def link_mac(namespace: str, interface: str = "eth0") -> str:
+    def read() -> str:
+        with IPRoute() as ip:
+            return str(ip.get_links(ifname=interface)[0].get("address"))
+    return call_in(namespace, read)
+
+
+def neighbour(namespace: str, address: str, interface: str = "eth0") -> str | None:
+    """The link-layer address `namespace` has for `address` in its neighbour (ARP/NDP) cache, in
+    any state that has one, or None."""
+    wanted = ipaddress.ip_address(address)
+    family = socket.AF_INET6 if wanted.version == 6 else socket.AF_INET
+
+    def read() -> str | None:
+        with IPRoute() as ip:
+            index = ip.link_lookup(ifname=interface)[0]
+            for entry in ip.get_neighbours(family=family, ifindex=index):
+                dst, lladdr = entry.get("NDA_DST"), entry.get("NDA_LLADDR")
+                if dst and lladdr and ipaddress.ip_address(str(dst)) == wanted:
+                    return str(lladdr)
+        return None
+    return call_in(namespace, read)
+
+
+def flush_neighbour(namespace: str, address: str) -> None:
+    subprocess.run(["ip", "-n", namespace, "neigh", "flush", "to", address], capture_output=True, check=False)
+
+
+def ping(namespace: str, address: str, timeout: float = 1.0) -> bool:
+    """One ICMP (ICMPv6 for an IPv6 address) echo from inside `namespace`: whether a reply came."""
+    v6 = ipaddress.ip_address(address).version == 6
+
+    def echo() -> bool:
+        family, proto = (socket.AF_INET6, socket.IPPROTO_ICMPV6) if v6 else (socket.AF_INET, socket.IPPROTO_ICMP)
+        ident = threading.get_ident() & 0xFFFF
+        with socket.socket(family, socket.SOCK_RAW, proto) as sock:
+            sock.settimeout(timeout)
+            request = (128 if v6 else 8, 0)
+            body = struct.pack("!BBHHH", *request, 0, ident, 1) + b"lbctl-lab"
+            if not v6:  # the kernel computes ICMPv6 checksums, not ICMP ones
+                body = body[:2] + struct.pack("!H", _checksum(body)) + body[4:]
+            sock.sendto(body, (address, 0))
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0:
+                sock.settimeout(left)
+                try:
+                    data, peer = sock.recvfrom(2048)
+                except TimeoutError:
+                    return False
+                if not v6:
+                    data = data[(data[0] & 0x0F) * 4:]  # raw IPv4 sockets see the IP header
+                if (ipaddress.ip_address(peer[0]) == ipaddress.ip_address(address) and len(data) >= 8
+                        and data[0] == (129 if v6 else 0) and struct.unpack("!H", data[4:6])[0] == ident):
+                    return True
+            return False
+    return call_in(namespace, echo)
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\x00"
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+_ETH_P_IPV6 = 0x86DD
+
+
+def ndp_answers(namespace: str, address: str, wait: float = 1.0, interface: str = "eth0") -> set[str]:
+    """Who answers a neighbour solicitation for IPv6 `address` on `namespace`'s link: its entry is
+    flushed, the kernel made to resolve it (one UDP datagram to port 9, discard), and every
+    neighbour advertisement for it seen within `wait` collected; returns their target link-layer
+    addresses (one per answering node)."""
+    target = ipaddress.IPv6Address(address).packed
+
+    def capture() -> set[str]:
+        found: set[str] = set()
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(_ETH_P_IPV6)) as sniff:
+            sniff.bind((interface, _ETH_P_IPV6))
+            sniff.settimeout(wait)
+            flush_neighbour(namespace, address)
+            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as udp:
+                udp.sendto(b"", (address, 9))
+            deadline = time.monotonic() + wait
+            while (left := deadline - time.monotonic()) > 0:
+                sniff.settimeout(left)
+                try:
+                    frame = sniff.recv(2048)
+                except TimeoutError:
+                    break
+                ip6, icmp = frame[14:54], frame[54:]
+                if len(ip6) < 40 or ip6[6] != 58 or len(icmp) < 24 or icmp[0] != 136 or icmp[8:24] != target:
+                    continue
+                options = icmp[24:]
+                while len(options) >= 8 and options[1]:
+                    if options[0] == 2:  # target link-layer address
+                        found.add(":".join(f"{b:02x}" for b in options[2:8]))
+                    options = options[options[1] * 8:]
+        return found
+    return call_in(namespace, capture)

@@ -1,4 +1,4 @@
-"""The lab pods' server: HTTP on one TCP port and an echo on one UDP port, both answering
+"""The lab pods' server (IPv4 and IPv6): HTTP on one TCP port and an echo on one UDP port, both answering
 "<name> <peer address>" so a client can tell which pod answered and whose address it saw; and,
 with --echo, a TCP port that keeps each connection open and answers every line with
 "<name> <line>" (long-lived flows, to see whether one is ever reset).
@@ -19,8 +19,20 @@ from types import FrameType
 
 def answer(name: str, peer: str, greeting: str = "") -> bytes:
     lines = [greeting] if greeting else []
-    lines.append(f"{name} {peer}")
+    lines.append(f"{name} {plain(peer)}")
     return ("\n".join(lines) + "\n").encode()
+
+
+def plain(peer: str) -> str:
+    """An IPv4 peer as it is written, not as the dual-stack socket saw it (::ffff:198.18.0.1)."""
+    return peer.removeprefix("::ffff:") if "." in peer else peer
+
+
+def _dual_stack(kind: int) -> socket.socket:
+    """A socket on [::] that takes IPv4 too (IPV6_V6ONLY off, whatever the sysctl says)."""
+    sock = socket.socket(socket.AF_INET6, kind)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    return sock
 
 
 def parse_answer(body: str) -> tuple[str, str]:
@@ -30,9 +42,9 @@ def parse_answer(body: str) -> tuple[str, str]:
 
 
 def _echo_lines(name: str, port: int) -> None:
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener = _dual_stack(socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("0.0.0.0", port))
+    listener.bind(("::", port))
     listener.listen(128)
 
     def handle(conn: socket.socket) -> None:
@@ -59,13 +71,20 @@ def serve(name: str, tcp_port: int, udp_port: int | None, greeting: str, echo_po
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    ThreadingHTTPServer.allow_reuse_address = True
-    ThreadingHTTPServer.request_queue_size = 512
-    http = ThreadingHTTPServer(("0.0.0.0", tcp_port), Handler)
+    class Server(ThreadingHTTPServer):
+        address_family = socket.AF_INET6
+        allow_reuse_address = True
+        request_queue_size = 512
+
+        def server_bind(self) -> None:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            super().server_bind()
+
+    http = Server(("::", tcp_port), Handler)
     http.daemon_threads = True
     if udp_port is not None:
-        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        udp.bind(("0.0.0.0", udp_port))
+        udp = _dual_stack(socket.SOCK_DGRAM)
+        udp.bind(("::", udp_port))
 
         def echo() -> None:
             while True:

@@ -20,8 +20,8 @@ import pytest
 
 from lbctl.forwarder.announce import ANNOUNCING_NODE_ANNOTATION
 from lbctl.lab.kube import LabKube, wait_for
-from lbctl.lab.netns import Lab, call_in, http_get, pod_gateway
-from lbctl.lab.probes import vip_holders
+from lbctl.lab.netns import Lab, call_in, http_get, pod_gateway, pod_gateway6
+from lbctl.lab.probes import held_vips, vip_holders
 
 NODES = (1, 2, 3)
 STATUS_PORT = 7476
@@ -55,6 +55,7 @@ class Pod:
     address: str
     node: int
     server: subprocess.Popen[bytes]
+    address6: str = ""
 
 
 @dataclass
@@ -129,18 +130,19 @@ class DataplaneEnv:
         return self.lab.run_in(self.lab.nodes[index], "nft", "list", "table", "ip", "lbctl", check=False).stdout
 
     def vips_on(self, index: int) -> set[str]:
-        out = self.lab.run_in(self.lab.nodes[index], "ip", "-o", "-4", "addr", "show", "label", "*:lbctl",
-                              check=False).stdout
-        return {line.split()[3].split("/")[0] for line in out.splitlines() if line.strip()}
+        """The VIPs a forwarder put on node `index` (IPv4 with its label, IPv6 with its address protocol)."""
+        return held_vips(self.lab.nodes[index])
 
     # -- Kubernetes objects -----------------------------------------------------------------------
     def new_namespace(self) -> tuple[str, str]:
-        """A Kubernetes namespace and a pool of 8 addresses only it may use; returns (namespace, pool)."""
+        """A Kubernetes namespace and a pool of 8 addresses of each family only it may use; returns
+        (namespace, pool)."""
         name = f"dp-{uuid.uuid4().hex[:8]}"
         self.kube.create_namespace(name)
         block = next(_pool_blocks)
         first = 128 + 8 * (block % 15)
-        self.kube.create_pool(name, [f"{self.lab.lan_address(first)}-{self.lab.lan_address(first + 7)}"],
+        self.kube.create_pool(name, [f"{self.lab.lan_address(first)}-{self.lab.lan_address(first + 7)}",
+                                     f"{self.lab.lan6_address(first)}-{self.lab.lan6_address(first + 7)}"],
                               namespaces=[name])
         return name, name
 
@@ -158,9 +160,11 @@ class DataplaneEnv:
                 return server.poll() is not None
         wait_for(listening, 20, f"the server of pod {name}")
         assert server.poll() is None, f"the server of pod {name} exited"
+        address6 = self.lab.pods6[netns]
         self.kube.create_pod(namespace, name, f"node-{node}", address, {"app": app},
-                             {"http": ("TCP", 8080), "dns": ("UDP", 5353), "echo": ("TCP", 9000)}, ready=ready)
-        return Pod(name, namespace, netns, address, node, server)
+                             {"http": ("TCP", 8080), "dns": ("UDP", 5353), "echo": ("TCP", 9000)}, ready=ready,
+                             address6=address6)
+        return Pod(name, namespace, netns, address, node, server, address6)
 
     def remove_pods(self, namespace: str) -> None:
         """Stop the servers of the pods made for Kubernetes namespace `namespace` and take their
@@ -190,7 +194,8 @@ class DataplaneEnv:
     def node_of(self, peer: str) -> int:
         """Which node a masqueraded connection came through."""
         for index in NODES:
-            if peer in (self.lab.node_address(index), pod_gateway(index)):
+            if peer in (self.lab.node_address(index), pod_gateway(index), self.lab.node6_address(index),
+                        pod_gateway6(index)):
                 return index
         raise AssertionError(f"{peer} is no node's address")
 

@@ -176,12 +176,12 @@ def test_unusable_ports_are_reported_and_skipped(port: dict[str, Any], field: st
     assert [p.field for p in problems] == [field]
 
 
-def test_lb_ips_skip_proxy_mode_and_ipv6_and_report_garbage() -> None:
+def test_lb_ips_of_both_families_skip_proxy_mode_and_report_garbage() -> None:
     svc = service(ingress=[{"ip": "192.0.2.10", "ipMode": "VIP"}, {"ip": "192.0.2.11"},
                            {"ip": "192.0.2.12", "ipMode": "Proxy"}, {"ip": "2001:db8::1"}, {"hostname": "lb.example"},
                            {"ip": "bogus"}, {"ip": "192.0.2.10"}])
     state, problems = build_service(svc, [], CONTEXT)
-    assert state is not None and state.lb_ips == ("192.0.2.10", "192.0.2.11")
+    assert state is not None and state.lb_ips == ("192.0.2.10", "192.0.2.11", "2001:db8::1")
     assert [p.field for p in problems] == ["status.loadBalancer.ingress[5].ip"]
 
 

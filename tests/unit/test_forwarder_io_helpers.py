@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import socket
 import time
 
 import pytest
 
 from lbctl.demo import kubectl_get_svc
-from lbctl.forwarder.addresses import gratuitous_arp_frame, label_for
+from lbctl.forwarder.addresses import canonical, family_of, gratuitous_arp_frame, label_for, unsolicited_na
 from lbctl.forwarder.apply import NftError
 from lbctl.forwarder.conntrack import flush_command, flush_udp
 from lbctl.forwarder.health import HealthCheck, health_response
@@ -39,6 +40,29 @@ def test_gratuitous_arp_frame() -> None:
     assert arp[18:24] == b"\x00" * 6
     with pytest.raises(ValueError):
         gratuitous_arp_frame("02:00", "198.18.0.200")
+
+
+@pytest.mark.parametrize("router", [False, True])
+def test_unsolicited_neighbour_advertisement(router: bool) -> None:
+    body = unsolicited_na("02:00:00:00:00:0a", "2001:db8:5::80", router=router)
+    assert len(body) == 32
+    assert body[0] == 136 and body[1] == 0  # neighbour advertisement, code 0
+    assert body[2:4] == b"\x00\x00"  # the kernel fills in the checksum
+    assert body[4] == (0x80 if router else 0) | 0x20  # override; never solicited (it is unsolicited)
+    assert body[5:8] == b"\x00" * 3
+    assert body[8:24] == bytes.fromhex("20010db8000500000000000000000080")  # the target: the VIP
+    assert body[24:26] == b"\x02\x01"  # target link-layer address option, 8 bytes
+    assert body[26:32] == bytes.fromhex("02000000000a")
+    with pytest.raises(ValueError):
+        unsolicited_na("02:00", "2001:db8:5::80")
+    with pytest.raises(ValueError):
+        unsolicited_na("02:00:00:00:00:0a", "198.18.0.200")
+
+
+def test_address_families_and_spelling() -> None:
+    assert family_of("198.18.0.1") == socket.AF_INET
+    assert family_of("2001:db8::1") == socket.AF_INET6
+    assert canonical("2001:DB8:0:0::1") == "2001:db8::1"
 
 
 def test_address_label_fits_ifnamsiz() -> None:

@@ -105,6 +105,9 @@ def test_claims_firm_and_tentative_from_live_peers_only() -> None:
     ("~198.18.0.1#2", ("198.18.0.1", 2, True)),
     ("198.18.0.1", ("198.18.0.1", 0, False)),  # no generation: the lowest
     ("fd00::1#3", ("fd00::1", 3, False)),
+    ("~2001:db8:5::80#12", ("2001:db8:5::80", 12, True)),  # ':' in IPv6 addresses is no separator
+    ("2001:db8::", ("2001:db8::", 0, False)),
+    ("::ffff:198.18.0.1#1", ("::ffff:198.18.0.1", 1, False)),
     ("198.18.0.1#x", ("198.18.0.1", 0, False)),
 ])
 def test_claim_format(raw: str, parsed: tuple[str, int, bool]) -> None:

@@ -21,10 +21,10 @@ NODES = [f"node-{i}" for i in range(5)]
 VIPS = [f"198.18.{i // 250}.{i % 250 + 1}" for i in range(500)]
 
 
-def svc(key: str, ip: str, *, local: bool = False, endpoint_nodes: frozenset[str] = frozenset(),
+def svc(key: str, ip: str, *more: str, local: bool = False, endpoint_nodes: frozenset[str] = frozenset(),
         announce: bool = True) -> ServiceState:
-    return ServiceState(key=key, uid=key, created="", ports=(ServicePort("", "tcp", 80, None),), lb_ips=(ip,),
-                        local_only=local, announce=announce, endpoint_nodes=endpoint_nodes)
+    return ServiceState(key=key, uid=key, created="", ports=(ServicePort("", "tcp", 80, None),),
+                        lb_ips=(ip, *more), local_only=local, announce=announce, endpoint_nodes=endpoint_nodes)
 
 
 def test_owner_is_stable_and_independent_of_candidate_order() -> None:
@@ -144,3 +144,45 @@ def test_node_address_for_heartbeats(node: dict[str, Any], address: str | None) 
 ])
 def test_the_newest_take_holds(claims: dict[str, dict[str, int]], newest: dict[str, set[str]]) -> None:
     assert newest_takes(claims) == newest
+
+
+V4, V6 = "198.18.5.10", "2001:db8:5::a"
+
+
+def test_the_addresses_of_a_dual_stack_service_go_to_one_node_and_fail_over_together() -> None:
+    pairs = [svc(f"a/s{i}", f"198.18.7.{i + 1}", f"2001:db8:7::{i + 1:x}") for i in range(60)]
+    owners = vip_owners(pairs, live=NODES)
+    for state in pairs:
+        assert owners[state.lb_ips[0]].owner == owners[state.lb_ips[1]].owner, state.key
+    assert len({o.owner for o in owners.values()}) == len(NODES)  # still spread over the nodes
+    # the owner of some pairs dies: each pair moves, whole, to one survivor
+    dead = owners["198.18.7.1"].owner
+    assert dead is not None
+    holders = {ip: {o.owner} for ip, o in owners.items() if o.owner != dead and o.owner is not None}
+    after = vip_owners(pairs, live=[n for n in NODES if n != dead], holders=holders)
+    for state in pairs:
+        v4, v6 = state.lb_ips
+        assert after[v4].owner == after[v6].owner != dead
+        if owners[v4].owner != dead:
+            assert after[v4].owner == owners[v4].owner  # untouched pairs stay
+
+
+def test_a_new_address_joins_the_node_that_holds_its_sibling() -> None:
+    # single stack first, held by a node that is not the pair's rendezvous winner; then IPv6 is added
+    holder = next(n for n in NODES if n != choose_owner(min(V4, V6), NODES))
+    owners = vip_owners([svc("a/x", V4, V6)], live=NODES, holders={V4: {holder}})
+    assert owners[V4].owner == owners[V6].owner == holder
+    # unless that node may not hold it (ETP=Local, no endpoint there for... another Service sharing it)
+    other = next(n for n in NODES if n != holder)
+    states = [svc("a/x", V4, V6), svc("a/y", V6, local=True, endpoint_nodes=frozenset({other}))]
+    owners = vip_owners(states, live=NODES, holders={V4: {holder}})
+    assert owners[V4].owner == holder and owners[V6].owner == other
+
+
+@pytest.mark.parametrize("spelling", ["2001:db8:5::a", "2001:DB8:5:0:0:0:0:A", "2001:0db8:0005::000a"])
+def test_ipv6_vips_are_one_address_however_spelt(spelling: str) -> None:
+    holder = next(n for n in NODES if n != choose_owner(V6, NODES))
+    owners = vip_owners([svc("a/x", spelling)], live=NODES, holders={V6: {holder}})
+    assert set(owners) == {V6}
+    assert owners[V6].owner == holder
+    assert vip_owners([svc("a/x", V6)], live=NODES, holders={spelling: {holder}})[V6].owner == holder
