@@ -77,7 +77,8 @@ class Announcer:
         self.owned.add(ip)
         self.generations[ip] = generation
         metrics.OWNERSHIP_CHANGES.labels("taken").inc()
-        log.info("announcing %s from this node (%s)", ip, self._addresses.interface)
+        log.info("announcing %s from this node (%s)", ip,
+                 "on the announce interface" if ":" in ip else self._addresses.interface)
         await self._garp(ip)
         self._repeaters[ip] = asyncio.create_task(self._garp_later(ip))
 

@@ -199,6 +199,11 @@ class LabKube:
         ingress = ((self.service(namespace, name).get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
         return next((i["ip"] for i in ingress if i.get("ip")), None)
 
+    def external_ips(self, namespace: str, name: str) -> list[str]:
+        """Every ingress address, in status order (a dual-stack Service: the primary family first)."""
+        ingress = ((self.service(namespace, name).get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
+        return [i["ip"] for i in ingress if i.get("ip")]
+
     def wait_external_ip(self, namespace: str, name: str, timeout: float = 30) -> str:
         return wait_for(lambda: self.external_ip(namespace, name), timeout, f"an EXTERNAL-IP on {namespace}/{name}")
 

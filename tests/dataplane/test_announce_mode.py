@@ -1,17 +1,25 @@
 """`--mode announce` (kube-proxy carries the traffic): the forwarder owns VIPs — VIP/32, ARP, the
 annotation — and never touches nftables; a table an earlier full-mode run left is removed. A
-stopped forwarder leaves its VIP for the next run; `--cleanup` removes it, and the node's Lease."""
+stopped forwarder leaves its VIP for the next run; `--cleanup` removes it, and the node's Lease.
+
+IPv6 announcements (any mode): VIP/128 on the owner's LAN interface, answered by NDP from that node
+only; a dual-stack Service's two addresses are held by one node."""
 
 from __future__ import annotations
 
+import ipaddress
 import subprocess
 import sys
 
 import pytest
 from kubernetes import client
 
+from lbctl.forwarder.render import FAMILY
 from lbctl.lab.kube import wait_for
-from tests.dataplane.harness import DataplaneEnv
+from lbctl.lab.netns import http_get
+from lbctl.lab.probes import link_mac, ndp_answers, neighbour, ping
+from lbctl.lab.server import parse_answer
+from tests.dataplane.harness import NODES, DataplaneEnv
 
 pytestmark = pytest.mark.dataplane
 
@@ -49,3 +57,57 @@ def test_announce_mode_owns_the_vip_without_nftables(dp: DataplaneEnv, k8s_names
     finally:
         dp.lab.stop(forwarder)
         dp.kube.core.delete_node("node-4")
+
+
+def test_an_ipv6_vip_is_resolved_by_ndp_and_answered_only_by_its_owner(dp: DataplaneEnv,
+                                                                       k8s_namespace: str) -> None:
+    """SingleStack IPv6 on its own: the owner has VIP/128 on its LAN interface and its kernel alone
+    answers the client's neighbour solicitation; the address answers ICMPv6 echo."""
+    for node in NODES:
+        dp.add_pod(k8s_namespace, "web", node)
+    dp.kube.create_service(k8s_namespace, "web6", {"app": "web"}, [HTTP], ipFamilies=["IPv6"],
+                           ipFamilyPolicy="SingleStack")
+    vip = dp.kube.wait_external_ip(k8s_namespace, "web6")
+    assert ipaddress.ip_address(vip) in ipaddress.ip_network(dp.lab.lan6)
+    owner = int(wait_for(lambda: dp.owner(k8s_namespace, "web6"), 20, "an announcing node").rsplit("-", 1)[1])
+    wait_for(lambda: dp.holders(vip) == {owner}, 10, f"{vip} on node-{owner} only")
+    assert vip in dp.vips_on(owner)
+    macs = {index: link_mac(dp.lab.nodes[index]) for index in NODES}
+    client = dp.clients[0]
+    wait_for(lambda: ndp_answers(client, vip) == {macs[owner]}, 10, f"only node-{owner} answering NDP for {vip}")
+    assert wait_for(lambda: ping(client, vip), 10, f"an ICMPv6 echo reply from {vip}")
+    assert neighbour(client, vip) == macs[owner]
+    if FAMILY != "ip":  # the table forwards IPv6 too
+        body = wait_for(lambda: _get(client, vip), 15, f"HTTP through [{vip}]")
+        assert parse_answer(body)[0].startswith("web-")
+
+
+def test_a_dual_stack_service_gets_both_families_announced_by_one_node(dp: DataplaneEnv,
+                                                                      k8s_namespace: str) -> None:
+    pods = [dp.add_pod(k8s_namespace, "web", node) for node in NODES]
+    dp.kube.create_service(k8s_namespace, "web", {"app": "web"}, [HTTP], ipFamilies=["IPv4", "IPv6"],
+                           ipFamilyPolicy="RequireDualStack")
+    ips = wait_for(lambda: (ips if len(ips := dp.kube.external_ips(k8s_namespace, "web")) == 2 else None),
+                   30, "two ingress addresses")
+    v4, v6 = ips
+    assert "." in v4 and ":" in v6, ips  # primary family first
+    owner = int(wait_for(lambda: dp.owner(k8s_namespace, "web"), 20, "an announcing node").rsplit("-", 1)[1])
+    wait_for(lambda: dp.holders(v4) == dp.holders(v6) == {owner}, 10, f"both addresses on node-{owner} only")
+    macs = {index: link_mac(dp.lab.nodes[index]) for index in NODES}
+    client = dp.clients[0]
+    assert wait_for(lambda: ping(client, v4) and ping(client, v6), 10, "echo replies from both addresses")
+    assert neighbour(client, v4) == neighbour(client, v6) == macs[owner]  # ARP and NDP: the same node
+    wait_for(lambda: ndp_answers(client, v6) == {macs[owner]}, 10, f"only node-{owner} answering NDP")
+    body = wait_for(lambda: _get(client, v4), 15, f"HTTP through {v4}")
+    assert parse_answer(body)[0] in {p.name for p in pods}
+    dp.wait_endpoints(k8s_namespace, "web", {p.address for p in pods} | {p.address6 for p in pods})
+    if FAMILY != "ip":
+        body = wait_for(lambda: _get(client, v6), 15, f"HTTP through [{v6}]")
+        assert parse_answer(body)[0] in {p.name for p in pods}
+
+
+def _get(client: str, ip: str) -> str | None:
+    try:
+        return http_get(client, ip, 80, timeout=1.0)
+    except OSError:
+        return None
