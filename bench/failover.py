@@ -3,8 +3,11 @@ on each), the embedded control plane and the operator (local provider):
 
 - link_down_s: the VIP holder's link is cut → the first request through the VIP carried by
   another node (node death; target ≤ 2 s).
-- forwarder_gone_failover_s: the holder's forwarder is killed and stays away → the VIP moves
-  once the restart grace is over (`--restart-grace`, 15 s by default).
+- failover_v6_s: the same cut, for the Service's IPv6 address (the Service is dual-stack; one node
+  holds both): → the first ICMPv6 echo reply from the VIP with the client's neighbour entry naming
+  another node (its unsolicited NA updated it). Same target as IPv4.
+- forwarder_gone_failover_s (and _v6_s): the holder's forwarder is killed and stays away → the VIP
+  moves once the restart grace is over (`--restart-grace`, 15 s by default).
 - apiserver_outage_failed_requests: the apiserver is killed for 30 s and started again over the
   same etcd, while a client asks through the VIP every 100 ms with its ARP entry flushed before
   each request (target 0); apiserver_outage_vip_moves counts holder changes (target 0).
@@ -30,7 +33,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from subprocess import Popen
 from typing import Any
@@ -40,7 +45,7 @@ from kubernetes import client as k8s
 from lbctl.dev import controlplane, faults
 from lbctl.lab.kube import LabKube, wait_for
 from lbctl.lab.netns import Lab, http_get, pod_gateway
-from lbctl.lab.probes import VipWatch, exchange_all, open_flows, vip_holders
+from lbctl.lab.probes import VipWatch, exchange_all, link_mac, neighbour, open_flows, ping, vip_holders
 from lbctl.lab.server import parse_answer
 from lbctl.model.meta import ANNOUNCING_NODE_ANNOTATION
 
@@ -58,6 +63,8 @@ class Bench:
         self.node_kubeconfig = ""
         self.client = ""
         self.vip = ""
+        self.vip6 = ""
+        self.macs: dict[int, str] = {}
         self.node_port = 0
 
     @property
@@ -92,7 +99,8 @@ class Bench:
         for index in NODES:
             self.start_forwarder(index)
         kube.create_namespace("bench")
-        kube.create_pool("bench", [f"{lab.lan_address(200)}-{lab.lan_address(210)}"])
+        kube.create_pool("bench", [f"{lab.lan_address(200)}-{lab.lan_address(210)}",
+                                   f"{lab.lan6_address(200)}-{lab.lan6_address(210)}"])
         for index in NODES:
             pod_ns, address = lab.add_pod(index)
             lab.start(pod_ns, [sys.executable, "-m", "lbctl.lab.server", "--name", f"web-{index}",
@@ -101,8 +109,11 @@ class Bench:
                             {"http": ("TCP", 8080), "echo": ("TCP", 9000)})
         kube.create_service("bench", "web", {"app": "web"},
                             [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080},
-                             {"name": "echo", "protocol": "TCP", "port": 7000, "targetPort": 9000}])
-        self.vip = kube.wait_external_ip("bench", "web", timeout=60)
+                             {"name": "echo", "protocol": "TCP", "port": 7000, "targetPort": 9000}],
+                            ipFamilies=["IPv4", "IPv6"], ipFamilyPolicy="RequireDualStack")
+        self.vip, self.vip6 = wait_for(lambda: (ips if len(ips := kube.external_ips("bench", "web")) == 2 else None),
+                                       60, "both addresses")
+        self.macs = {index: link_mac(lab.nodes[index]) for index in NODES}
         self.node_port = next(p["nodePort"] for p in kube.service("bench", "web")["spec"]["ports"]
                               if p["name"] == "echo")
 
@@ -120,6 +131,13 @@ class Bench:
         except (OSError, ValueError):
             return None
 
+    def through6(self) -> int | None:
+        """The node that answered one ICMPv6 echo to the IPv6 VIP (by the client's neighbour entry)."""
+        if not ping(self.client, self.vip6, timeout=0.2):
+            return None
+        mac = neighbour(self.client, self.vip6)
+        return next((index for index, m in self.macs.items() if m == mac), None)
+
     def holder(self) -> int:
         """Wait until exactly one node holds the VIP, traffic goes through it, and it is recorded."""
         kube = self.kube
@@ -129,27 +147,42 @@ class Bench:
             holders = vip_holders(self.lab.nodes, self.vip)
             return next(iter(holders)) if len(holders) == 1 else None
         owner: int = wait_for(single_holder, 30, "one holder")
+        wait_for(lambda: vip_holders(self.lab.nodes, self.vip6) == {owner}, 30, "the IPv6 VIP with it")
         wait_for(lambda: all(self.through() == owner for _ in range(3)), 30, f"traffic through node-{owner}")
+        wait_for(lambda: self.through6() == owner, 30, f"IPv6 echo answered by node-{owner}")
         return owner
 
-    def time_failover(self, owner: int) -> float:
+    def time_failover(self, owner: int) -> tuple[float, float]:
+        """(IPv4, IPv6) seconds until the first answer through another node, timed side by side."""
         started = time.monotonic()
-        while True:
-            node = self.through()
-            if node is not None and node != owner:
-                return time.monotonic() - started
-            if time.monotonic() - started > RESTART_GRACE_S + 30:
-                raise TimeoutError(f"no failover from node-{owner}")
-            time.sleep(0.02)
+        found: dict[int, float] = {}
 
-    def link_down(self) -> float:
+        def poll(family: int, through: Callable[[], int | None]) -> None:
+            while time.monotonic() - started < RESTART_GRACE_S + 30:
+                node = through()
+                if node is not None and node != owner:
+                    found[family] = time.monotonic() - started
+                    return
+                time.sleep(0.02)
+
+        threads = [threading.Thread(target=poll, args=(4, self.through)),
+                   threading.Thread(target=poll, args=(6, self.through6))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if len(found) < 2:
+            raise TimeoutError(f"no failover from node-{owner} for IPv{({4, 6} - set(found)).pop()}")
+        return found[4], found[6]
+
+    def link_down(self) -> tuple[float, float]:
         owner = self.holder()
         self.lab.set_link(owner, up=False)
         elapsed = self.time_failover(owner)
         self.lab.set_link(owner, up=True)
         return elapsed
 
-    def forwarder_gone(self) -> float:
+    def forwarder_gone(self) -> tuple[float, float]:
         owner = self.holder()
         self.lab.kill(self.forwarders[owner])
         elapsed = self.time_failover(owner)
@@ -236,8 +269,9 @@ def run(rounds: int, leader: bool) -> dict[str, Any]:
     bench = Bench(workdir)
     try:
         bench.setup()
-        cut = [bench.link_down() for _ in range(rounds)]
-        gone = bench.forwarder_gone()
+        cuts = [bench.link_down() for _ in range(rounds)]
+        cut, cut6 = [c[0] for c in cuts], [c[1] for c in cuts]
+        gone, gone6 = bench.forwarder_gone()
         outage = bench.apiserver_outage()
         restarts = bench.forwarder_restarts()
         lease_writes = bench.lease_writes_per_node_per_min()
@@ -247,7 +281,9 @@ def run(rounds: int, leader: bool) -> dict[str, Any]:
         assert not problems, problems
     result: dict[str, Any] = {
         "link_down_s": round(statistics.median(cut), 2), "link_down_samples_s": [round(x, 2) for x in cut],
-        "forwarder_gone_failover_s": round(gone, 2), "restart_grace_s": RESTART_GRACE_S,
+        "failover_v6_s": round(statistics.median(cut6), 2), "failover_v6_samples_s": [round(x, 2) for x in cut6],
+        "forwarder_gone_failover_s": round(gone, 2), "forwarder_gone_failover_v6_s": round(gone6, 2),
+        "restart_grace_s": RESTART_GRACE_S,
         "apiserver_outage_s": OUTAGE_S, "apiserver_outage_requests": outage["requests"],
         "apiserver_outage_failed_requests": outage["failed"], "apiserver_outage_vip_moves": outage["moves"],
         "forwarder_restart_resets": restarts["resets"], "forwarder_restart_vip_moves": restarts["moves"],
