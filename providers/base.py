@@ -42,6 +42,9 @@ class Provider(abc.ABC):
     uses_nodes: ClassVar[bool] = True
     #: resources the operator watches and hands to `resources_changed`
     watched_resources: ClassVar[tuple[WatchedResource, ...]] = ()
+    #: the same, but only when the cluster serves them (their CRD is installed when the operator
+    #: starts); `resources_changed` is never called for one that is not served
+    optional_resources: ClassVar[tuple[WatchedResource, ...]] = ()
 
     @classmethod
     @abc.abstractmethod

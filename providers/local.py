@@ -11,6 +11,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+from lbctl.model.bgp import (
+    L2_ONLY,
+    Advertisement,
+    BgpConfigError,
+    BGPPeer,
+    advertisement_problem,
+    check_aggregation,
+    conflicting_peers,
+    parse_advertisement,
+    parse_peer,
+)
 from lbctl.model.errors import LoadBalancerError
 from lbctl.model.types import Ingress, LoadBalancerRef, LoadBalancerSpec, LoadBalancerStatus, PortStatus
 from providers.base import Provider, ProviderSettings, WatchedResource
@@ -18,6 +29,7 @@ from providers.local_metrics import ALLOCATION_FAILURES, allocation_failure_reas
 from providers.local_pools import Allocator, Pool, PoolError, overlapping_pools, parse_pool, request_from_spec
 
 POOLS = WatchedResource("lbctl.io", "v1alpha1", "loadbalancerpools")
+BGP_PEERS = WatchedResource("lbctl.io", "v1alpha1", "bgppeers")
 _INT64_MAX = 2**63 - 1  # an IPv6 pool's free count does not fit the status field otherwise
 
 
@@ -26,6 +38,7 @@ class LocalProvider(Provider):
     needs_node_ports = False
     uses_nodes = False  # the forwarder on each node carries the traffic, whatever the node set
     watched_resources: ClassVar[tuple[WatchedResource, ...]] = (POOLS,)
+    optional_resources: ClassVar[tuple[WatchedResource, ...]] = (BGP_PEERS,)
 
     def __init__(self, cluster_name: str) -> None:
         self._cluster_name = cluster_name
@@ -33,6 +46,12 @@ class LocalProvider(Provider):
         self._refs: dict[str, LoadBalancerRef] = {}
         self._pool_names: list[str] = []
         self._pool_problems: dict[str, tuple[str, str]] = {}  # name -> (reason, message)
+        # BGP: each pool's spec.advertisement (or why it is invalid), the valid peers (None while
+        # BGPPeers are not served) and why the others are not
+        self._advertisements: dict[str, Advertisement | BgpConfigError] = {}
+        self._peers: list[BGPPeer] | None = None
+        self._peer_names: list[str] = []
+        self._peer_problems: dict[str, tuple[str, str]] = {}
 
     @classmethod
     def create(cls, settings: ProviderSettings) -> LocalProvider:
@@ -73,15 +92,22 @@ class LocalProvider(Provider):
         self._allocator.restore(requests)
 
     async def resources_changed(self, resource: WatchedResource, objects: Sequence[Mapping[str, Any]]) -> set[str]:
+        if resource == BGP_PEERS:
+            self._set_peers(objects)
+            return set()  # peers change what is announced, never an address
         pools: list[Pool] = []
+        self._advertisements = {}
         self._pool_problems = {}
         self._pool_names = sorted(str(o["metadata"]["name"]) for o in objects)
         for obj in objects:
             try:
-                pools.append(parse_pool(obj))
+                pool = parse_pool(obj)
             except PoolError as exc:
                 self._pool_problems[obj["metadata"]["name"]] = (
                     "InvalidPool", f"{exc}; fix the pool's spec (nothing is assigned from it meanwhile)")
+                continue
+            pools.append(pool)
+            self._advertisements[pool.name] = _advertisement(obj, pool)
         for overlap in overlapping_pools(pools):
             self._pool_problems[overlap.rejected.name] = (
                 "OverlappingPool", f"{overlap.message}; fix: give each pool its own addresses "
@@ -92,7 +118,50 @@ class LocalProvider(Provider):
         """(pool, IP version) → (usable addresses, assigned), for the pool metrics."""
         return self._allocator.family_usage()
 
+    def _set_peers(self, objects: Sequence[Mapping[str, Any]]) -> None:
+        self._peer_names = sorted(str(o["metadata"]["name"]) for o in objects)
+        self._peer_problems = {}
+        parsed = []
+        for obj in objects:
+            try:
+                parsed.append(parse_peer(obj))
+            except BgpConfigError as exc:
+                self._peer_problems[obj["metadata"]["name"]] = ("InvalidPeer", f"{exc} (no node peers with it)")
+        for conflict in conflicting_peers(parsed):
+            self._peer_problems[conflict.rejected.name] = ("DuplicatePeer", conflict.message)
+        self._peers = [p for p in parsed if p.name not in self._peer_problems]
+
+    def advertisement(self, pool: str) -> Advertisement | BgpConfigError:
+        """A pool's advertisement, or why it is invalid (l2 for a pool that is not known)."""
+        return self._advertisements.get(pool, L2_ONLY)
+
+    @property
+    def peers(self) -> list[BGPPeer] | None:
+        """The valid BGPPeers as of the last change of their specs (None while the cluster does not
+        serve them); their sessions may be older than the reflector's copy."""
+        return self._peers
+
+    def peer_valid(self, name: str) -> bool:
+        return self._peers is not None and name not in self._peer_problems
+
+    def _advertised_condition(self, name: str) -> dict[str, str] | None:
+        found = self._advertisements.get(name)
+        if found is None or (isinstance(found, Advertisement) and not found.bgp):
+            return None  # l2, as every pool before BGP: no condition
+        if isinstance(found, BgpConfigError):
+            return {"type": "Advertised", "status": "False", "reason": "InvalidAdvertisement",
+                    "message": f"{found} (its addresses are not announced by BGP meanwhile)"}
+        problem = advertisement_problem(found, self._peers)
+        if problem is None or problem.reason == "LocalPrefIgnored":
+            how = {"l2": "on the LAN (l2)", "bgp": "by BGP", "both": "by BGP and on the LAN (l2)"}[found.mode]
+            return {"type": "Advertised", "status": "True", "reason": problem.reason if problem else "Advertised",
+                    "message": problem.message if problem else f"addresses are advertised {how}"}
+        return {"type": "Advertised", "status": "False", "reason": problem.reason, "message": problem.message}
+
     def resource_status(self, resource: WatchedResource) -> dict[str, dict[str, Any]]:
+        if resource == BGP_PEERS:
+            return {name: {"conditions": [_peer_condition(self._peer_problems.get(name))]}
+                    for name in self._peer_names}
         stats = self._allocator.pool_stats()
         statuses: dict[str, dict[str, Any]] = {}
         for name in self._pool_names:
@@ -108,4 +177,24 @@ class LocalProvider(Provider):
                     "message": problem[1] if problem else "addresses are being assigned from this pool",
                 }],
             }
+            advertised = self._advertised_condition(name)
+            if advertised is not None:
+                statuses[name]["conditions"].append(advertised)
         return statuses
+
+
+def _advertisement(obj: Mapping[str, Any], pool: Pool) -> Advertisement | BgpConfigError:
+    spec = obj.get("spec") or {}
+    try:
+        found = parse_advertisement(spec.get("advertisement"))
+        check_aggregation(found, ((r.version, r.first, r.last) for r in pool.ranges))
+    except BgpConfigError as exc:
+        return exc
+    return found
+
+
+def _peer_condition(problem: tuple[str, str] | None) -> dict[str, str]:
+    if problem is None:
+        return {"type": "Valid", "status": "True", "reason": "Valid",
+                "message": "the nodes this peer selects open sessions with it"}
+    return {"type": "Valid", "status": "False", "reason": problem[0], "message": problem[1]}

@@ -132,6 +132,9 @@ class Reconciler:
         self.nodes: dict[str, dict[str, Any]] = {}
         self.eligible: tuple[NodeTarget, ...] = ()
         self.resources: dict[WatchedResource, dict[str, dict[str, Any]]] = {}
+        #: the provider's resources being watched: its watched_resources, and those of its
+        #: optional_resources the cluster serves (lbctl.operator.informers adds them)
+        self.watched: list[WatchedResource] = list(provider.watched_resources)
         self._synced_nodes: dict[str, frozenset[tuple[str, str]]] = {}
         self._refs: dict[str, LoadBalancerRef] = {}  # what we ensured, to release after a force-delete
         self._held: dict[str, tuple[str, ...]] = {}  # the addresses each Service was last given
@@ -159,7 +162,7 @@ class Reconciler:
         `sweep_soon`: look for orphaned balancers shortly after, not only after --gc-interval (a
         replica taking over from another cannot know what was deleted while it stood by)."""
         self.eligible = eligible_nodes(self.nodes.values())
-        for resource in self.provider.watched_resources:
+        for resource in reversed(self.watched):  # optional ones (BGP peers) first: pools' status reads them
             await self.provider.resources_changed(resource, list(self.resources.get(resource, {}).values()))
         specs = []
         for service in self.services.values():
@@ -186,7 +189,7 @@ class Reconciler:
         # from here on every change is handled as it comes; catch up with any that came meanwhile
         if node_set_key(eligible_nodes(self.nodes.values())) != node_set_key(self.eligible):
             self._nodes_settled()
-        for resource in self.provider.watched_resources:
+        for resource in self.watched:
             # a pool that changed while we were getting ready reached only the cache: hand the
             # provider the list once more (a no-op when nothing changed) and write the status
             await self._resources_settled(resource)
@@ -320,7 +323,8 @@ class Reconciler:
         for key in affected:
             self.queue.add(key)
         self._wake(Change(ChangeKind.POOLS))
-        await self._write_resource_status(resource)
+        for watched in self.watched:  # one resource's status may depend on another's (pools on peers)
+            await self._write_resource_status(watched)
 
     def _wake(self, change: Change) -> None:
         """Requeue the pending Services that `change` may serve; the others keep waiting."""
@@ -332,13 +336,13 @@ class Reconciler:
     def _refresh_resource_status(self) -> None:
         """Assignments change what the provider's objects report (a pool's free count): write it
         once per second at most, not once per Service."""
-        if self._status_refresh is not None or not self.provider.watched_resources:
+        if self._status_refresh is not None or not self.watched:
             return
 
         async def refresh() -> None:
             await asyncio.sleep(1.0)
             self._status_refresh = None
-            for resource in self.provider.watched_resources:
+            for resource in self.watched:
                 await self._write_resource_status(resource)
 
         self._status_refresh = asyncio.create_task(refresh())
@@ -346,7 +350,8 @@ class Reconciler:
     async def _write_resource_status(self, resource: WatchedResource) -> None:
         for name, status in self.provider.resource_status(resource).items():
             current = self.resources.get(resource, {}).get(name)
-            if current is None or current.get("status") == status:
+            # only the fields written here: others may have the rest (forwarders write a peer's nodes)
+            if current is None or all((current.get("status") or {}).get(k) == v for k, v in status.items()):
                 continue
             self._fence()
             try:
