@@ -171,7 +171,8 @@ def test_externaltrafficpolicy_local_announces_from_nodes_with_a_ready_endpoint(
 
 
 def test_bad_bgp_configuration_is_reported_on_the_object(
-    api_client: client.ApiClient, core: client.CoreV1Api, namespace: str, pools: Pools, peers: Peers, tag: str, operator: OperatorProcess,
+    api_client: client.ApiClient, core: client.CoreV1Api, namespace: str, pools: Pools, peers: Peers, tag: str,
+    operator: OperatorProcess,
 ) -> None:
     # a bgp pool no peer matches
     lonely = bgp_pool(pools, f"none-{tag}")
