@@ -7,6 +7,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lbctl.model.bgp import (
+    BgpConfigError,
+    BGPPeer,
+    advertisement_problem,
+    check_aggregation,
+    conflicting_peers,
+    parse_advertisement,
+    parse_peer,
+)
 from lbctl.model.nodes import ineligibility
 from lbctl.model.status import current_condition
 from lbctl.report import facts
@@ -58,6 +67,9 @@ OPERATOR_PERMISSIONS = (
     Permission("create", "events"), Permission("patch", "events"), Permission("list", "events"),
     *(Permission(v, "loadbalancerpools", "lbctl.io") for v in ("get", "list", "watch")),
     Permission("patch", "loadbalancerpools", "lbctl.io", subresource="status"),
+    *(Permission(v, "bgppeers", "lbctl.io") for v in ("get", "list", "watch")),
+    Permission("patch", "bgppeers", "lbctl.io", subresource="status"),
+    *(Permission(v, "endpointslices", "discovery.k8s.io") for v in ("list", "watch")),
     Permission("create", "leases", "coordination.k8s.io", namespace=facts.SYSTEM_NAMESPACE),
     *(Permission(v, "leases", "coordination.k8s.io", namespace=facts.SYSTEM_NAMESPACE, name=facts.OPERATOR_LEASE)
       for v in ("get", "update")),
@@ -70,6 +82,10 @@ FORWARDER_PERMISSIONS = (
     Permission("create", "events"),
     *(Permission(v, "leases", "coordination.k8s.io", namespace=facts.SYSTEM_NAMESPACE)
       for v in ("create", "patch")),
+    *(Permission(v, "bgppeers", "lbctl.io") for v in ("get", "list", "watch")),
+    Permission("patch", "bgppeers", "lbctl.io", subresource="status"),
+    *(Permission(v, "loadbalancerpools", "lbctl.io") for v in ("get", "list", "watch")),
+    Permission("get", "secrets", namespace=facts.SYSTEM_NAMESPACE),
 )
 
 
@@ -89,6 +105,7 @@ class Snapshot:
     access: Mapping[str, Mapping[Permission, bool]] = field(default_factory=dict)
     access_problem: str = ""
     extra: Sequence[Check] = ()  # provider checks (credentials, tags, subnets)
+    peers: Sequence[Mapping[str, Any]] = ()  # BGPPeers (none when their CRD is not installed)
 
 
 def check_crd(crd: Mapping[str, Any] | None) -> Check:
@@ -205,6 +222,81 @@ def check_pools(pools: Sequence[Mapping[str, Any]]) -> list[Check]:
     return checks
 
 
+BGP_SESSION_FIX = ("on the router: the peer address, both ASNs and the password must match the BGPPeer; on the "
+                   "node: kubectl -n lbctl-system logs -l app.kubernetes.io/name=lbctl-forwarder (status.nodes[]."
+                   "message of kubectl get bgpp NAME -o yaml says the last error)")
+
+
+def _session_text(peer: BGPPeer, node: str) -> str:
+    session = peer.session(node)
+    if session is None:
+        return f"{node}: no session reported"
+    return f"{node}: {session.state}" + (f" ({session.message})" if session.message else "")
+
+
+def check_bgp(peers: Sequence[Mapping[str, Any]], pools: Sequence[Mapping[str, Any]],
+              nodes: Sequence[Mapping[str, Any]]) -> list[Check]:
+    """Each BGPPeer: an Established session on its selected nodes; each pool advertised by BGP: a
+    valid advertisement and a peer that takes it."""
+    checks: list[Check] = []
+    parsed: list[BGPPeer] = []
+    for obj in peers:
+        name = str(facts.meta(obj).get("name"))
+        try:
+            parsed.append(parse_peer(obj))
+        except BgpConfigError as exc:
+            checks.append(Check(f"bgppeer {name}", FAIL, f"invalid: {exc.field}: {exc.problem}",
+                                exc.fix or "fix the peer's spec"))
+    rejected = {c.rejected.name: c for c in conflicting_peers(parsed)}
+    eligible = [n for n in nodes if ineligibility(n) is None]
+    valid = []
+    for peer in parsed:
+        if peer.name in rejected:
+            conflict = rejected[peer.name]
+            checks.append(Check(f"bgppeer {peer.name}", FAIL, f"same address and nodes as peer {conflict.kept.name}",
+                                "delete one of them, or give them node selectors that choose different nodes"))
+            continue
+        valid.append(peer)
+        selected = sorted(str(facts.meta(n).get("name")) for n in eligible
+                          if peer.node_selector.matches(facts.meta(n).get("labels") or {}))
+        up = [n for n in selected if peer.established_on(n)]
+        where = f"{peer.peer_address} AS{peer.peer_asn}"
+        if not selected:
+            checks.append(Check(f"bgppeer {peer.name}", WARN, f"{where}: its spec.nodeSelector chooses no eligible "
+                                "node", "label the nodes that should peer with it, or change spec.nodeSelector"))
+        elif not up:
+            checks.append(Check(f"bgppeer {peer.name}", FAIL, f"{where}: no Established session on any of its "
+                                f"{len(selected)} node(s): " + "; ".join(_session_text(peer, n) for n in selected),
+                                BGP_SESSION_FIX))
+        elif len(up) < len(selected):
+            down = [n for n in selected if n not in up]
+            checks.append(Check(f"bgppeer {peer.name}", WARN, f"{where}: Established on {len(up)} of {len(selected)} "
+                                "node(s); not on " + "; ".join(_session_text(peer, n) for n in down), BGP_SESSION_FIX))
+        else:
+            checks.append(Check(f"bgppeer {peer.name}", PASS, f"{where}: Established on all {len(up)} node(s)"))
+    for obj in pools:
+        name = str(facts.meta(obj).get("name"))
+        try:
+            pool = parse_pool(obj)
+            advertisement = parse_advertisement((obj.get("spec") or {}).get("advertisement"))
+            check_aggregation(advertisement, ((r.version, r.first, r.last) for r in pool.ranges))
+        except PoolError:
+            continue  # the pools check reports it
+        except BgpConfigError as exc:
+            checks.append(Check(f"pool {name} bgp", FAIL, f"invalid advertisement: {exc.field}: {exc.problem}",
+                                exc.fix or "fix the pool's spec.advertisement"))
+            continue
+        problem = advertisement_problem(advertisement, valid)
+        if problem is None:
+            if advertisement.bgp:
+                checks.append(Check(f"pool {name} bgp", PASS, f"advertised by BGP ({advertisement.mode})"))
+            continue
+        message, _, fix = problem.message.partition("; fix: ")
+        status = WARN if problem.reason == "LocalPrefIgnored" else FAIL
+        checks.append(Check(f"pool {name} bgp", status, f"{problem.reason}: {message}", fix))
+    return checks
+
+
 def check_services(services: Sequence[Mapping[str, Any]], now: float, limit: int = 10) -> Check:
     ours = [s for s in services if facts.is_lbctls(s)]
     late = []
@@ -251,6 +343,7 @@ def run_checks(snapshot: Snapshot) -> list[Check]:
                      s.access_problem),
         check_forwarders(s.nodes, s.leases, s.now),
         *check_pools(s.pools),
+        *check_bgp(s.peers, s.pools, s.nodes),
         check_services(s.services, s.now),
         check_nodes(s.nodes),
         *s.extra,

@@ -13,12 +13,14 @@ from lbctl.model.names import load_balancer_name
 from lbctl.model.status import current_condition
 
 ANNOUNCING_NODE = model_meta.ANNOUNCING_NODE_ANNOTATION  # the forwarder's mark (lbctl.forwarder.announce)
+BGP_ANNOUNCING_NODES = model_meta.BGP_ANNOUNCING_NODES_ANNOTATION  # the operator's (lbctl.operator.bgp)
 OWNER_ANNOTATION = model_meta.OWNER_ANNOTATION
 CLASS_PREFIX = model_meta.CLASS_PREFIX
 SYSTEM_NAMESPACE = model_meta.SYSTEM_NAMESPACE
 FORWARDER_LEASE_PREFIX = "lbctl-forwarder-"  # lbctl.forwarder.leases.lease_name
 OPERATOR_LEASE = "lbctl-operator"  # lbctl.operator.defaults.LEASE_NAME
 POOL_CRD = "loadbalancerpools.lbctl.io"
+BGP_PEER_CRD = "bgppeers.lbctl.io"
 POOL_CRD_VERSION = "v1alpha1"
 # condition reasons of a Service that waits for something outside it (lbctl.model.errors)
 _WAITING_REASONS = frozenset({"Pending", "NoEligibleNodes"})

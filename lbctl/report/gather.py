@@ -23,6 +23,7 @@ from lbctl.report.doctor import (
 )
 
 POOLS_PATH = "/apis/lbctl.io/v1alpha1/loadbalancerpools"
+PEERS_PATH = "/apis/lbctl.io/v1alpha1/bgppeers"
 LEASES_PATH = f"/apis/coordination.k8s.io/v1/namespaces/{facts.SYSTEM_NAMESPACE}/leases"
 READ_ROLE_HINT = ("ask for read access to Services and Events (the `view` ClusterRole has them; nodes, leases in "
                   "lbctl-system and loadbalancerpools add the per-node view and the pools), or name a namespace "
@@ -197,13 +198,14 @@ async def doctor_snapshot(reader: Reader, check_access: bool = True) -> Snapshot
         reader.get(f"/apis/apps/v1/namespaces/{facts.SYSTEM_NAMESPACE}/deployments/lbctl-operator",
                    "deployments in lbctl-system"),
     )
-    nodes, leases, pools, services = await asyncio.gather(
+    nodes, leases, pools, services, peers = await asyncio.gather(
         reader.list("/api/v1/nodes", "nodes"),
         reader.list(LEASES_PATH, "leases in lbctl-system", missing_ok=True),
         reader.list(POOLS_PATH, "loadbalancerpools", missing_ok=True),
         reader.list("/api/v1/services", "services"),
+        reader.list(PEERS_PATH, "bgppeers", missing_ok=True),
     )
     results, problem = await access(reader) if check_access else ({}, "skipped (--no-rbac)")
     return Snapshot(now=time.time(), pool_crd=crd, operator_lease=lease, operator_deployment=deployment,
                     nodes=nodes, leases=leases, pools=pools, services=services, access=results,
-                    access_problem=problem)
+                    access_problem=problem, peers=peers)

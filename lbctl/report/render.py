@@ -89,7 +89,8 @@ def detail_text(d: Detail, colour: bool = False) -> str:
             (["HEALTHZ", "PROGRAMMED"] if probed else [])
         body = []
         for n in d.nodes:
-            cells = [n.node, n.forwarder, "yes" if n.announcing else "", str(n.ready_endpoints)]
+            how = "L2, BGP" if n.announcing and n.bgp else "yes" if n.announcing else "BGP" if n.bgp else ""
+            cells = [n.node, n.forwarder, how, str(n.ready_endpoints)]
             if checked:
                 cells.append(n.health_check)
             if probed:

@@ -85,10 +85,23 @@ def _balancer(service: Mapping[str, Any], provider: str, pools: PoolIndex) -> st
     return facts.balancer_name(service)
 
 
+def bgp_nodes(service: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The nodes announcing the Service by BGP (the operator's annotation); None when it is not
+    advertised by BGP."""
+    value = facts.annotations_of(service).get(facts.BGP_ANNOUNCING_NODES)
+    if value is None:
+        return None
+    return tuple(n for n in str(value).split(",") if n)
+
+
 def _served_by(service: Mapping[str, Any], provider: str) -> str:
     if provider == "local":
         node = facts.annotations_of(service).get(facts.ANNOUNCING_NODE)
-        return f"{node} (L2)" if node else "-"
+        bgp = bgp_nodes(service)
+        parts = [f"{node} (L2)"] if node else []
+        if bgp is not None:
+            parts.append(f"{','.join(bgp) or 'none'} (BGP)")
+        return "; ".join(parts) or "-"
     hostnames = [str(i["hostname"]) for i in facts.ingress_of(service) if i.get("hostname")]
     if hostnames:
         return ",".join(hostnames)
@@ -144,6 +157,7 @@ class NodeView:
     healthz: str = ""  # what the forwarder's /healthz said, when asked (--probe)
     programmed: bool | None = None  # from /healthz: are the Service's rules in the kernel?
     health_check: str = ""  # externalTrafficPolicy Local: what its healthCheckNodePort answers there
+    bgp: bool = False  # announces the Service's address to its BGP peers
 
 
 @dataclass(frozen=True)
@@ -231,6 +245,7 @@ def detail(service: Mapping[str, Any], pools: Iterable[Mapping[str, Any]], event
     by_node = facts.forwarder_leases(leases)
     endpoints = ready_endpoints_by_node(slices)
     announcing = facts.annotations_of(service).get(facts.ANNOUNCING_NODE)
+    by_bgp = set(bgp_nodes(service) or ())
     spec = service.get("spec") or {}
     local_only = spec.get("externalTrafficPolicy") == "Local" and bool(spec.get("healthCheckNodePort"))
     views = []
@@ -239,7 +254,7 @@ def detail(service: Mapping[str, Any], pools: Iterable[Mapping[str, Any]], event
             healthz, programmed = _probe((probes or {}).get(node), key)
             ready = endpoints.get(node, 0)
             views.append(NodeView(node, _forwarder(by_node.get(node), now), node == announcing, ready, healthz,
-                                  programmed, health_check(ready) if local_only else ""))
+                                  programmed, health_check(ready) if local_only else "", node in by_bgp))
     listed = [{
         "age": facts.age(now - facts.event_time(e)), "type": str(e.get("type") or ""),
         "reason": str(e.get("reason") or ""), "count": int(e.get("count") or 1),

@@ -5,6 +5,7 @@ advertisements and peers get a condition and an Event naming the field and the f
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from lbctl.dev.layout import ClusterInfo
 from lbctl.model.meta import BGP_ANNOUNCING_NODES_ANNOTATION
 from tests.integration.harness import (
     Nodes,
@@ -25,6 +27,7 @@ from tests.integration.harness import (
     wait_for_ips,
     wait_until,
 )
+from tests.integration.test_status_doctor import lbctl
 
 GROUP, VERSION = "lbctl.io", "v1alpha1"
 
@@ -89,8 +92,8 @@ def pool_condition(pools: Pools, name: str, kind: str = "Advertised") -> dict[st
 
 
 def test_the_annotation_follows_the_sessions_with_externaltrafficpolicy_cluster(
-    api_client: client.ApiClient, core: client.CoreV1Api, namespace: str, pools: Pools, peers: Peers,
-    nodes: Nodes, tag: str, operator: OperatorProcess,
+    cluster: ClusterInfo, api_client: client.ApiClient, core: client.CoreV1Api, namespace: str, pools: Pools,
+    peers: Peers, nodes: Nodes, tag: str, operator: OperatorProcess,
 ) -> None:
     names = [f"bgp-{tag}-{i}" for i in (1, 2, 3)]
     for name in names:
@@ -122,6 +125,23 @@ def test_the_annotation_follows_the_sessions_with_externaltrafficpolicy_cluster(
     # a node that is no longer eligible stops counting, whatever its session says
     nodes.set_ready(names[0], False)
     wait_announcing(core, namespace, "web", names[2])
+
+    # lbctl status shows them where it shows the L2 node; lbctl doctor checks the peer's sessions
+    table = lbctl(cluster.kubeconfig, "status", "-n", namespace)
+    assert f"{names[2]} (BGP)" in table.stdout, table.stdout + table.stderr
+    story = lbctl(cluster.kubeconfig, "status", "-n", namespace, "web")
+    rows = {line.split()[0]: line for line in story.stdout.splitlines() if line.strip().startswith("bgp-")}
+    assert "BGP" in rows[names[2]] and "BGP" not in rows[names[1]], story.stdout
+    checks = {c["name"]: c for c in json.loads(lbctl(cluster.kubeconfig, "doctor", "-o", "json", "--no-rbac").stdout)}
+    assert checks[f"bgppeer {peer}"]["status"] == "warn"  # Established on 1 of the 2 eligible nodes
+    assert f"{names[1]}: Idle (hold timer expired)" in checks[f"bgppeer {peer}"]["message"]
+    assert checks[f"pool {pool['metadata']['name']} bgp"]["status"] == "pass"
+    apply_peer_status(api_client, peer, names[2], "Active", message="connection refused")
+    wait_announcing(core, namespace, "web", "")
+    checks = {c["name"]: c for c in json.loads(lbctl(cluster.kubeconfig, "doctor", "-o", "json", "--no-rbac").stdout)}
+    assert checks[f"bgppeer {peer}"]["status"] == "fail" and "no Established session" in \
+        checks[f"bgppeer {peer}"]["message"] and "password" in checks[f"bgppeer {peer}"]["fix"]
+    assert "none (BGP)" in lbctl(cluster.kubeconfig, "status", "-n", namespace).stdout
 
     # the pool back to l2: the annotation goes
     pools.patch(pool["metadata"]["name"], {"advertisement": {"mode": "l2"}})
