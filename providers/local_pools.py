@@ -265,6 +265,29 @@ def parse_address_range(text: str) -> tuple[int, int, int]:
     return start.version, int(start), int(end)
 
 
+# Addresses a VIP can never be: a link-local one exists on every link (and neighbour discovery of
+# the node's own uses it), a multicast one is a group, not a host; and the unspecified and
+# loopback addresses.
+_UNUSABLE = tuple((net.version, int(net.network_address), int(net.broadcast_address), what) for net, what in (
+    (ipaddress.ip_network("0.0.0.0/32"), "the unspecified address 0.0.0.0"),
+    (ipaddress.ip_network("127.0.0.0/8"), "loopback 127.0.0.0/8"),
+    (ipaddress.ip_network("169.254.0.0/16"), "link-local 169.254.0.0/16"),
+    (ipaddress.ip_network("224.0.0.0/4"), "multicast 224.0.0.0/4"),
+    (ipaddress.ip_network("::/128"), "the unspecified address ::"),
+    (ipaddress.ip_network("::1/128"), "loopback ::1"),
+    (ipaddress.ip_network("fe80::/10"), "link-local fe80::/10"),
+    (ipaddress.ip_network("ff00::/8"), "multicast ff00::/8"),
+))
+
+
+def _unusable_overlap(version: int, first: int, last: int) -> str | None:
+    """What reserved block the range overlaps, or None."""
+    for block_version, block_first, block_last, what in _UNUSABLE:
+        if version == block_version and first <= block_last and block_first <= last:
+            return what
+    return None
+
+
 def _parse_bool(spec: Mapping[str, Any], key: str, default: bool, name: str) -> bool:
     value = spec.get(key, default)
     if value is None:
@@ -329,6 +352,10 @@ def parse_pool(obj: Mapping[str, Any]) -> Pool:
             version, first, last = parse_address_range(entry)
         except ValueError as exc:
             raise PoolError(f"spec.addresses[{i}]", str(exc), pool=name) from None
+        unusable = _unusable_overlap(version, first, last)
+        if unusable:
+            raise PoolError(f"spec.addresses[{i}]", f"{entry.strip()!r} overlaps {unusable}: no load-balancer "
+                            "address can be one; give unicast addresses routable on the LAN", pool=name)
         ranges.append(AddressRange(version, first, last, entry.strip(), i))
     ranges.sort()
     for before, after in pairwise(ranges):

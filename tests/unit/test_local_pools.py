@@ -158,6 +158,21 @@ def test_parse_pool_reads_creation_time_and_keeps_sources() -> None:
         (pool_object("p", "10.0.0.1-fc00::1"), "spec.addresses[0]: '10.0.0.1-fc00::1' mixes IPv4 and IPv6"),
         (pool_object("p", "fe80::1%eth0"),
          "spec.addresses[0]: 'fe80::1%eth0' is not an address, CIDR or a-b range"),
+        (pool_object("p", "fd00::/120", "fe80::10-fe80::20"),
+         "spec.addresses[1]: 'fe80::10-fe80::20' overlaps link-local fe80::/10: no load-balancer address can be "
+         "one; give unicast addresses routable on the LAN"),
+        (pool_object("p", "ff02::1"),
+         "spec.addresses[0]: 'ff02::1' overlaps multicast ff00::/8: no load-balancer address can be "
+         "one; give unicast addresses routable on the LAN"),
+        (pool_object("p", "169.254.1.0/24"),
+         "spec.addresses[0]: '169.254.1.0/24' overlaps link-local 169.254.0.0/16: no load-balancer address can "
+         "be one; give unicast addresses routable on the LAN"),
+        (pool_object("p", "223.255.255.0-224.0.0.10"),
+         "spec.addresses[0]: '223.255.255.0-224.0.0.10' overlaps multicast 224.0.0.0/4: no load-balancer address "
+         "can be one; give unicast addresses routable on the LAN"),
+        (pool_object("p", "::/0"),
+         "spec.addresses[0]: '::/0' overlaps the unspecified address ::: no load-balancer address can be "
+         "one; give unicast addresses routable on the LAN"),
         (pool_object("p", "10.0.0.0/24", "10.0.0.128-10.0.1.5"),
          "spec.addresses[1]: '10.0.0.128-10.0.1.5' overlaps spec.addresses[0] ('10.0.0.0/24')"),
         (pool_object("p", "10.0.0.5", "10.0.0.0/24"),
