@@ -37,6 +37,7 @@ class Announcer:
         self.adopted: set[str] = set()  # found on the interface at start-up, not yet confirmed ours
         self.generations: dict[str, int] = {}  # the generation of our take of each VIP we hold
         self._repeaters: dict[str, asyncio.Task[None]] = {}
+        self._add_failures: dict[str, str] = {}  # VIP → why adding it failed last
 
     async def start(self) -> None:
         await asyncio.to_thread(self._addresses.prepare)
@@ -56,6 +57,8 @@ class Announcer:
         mine = {ip for ip, owner in owners.items() if owner.owner == self._node}
         for ip in sorted(self.owned - mine):
             await self._release(ip)
+        for ip in set(self._add_failures) - mine:
+            del self._add_failures[ip]
         for ip in sorted(mine - self.owned):
             if peer_claims.get(ip):
                 log.debug("%s is ours but %s still holds it: waiting", ip, ", ".join(sorted(peer_claims[ip])))
@@ -72,8 +75,13 @@ class Announcer:
         try:
             await asyncio.to_thread(self._addresses.add, ip)
         except Exception as exc:
-            log.error("could not add VIP %s to %s: %s", ip, self._addresses.interface, exc)
+            # retried at every reconcile (5 a second): said once per VIP and reason, not each time
+            if self._add_failures.get(ip) != str(exc):
+                self._add_failures[ip] = str(exc)
+                log.error("could not add VIP %s to %s: %s", ip,
+                          "the announce interface" if ":" in ip else self._addresses.interface, exc)
             return
+        self._add_failures.pop(ip, None)
         self.owned.add(ip)
         self.generations[ip] = generation
         metrics.OWNERSHIP_CHANGES.labels("taken").inc()

@@ -35,22 +35,27 @@ def test_announce_mode_owns_the_vip_without_nftables(dp: DataplaneEnv, k8s_names
     try:
         pod = dp.add_pod(k8s_namespace, "web", 4)
         # ETP=Local with its only endpoint on node-4: node-4 is the only eligible owner
-        dp.kube.create_service(k8s_namespace, "web", {"app": "web"}, [HTTP], externalTrafficPolicy="Local")
-        vip = dp.kube.wait_external_ip(k8s_namespace, "web")
-        dp.wait_endpoints(k8s_namespace, "web", {pod.address})
+        dp.kube.create_service(k8s_namespace, "web", {"app": "web"}, [HTTP], externalTrafficPolicy="Local",
+                               ipFamilies=["IPv4", "IPv6"], ipFamilyPolicy="PreferDualStack")
+        vip, vip6 = wait_for(lambda: (ips if len(ips := dp.kube.external_ips(k8s_namespace, "web")) == 2 else None),
+                             30, "both addresses")
+        dp.wait_endpoints(k8s_namespace, "web", {pod.address, pod.address6})
         wait_for(lambda: dp.owner(k8s_namespace, "web") == "node-4", 20, "node-4 announcing")
-        assert vip in dp.vips_on(4)
+        wait_for(lambda: {vip, vip6} <= dp.vips_on(4), 10, "both addresses on node-4")
+        # kube-proxy would carry the traffic; the node itself answers on both addresses
+        assert wait_for(lambda: ping(dp.clients[0], vip6), 10, f"an echo reply from {vip6}")
+        assert neighbour(dp.clients[0], vip6) == link_mac(node_ns)
         listing = subprocess.run(["ip", "netns", "exec", node_ns, "nft", "list", "ruleset"], capture_output=True,
                                  text=True, check=True).stdout
         assert "lbctl" not in listing
         assert forwarder.poll() is None
-        dp.lab.stop(forwarder)  # SIGTERM: the VIP stays for the next run to adopt
-        assert vip in dp.vips_on(4)
+        dp.lab.stop(forwarder)  # SIGTERM: the VIPs stay for the next run to adopt
+        assert {vip, vip6} <= dp.vips_on(4)
         # the node stops running a forwarder for good: --cleanup takes away what it left
         cleanup = dp.lab.run_in(node_ns, sys.executable, "-m", "lbctl", "forwarder", "--node", "node-4",
                                 "--kubeconfig", dp.node_kubeconfig, "--cleanup", check=False)
         assert cleanup.returncode == 0, cleanup.stderr
-        assert vip not in dp.vips_on(4)
+        assert not {vip, vip6} & dp.vips_on(4)
         coordination = client.CoordinationV1Api(dp.kube.api)
         assert "lbctl-forwarder-node-4" not in {
             lease.metadata.name for lease in coordination.list_namespaced_lease("lbctl-system").items}
@@ -80,6 +85,10 @@ def test_an_ipv6_vip_is_resolved_by_ndp_and_answered_only_by_its_owner(dp: Datap
     if FAMILY != "ip":  # the table forwards IPv6 too
         body = wait_for(lambda: _get(client, vip), 15, f"HTTP through [{vip}]")
         assert parse_answer(body)[0].startswith("web-")
+    # no longer a LoadBalancer: the owner lets go of the /128 and nobody answers for it any more
+    dp.kube.core.delete_namespaced_service("web6", k8s_namespace)
+    wait_for(lambda: not dp.holders(vip), 15, f"{vip} on no node")
+    assert ndp_answers(client, vip) == set()
 
 
 def test_a_dual_stack_service_gets_both_families_announced_by_one_node(dp: DataplaneEnv,
