@@ -15,8 +15,10 @@ log = logging.getLogger(__name__)
 
 
 def flush_command(ip: str, port: int, conntrack: Sequence[str] = ("conntrack",)) -> list[str]:
-    # entries whose reply comes from the endpoint: every DNATed flow to it
-    return [*conntrack, "-D", "-p", "udp", "--reply-src", ip, "--reply-port-src", str(port)]
+    # entries whose reply comes from the endpoint: every DNATed flow to it (conntrack looks in the
+    # IPv4 table unless told otherwise)
+    family = ["-f", "ipv6"] if ":" in ip else []
+    return [*conntrack, "-D", *family, "-p", "udp", "--reply-src", ip, "--reply-port-src", str(port)]
 
 
 async def flush_udp(backends: Iterable[tuple[str, int]], conntrack: Sequence[str] = ("conntrack",)) -> None:

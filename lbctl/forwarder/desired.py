@@ -4,6 +4,11 @@ defensively, and what cannot be used is reported as a Problem and left out, neve
 Endpoint choice follows kube-proxy: ready endpoints; when there are none, endpoints that are
 serving and terminating (so connections drain instead of failing); for externalTrafficPolicy
 Local only this node's.
+
+Both IP families: a Service's families are its spec.ipFamilies; EndpointSlices of addressType
+IPv4 and IPv6 give the endpoints of each, and an address, endpoint or source range of a family the
+Service does not have is reported and left out. Addresses are kept in their canonical text (IPv6
+compressed, lower case), as nft prints them.
 """
 
 from __future__ import annotations
@@ -13,13 +18,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lbctl.forwarder.state import TCP, UDP, Backend, Problem, ServicePort, ServiceState
+from lbctl.forwarder.state import IPV4, IPV6, TCP, UDP, Backend, Problem, ServicePort, ServiceState
 from lbctl.model.meta import LOCAL_CLASS, SERVICE_NAME_LABEL, SOURCE_RANGES_ANNOTATION, key
 from lbctl.model.scope import Scope
 
 DEFAULT_AFFINITY_TIMEOUT = 10800  # Kubernetes' default for sessionAffinityConfig.clientIP
 MAX_AFFINITY_TIMEOUT = 86400
 _PROTOCOLS = {"TCP": TCP, "UDP": UDP}
+_FAMILIES = {"IPv4": IPV4, "IPv6": IPV6}
+_FAMILY_NAMES = {IPV4: "IPv4", IPV6: "IPv6"}
+PodNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
@@ -29,8 +37,9 @@ class BuildContext:
     node: str
     scope: Scope
     announce_classes: frozenset[str] = frozenset({LOCAL_CLASS})
-    # Endpoints must lie in one of these (empty: anywhere but loopback, link-local, multicast…)
-    pod_networks: tuple[ipaddress.IPv4Network, ...] = ()
+    # Endpoints must lie in one of these of their family (none of it: anywhere but loopback,
+    # link-local, multicast…)
+    pod_networks: tuple[PodNetwork, ...] = ()
 
 
 def _mapping(value: Any) -> Mapping[str, Any]:
@@ -63,19 +72,31 @@ def slice_service_key(obj: Mapping[str, Any]) -> str | None:
     return key(_text(meta.get("namespace")), name) if name else None
 
 
-def endpoint_ip_problem(ip: str, pod_networks: Sequence[ipaddress.IPv4Network]) -> str | None:
+def endpoint_ip_problem(ip: str, pod_networks: Sequence[PodNetwork]) -> str | None:
     """Why `ip` must not be a DNAT target, or None when it may be."""
     try:
-        address = ipaddress.IPv4Address(ip)
+        address = ipaddress.ip_address(ip)
     except ValueError:
-        return f"{ip!r} is not an IPv4 address"
+        return f"{ip!r} is not an IP address"
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return f"{ip} is an IPv4-mapped IPv6 address (list it as {address.ipv4_mapped} in an IPv4 EndpointSlice)"
     if address.is_loopback or address.is_link_local or address.is_multicast or address.is_unspecified \
             or address.is_reserved or address == ipaddress.IPv4Address("255.255.255.255"):
         return f"{ip} is a loopback, link-local, multicast or reserved address"
-    if pod_networks and not any(address in net for net in pod_networks):
-        nets = ", ".join(str(n) for n in pod_networks)
-        return f"{ip} is outside the pod network ({nets})"
+    nets = [n for n in pod_networks if n.version == address.version]
+    if nets and not any(address in net for net in nets):
+        return f"{ip} is outside the pod network ({', '.join(str(n) for n in nets)})"
     return None
+
+
+def _families(spec: Mapping[str, Any]) -> tuple[int, ...]:
+    """spec.ipFamilies as 4 and/or 6 (the apiserver always sets it; IPv4 when it is missing)."""
+    families = {_FAMILIES[f] for f in _sequence(spec.get("ipFamilies")) if isinstance(f, str) and f in _FAMILIES}
+    return tuple(sorted(families)) or (IPV4,)
+
+
+def _names(families: Sequence[int]) -> str:
+    return "[" + ", ".join(_FAMILY_NAMES[f] for f in families) + "]"
 
 
 @dataclass(frozen=True)
@@ -88,15 +109,24 @@ class _Endpoint:
 
 
 def _slice_endpoints(
-    key: str, slices: Iterable[Mapping[str, Any]], pod_networks: Sequence[ipaddress.IPv4Network],
+    key: str, slices: Iterable[Mapping[str, Any]], pod_networks: Sequence[PodNetwork], families: Sequence[int],
     problems: list[Problem],
 ) -> list[tuple[Mapping[str, Any], list[_Endpoint]]]:
-    """Per IPv4 slice: the slice and its usable endpoints."""
+    """Per IPv4 or IPv6 slice of one of the Service's families: the slice and its usable endpoints."""
     result = []
     for obj in slices:
-        if not isinstance(obj, Mapping) or obj.get("addressType") != "IPv4":
+        if not isinstance(obj, Mapping):
             continue
+        family = _FAMILIES.get(_text(obj.get("addressType")))
+        if family is None:
+            continue  # FQDN slices carry no address to forward to
         slice_name = _text(_mapping(obj.get("metadata")).get("name"))
+        if family not in families:
+            problems.append(Problem(key, f"EndpointSlice {slice_name}: addressType",
+                                    f"{_FAMILY_NAMES[family]} endpoints for a Service whose spec.ipFamilies is "
+                                    f"{_names(families)}; slice ignored (add {_FAMILY_NAMES[family]} to "
+                                    "spec.ipFamilies, with ipFamilyPolicy PreferDualStack)"))
+            continue
         endpoints = []
         for index, raw in enumerate(_sequence(obj.get("endpoints"))):
             item = _mapping(raw)
@@ -105,10 +135,13 @@ def _slice_endpoints(
                 continue
             ip = _text(addresses[0])
             problem = endpoint_ip_problem(ip, pod_networks)
+            if not problem and ipaddress.ip_address(ip).version != family:
+                problem = f"{ip} is not an {_FAMILY_NAMES[family]} address (the slice's addressType)"
             if problem:
                 problems.append(Problem(key, f"EndpointSlice {slice_name}: endpoints[{index}].addresses[0]",
                                         f"{problem}; endpoint ignored"))
                 continue
+            ip = str(ipaddress.ip_address(ip))  # canonical text
             conditions = _mapping(item.get("conditions"))
             ready = conditions.get("ready") is not False  # unset means ready (API contract)
             serving = conditions.get("serving") is not False if "serving" in conditions else ready
@@ -131,7 +164,7 @@ def _choose(candidates: list[Backend], terminating: list[Backend]) -> tuple[Back
     return tuple(sorted(set(chosen)))
 
 
-def _source_ranges(key: str, spec: Mapping[str, Any], annotations: Mapping[str, Any],
+def _source_ranges(key: str, spec: Mapping[str, Any], annotations: Mapping[str, Any], families: Sequence[int],
                    problems: list[Problem]) -> tuple[str, ...] | None:
     field_name = "spec.loadBalancerSourceRanges"
     raw: Sequence[Any] = _sequence(spec.get("loadBalancerSourceRanges"))
@@ -149,7 +182,13 @@ def _source_ranges(key: str, spec: Mapping[str, Any], annotations: Mapping[str, 
             problems.append(Problem(key, f"{field_name}[{index}]",
                                     f"{item!r} is not a CIDR; it admits no one (fix the entry, e.g. 203.0.113.0/24)"))
             continue
-        if network.version == 4 and str(network) not in ranges:
+        if network.version not in families:
+            problems.append(Problem(key, f"{field_name}[{index}]",
+                                    f"{item!r} is {_FAMILY_NAMES[network.version]} but the Service's spec.ipFamilies "
+                                    f"is {_names(families)}; it admits no one (remove it, or make the Service "
+                                    "dual-stack)"))
+            continue
+        if str(network) not in ranges:
             ranges.append(str(network))
     return tuple(ranges)
 
@@ -168,7 +207,7 @@ def _affinity(key: str, spec: Mapping[str, Any], problems: list[Problem]) -> int
     return timeout
 
 
-def _lb_ips(key: str, status: Mapping[str, Any], problems: list[Problem]) -> tuple[str, ...]:
+def _lb_ips(key: str, status: Mapping[str, Any], families: Sequence[int], problems: list[Problem]) -> tuple[str, ...]:
     ips: list[str] = []
     ingress = _sequence(_mapping(status.get("loadBalancer")).get("ingress"))
     for index, raw in enumerate(ingress):
@@ -182,7 +221,12 @@ def _lb_ips(key: str, status: Mapping[str, Any], problems: list[Problem]) -> tup
         except ValueError:
             problems.append(Problem(key, f"status.loadBalancer.ingress[{index}].ip", f"{ip!r} is not an address"))
             continue
-        if str(address) not in ips:  # both families: announced (and forwarded where the table has the family)
+        if address.version not in families:
+            problems.append(Problem(key, f"status.loadBalancer.ingress[{index}].ip",
+                                    f"{ip} is {_FAMILY_NAMES[address.version]} but the Service's spec.ipFamilies is "
+                                    f"{_names(families)}; not forwarded"))
+            continue
+        if str(address) not in ips:  # canonical text: nft prints IPv6 compressed
             ips.append(str(address))
     return tuple(ips)
 
@@ -198,10 +242,13 @@ def build_service(
     meta = _mapping(service.get("metadata"))
     spec = _mapping(service.get("spec"))
     local_only = spec.get("externalTrafficPolicy") == "Local"
+    families = _families(spec)
 
-    per_slice = _slice_endpoints(key, slices, context.pod_networks, problems)
+    per_slice = _slice_endpoints(key, slices, context.pod_networks, families, problems)
     endpoint_nodes = frozenset(e.node for _, eps in per_slice for e in eps if e.ready and e.node)
     local_ips = {e.ip for _, eps in per_slice for e in eps if e.ready and e.node == context.node}
+    # a dual-stack pod is one endpoint in each family's slice: count the larger family
+    local_count = max(sum(1 for ip in local_ips if (":" in ip) == (f == IPV6)) for f in (IPV4, IPV6))
 
     ports: list[ServicePort] = []
     seen: set[tuple[str, int]] = set()
@@ -244,13 +291,14 @@ def build_service(
         uid=_text(meta.get("uid")),
         created=_text(meta.get("creationTimestamp")),
         ports=tuple(ports),
-        lb_ips=_lb_ips(key, status, problems),
+        lb_ips=_lb_ips(key, status, families, problems),
         local_only=local_only,
-        source_ranges=_source_ranges(key, spec, _mapping(meta.get("annotations")), problems),
+        source_ranges=_source_ranges(key, spec, _mapping(meta.get("annotations")), families, problems),
         affinity_timeout=_affinity(key, spec, problems),
         health_check_node_port=health,
         announce=_text(spec.get("loadBalancerClass")) in context.announce_classes,
         endpoint_nodes=endpoint_nodes,
-        local_endpoints=len(local_ips),
+        local_endpoints=local_count,
+        families=families,
     )
     return state, problems

@@ -41,8 +41,8 @@ def health_response(check: HealthCheck) -> tuple[int, dict[str, str], str]:
 class HealthServers:
     """One listener per healthCheckNodePort; `update` opens and closes them to match."""
 
-    def __init__(self, bind: str = "0.0.0.0") -> None:
-        self._bind = bind
+    def __init__(self, bind: str = "") -> None:
+        self._bind = bind or None  # None: every address, IPv4 and IPv6
         self._checks: dict[int, HealthCheck] = {}
         self._sites: dict[int, web.TCPSite] = {}
         self._runner: web.AppRunner | None = None

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import gc
 import ipaddress
 import logging
@@ -41,7 +40,7 @@ from lbctl.forwarder.leases import LEASE_NAMESPACE, NodeLease
 from lbctl.forwarder.membership import Membership, Timing, format_claim
 from lbctl.forwarder.ownership import VipOwner, excluded_nodes, newest_takes, node_addresses, vip_owners
 from lbctl.forwarder.peering import DEFAULT_PORT, Peering
-from lbctl.forwarder.render import FAMILY, TABLE, Plan, Planner, base_check_lines
+from lbctl.forwarder.render import LBCTL, LEGACY_TABLES, Plan, Planner, base_check_lines
 from lbctl.forwarder.state import Problem, ServiceState
 from lbctl.forwarder.status import StatusServer
 from lbctl.kube.client import KubeClient, load_configuration
@@ -79,7 +78,7 @@ class ForwarderConfig:
     status_port: int = 0  # /healthz (0: off)
     peer_secret_file: str | None = None  # a shared key: heartbeats are signed and checked with it
     metrics_port: int = 0  # /metrics (0: off)
-    health_bind: str = "0.0.0.0"
+    health_bind: str = ""  # "": every address of both families
     nft_command: tuple[str, ...] = ("nft",)
     conntrack_command: tuple[str, ...] = ("conntrack",)
     garp_repeats: tuple[float, ...] = field(default=(0.3, 1.0, 2.0, 4.0))
@@ -110,7 +109,7 @@ class Forwarder:
         self.context = BuildContext(
             node=config.node, scope=Scope(config.lb_class, config.default_class),
             announce_classes=frozenset(config.announce_classes),
-            pod_networks=tuple(ipaddress.IPv4Network(n, strict=False) for n in config.pod_networks),
+            pod_networks=tuple(ipaddress.ip_network(n, strict=False) for n in config.pod_networks),
         )
         self.states: dict[str, ServiceState] = {}
         self.problems: dict[str, tuple[Problem, ...]] = {}
@@ -194,11 +193,7 @@ class Forwarder:
         return quarantine is not None and quarantine.until > now
 
     def _state_for_kernel(self, key: str, now: float) -> ServiceState | None:
-        state = self.planner.committed_state(key) if self._held(key, now) else self.states.get(key)
-        if FAMILY == "ip" and state is not None and any(":" in ip for ip in state.lb_ips):
-            # an IPv4-only table: IPv6 VIPs are announced (NDP), not forwarded
-            state = dataclasses.replace(state, lb_ips=tuple(ip for ip in state.lb_ips if ":" not in ip))
-        return state
+        return self.planner.committed_state(key) if self._held(key, now) else self.states.get(key)
 
     # -- nftables ------------------------------------------------------------------------------
     def _apply(self, plan: Plan) -> None:
@@ -428,7 +423,8 @@ class Forwarder:
             tasks.append(asyncio.create_task(peering.run(), name="peering"))
             if not self.full:
                 # kube-proxy carries the traffic: rules an earlier full-mode run left would compete
-                await asyncio.to_thread(self.nft.delete_table, FAMILY, TABLE)
+                for table in (LBCTL, *LEGACY_TABLES):
+                    await asyncio.to_thread(self.nft.delete_table, table.family, table.name)
             tasks += [asyncio.create_task(r.run(), name=r.name) for r in (services, slices, nodes)]
             tasks.append(asyncio.create_task(lease.run(), name="lease"))
             await self._wait_for_state((services, slices), stop)
@@ -538,7 +534,8 @@ async def cleanup(config: ForwarderConfig, configuration: k8s_client.Configurati
     table, its VIPs, its Lease) — for a node that no longer runs one. Returns what failed."""
     problems = []
     nft = Nft(config.nft_command)
-    await asyncio.to_thread(nft.delete_table, FAMILY, TABLE)
+    for table in (LBCTL, *LEGACY_TABLES):  # an upgraded node may still have an `ip lbctl`
+        await asyncio.to_thread(nft.delete_table, table.family, table.name)
     announcer = Announcer(config.node, VipAddresses(config.vip_interface, config.interface))
     try:
         await announcer.start()

@@ -2,27 +2,39 @@
 
 This module decides *what* goes into the table; lbctl.forwarder.nftables writes it as nft syntax.
 
-One table, `ip lbctl`. Packets are dispatched by verdict maps, not rule lists, so the cost per
-packet does not grow with the number of Services:
+One table, `inet lbctl`, for both IP families. Packets are dispatched by verdict maps, not rule
+lists, so the cost per packet does not grow with the number of Services:
 
   prerouting/output (nat) → chain services:
-      ip daddr . meta l4proto . th dport vmap @service-ips      (LB ingress IPs)
-      fib daddr type local … meta l4proto . th dport vmap @node-ports
-  svc/<ns>/<name>/<proto>/<port>:   [mark for masquerade]
-      meta l4proto tcp dnat to numgen random mod N offset B map @endpoints-tcp/<shard>
-  lb/<ns>/<name>/<proto>/<port>:    ip saddr <cidr> goto svc/…  …  drop        (loadBalancerSourceRanges)
+      ip daddr . meta l4proto . th dport vmap @service-ips       (IPv4 LB ingress IPs)
+      ip6 daddr . meta l4proto . th dport vmap @service-ips6     (IPv6 LB ingress IPs)
+      fib daddr type local … meta l4proto . th dport vmap @node-ports / @node-ports6
+  svc/<ns>/<name>/<proto>/<port>[/ipv6]:   [mark for masquerade]
+      meta l4proto tcp dnat ip[6] to numgen random mod N offset B map @endpoints[6]-tcp/<shard>
+  lb/<ns>/<name>/<proto>/<port>[/ipv6]:    ip[6] saddr <cidr> goto svc/…  …  drop   (loadBalancerSourceRanges)
   postrouting (nat): marked → masquerade (externalTrafficPolicy Cluster only)
   input (filter): an LB IP on a port no Service claims is dropped: the address sits on a local
       interface, and the node's own listeners must not answer on it.
+
+Why one `inet` table rather than an `ip` and an `ip6` one (kube-proxy's choice): a dual-stack
+Service is then one program in one table (its IPv6 half is the same chains with `/ipv6` added to
+the port id), the hooks, the masquerade rule and the endpoint-chain maps (verdicts, no address)
+exist once, and a node has one table to list and to remove. What must differ per family differs
+anyway in both layouts: maps keyed or valued by addresses (`service-ips6`, `node-ports6`,
+`lb-ips6`, `endpoints6-<proto>/<shard>`), and statements that name the family (`ip6 saddr`,
+`dnat ip6 to`), which lbctl.forwarder.nftables writes from the address itself. Traffic of each
+family goes only to endpoints of that family (no NAT between families). Earlier versions had an
+`ip lbctl` table: the start-up sync removes it in the same transaction (LEGACY_TABLES).
 
 Endpoints live in named maps keyed by an integer slot; each service port owns a slot range and
 picks `numgen random mod N offset B`. Anonymous maps (one per rule, `numgen … vmap { 0 : …, 1 :
 … }`) read better but the kernel names each one by scanning the table's sets: a 10,000-Service
 ruleset took 11 s to load. One shared named map instead cost O(elements × rules bound to it)
-(8 s), hence 64 shards per protocol, declared when first used (see SHARDS).
+(8 s), hence 64 shards per protocol and family, declared when first used (see SHARDS).
 
 ClientIP affinity: one chain and one timeout set per endpoint; `ip saddr @aff… goto ep…` first,
 then the random pick through @endpoint-chains/<shard>; the endpoint chain records the client.
+(nft names cannot hold ':', so an IPv6 address in a chain or set name is written with '-'.)
 
 Changes are planned per Service ("program"): chains rewritten with `flush chain` + rules, map
 elements deleted/added by key, all in one transaction. A full sync either replaces the table
@@ -72,11 +84,13 @@ from lbctl.forwarder.nftables import (
     Transaction,
     VerdictLookup,
 )
-from lbctl.forwarder.state import PROTOCOLS, UDP, ServicePort, ServiceState
+from lbctl.forwarder.state import IPV4, IPV6, PROTOCOLS, UDP, Backend, ServicePort, ServiceState, family_of
 
-FAMILY = "ip"
+FAMILY = "inet"
 TABLE = "lbctl"
 LBCTL = Table(FAMILY, TABLE)
+# tables of earlier versions, removed at start-up, on --cleanup and in announce mode
+LEGACY_TABLES = (Table("ip", TABLE),)
 MASQUERADE_MARK = 0x00004000  # the bit kube-proxy uses for the same purpose
 SERVICE_IPS = "service-ips"
 NODE_PORTS = "node-ports"
@@ -90,14 +104,35 @@ SHARDS = 64
 # Per protocol: a map typed "ip daddr . th dport" is rejected by nft 1.0.6 next to `meta l4proto
 # tcp` once it is read back from the kernel ("conflicting protocols specified: tcp vs. th").
 ENDPOINT_MAPS = {proto: tuple(f"{ENDPOINTS}-{proto}/{n:03d}" for n in range(SHARDS)) for proto in PROTOCOLS}
-ENDPOINT_CHAIN_MAPS = tuple(f"{ENDPOINT_CHAINS}/{n:03d}" for n in range(SHARDS))
+ENDPOINT_MAPS6 = {proto: tuple(f"{ENDPOINTS}6-{proto}/{n:03d}" for n in range(SHARDS)) for proto in PROTOCOLS}
+ENDPOINT_CHAIN_MAPS = tuple(f"{ENDPOINT_CHAINS}/{n:03d}" for n in range(SHARDS))  # verdicts: both families
+
+
+class Family(NamedTuple):
+    """What differs between the IPv4 and the IPv6 half of the table."""
+
+    version: int
+    address: Datatype
+    daddr: Field
+    service_ips: str
+    node_ports: str
+    lb_ips: str
+    endpoint_maps: Mapping[str, tuple[str, ...]]
+    loopback: str
+    suffix: str  # of port ids, hence chain names
+
+
+V4 = Family(IPV4, Datatype.IPV4_ADDR, Field.DADDR4, SERVICE_IPS, NODE_PORTS, LB_IPS, ENDPOINT_MAPS, "127.0.0.0/8", "")
+V6 = Family(IPV6, Datatype.IPV6_ADDR, Field.DADDR6, SERVICE_IPS + "6", NODE_PORTS + "6", LB_IPS + "6",
+            ENDPOINT_MAPS6, "::1", "/ipv6")
+FAMILIES = {IPV4: V4, IPV6: V6}
 
 _VERDICT = (Datatype.VERDICT,)
-FIXED_MAPS = (
-    Map(SERVICE_IPS, (Datatype.IPV4_ADDR, Datatype.INET_PROTO, Datatype.INET_SERVICE), _VERDICT),
-    Map(NODE_PORTS, (Datatype.INET_PROTO, Datatype.INET_SERVICE), _VERDICT),
-)
-FIXED_SETS = (Set(LB_IPS, Datatype.IPV4_ADDR),)
+FIXED_MAPS = tuple(m for f in (V4, V6) for m in (
+    Map(f.service_ips, (f.address, Datatype.INET_PROTO, Datatype.INET_SERVICE), _VERDICT),
+    Map(f.node_ports, (Datatype.INET_PROTO, Datatype.INET_SERVICE), _VERDICT),
+))
+FIXED_SETS = tuple(Set(f.lb_ips, f.address) for f in (V4, V6))
 MAPS = tuple(m.name for m in FIXED_MAPS)  # the shards are declared when first used
 SETS = tuple(s.name for s in FIXED_SETS)
 
@@ -115,13 +150,13 @@ BASE_OBJECTS: tuple[nft.Object, ...] = (
 BASE_RULES = (
     Rule("prerouting", (Jump("services"),)),
     Rule("output", (Jump("services"),)),
-    Rule("services", (VerdictLookup((Field.DADDR4, Field.L4PROTO, Field.DPORT), SERVICE_IPS),)),
+    *(Rule("services", (VerdictLookup((f.daddr, Field.L4PROTO, Field.DPORT), f.service_ips),)) for f in (V4, V6)),
     # NodePorts answer on every local address but loopback (route_localnet stays off)
-    Rule("services", (LocalDestination(), DaddrNot("127.0.0.0/8"),
-                      VerdictLookup((Field.L4PROTO, Field.DPORT), NODE_PORTS))),
+    *(Rule("services", (LocalDestination(), DaddrNot(f.loopback),
+                        VerdictLookup((Field.L4PROTO, Field.DPORT), f.node_ports))) for f in (V4, V6)),
     Rule("postrouting", (MarkAny(MASQUERADE_MARK), Masquerade())),
-    Rule("input", (L4Proto("tcp"), DaddrInSet(LB_IPS, 4), Drop())),
-    Rule("input", (L4Proto("udp"), DaddrInSet(LB_IPS, 4), Drop())),
+    *(Rule("input", (L4Proto(proto), DaddrInSet(f.lb_ips, f.version), Drop()))
+      for f in (V4, V6) for proto in PROTOCOLS),
 )
 
 
@@ -198,14 +233,31 @@ class SlotAllocator:
         self._free.setdefault(slots.size, []).append(slots.base)
 
 
-def port_id(state: ServiceState, port: ServicePort) -> str:
+def port_id(state: ServiceState, port: ServicePort, family: Family = V4) -> str:
     # namespace and name are DNS labels, so '/' cannot occur inside them: ids are unambiguous
-    return f"{state.key}/{port.protocol}/{port.port}"
+    return f"{state.key}/{port.protocol}/{port.port}{family.suffix}"
+
+
+def _backends(port: ServicePort, family: Family) -> tuple[Backend, ...]:
+    backends = port.backends
+    if family.version == IPV4:
+        return backends if all(":" not in b.ip for b in backends) else tuple(b for b in backends if ":" not in b.ip)
+    return tuple(b for b in backends if ":" in b.ip)
+
+
+def _families(state: ServiceState) -> tuple[Family, ...]:
+    return tuple(FAMILIES[f] for f in state.families)
 
 
 def slot_needs(state: ServiceState) -> dict[str, int]:
-    """Ports whose endpoints are picked at random need a slot range of this many slots."""
-    return {port_id(state, p): len(p.backends) for p in state.ports if len(p.backends) > 1}
+    """Ports (of one family) whose endpoints are picked at random need a slot range of this many slots."""
+    needs = {}
+    for family in _families(state):
+        for port in state.ports:
+            count = len(_backends(port, family))
+            if count > 1:
+                needs[port_id(state, port, family)] = count
+    return needs
 
 
 def allocate(state: ServiceState, previous: Mapping[str, SlotRange], allocator: SlotAllocator) -> dict[str, SlotRange]:
@@ -223,14 +275,16 @@ def allocate(state: ServiceState, previous: Mapping[str, SlotRange], allocator: 
     return slots
 
 
-_SHARD_PREFIXES = (*(f"{ENDPOINTS}-{proto}/" for proto in PROTOCOLS), f"{ENDPOINT_CHAINS}/")
+_SHARD_PREFIXES = (*(f"{ENDPOINTS}{v}-{proto}/" for v in ("", "6") for proto in PROTOCOLS), f"{ENDPOINT_CHAINS}/")
 
 
 def shard_map(name: str) -> Map:
     """An endpoint shard (`add map` of it is harmless when the map exists)."""
     if name.startswith(ENDPOINT_CHAINS):
         return Map(name, SlotKey(), _VERDICT)
-    return Map(name, SlotKey(), EndpointValue(4, name.removeprefix(ENDPOINTS + "-").split("/")[0]))
+    kind, _, _ = name.partition("/")  # endpoints-tcp, endpoints6-udp, …
+    family, _, proto = kind.removeprefix(ENDPOINTS).partition("-")
+    return Map(name, SlotKey(), EndpointValue(IPV6 if family == "6" else IPV4, proto))
 
 
 def _shards(programs: Iterable[Program | None]) -> list[str]:
@@ -245,11 +299,11 @@ def shard(pid: str) -> int:
 
 
 def _endpoint_chain(pid: str, ip: str, port: int) -> str:
-    return f"ep/{pid}/{ip}/{port}"
+    return f"ep/{pid}/{ip.replace(':', '-')}/{port}"
 
 
 def _affinity_set(pid: str, ip: str, port: int, timeout: int) -> str:
-    return f"aff/{pid}/{ip}/{port}/{timeout}"
+    return f"aff/{pid}/{ip.replace(':', '-')}/{port}/{timeout}"
 
 
 _DROP: Body = (Drop(),)
@@ -262,62 +316,68 @@ def render_program(state: ServiceState, slots: Mapping[str, SlotRange]) -> Progr
     sets: dict[str, Set] = {}
     elements: list[Element] = []
     udp: set[tuple[str, int]] = set()
-    for port in state.ports:
-        pid = port_id(state, port)
-        svc = f"svc/{pid}"
-        rules: list[Body] = []
-        backends = port.backends
-        proto = port.protocol
-        if proto == UDP:
-            udp.update((b.ip, b.port) for b in backends)
-        if not backends:
-            rules.append(_DROP)  # no endpoint (for ETP=Local: none on this node)
-        else:
-            if state.masquerade:
-                rules.append(_MARK)
-            if state.affinity_timeout is not None:
-                timeout = state.affinity_timeout
-                for b in backends:
-                    ep = _endpoint_chain(pid, b.ip, b.port)
-                    aff = _affinity_set(pid, b.ip, b.port, timeout)
-                    sets[aff] = Set(aff, Datatype.IPV4_ADDR, timeout)
-                    chains[ep] = ((RecordSource(aff, 4),), (_L4[proto], DnatTo(b.ip, b.port)))
-                    rules.append((SaddrInSet(aff, 4), Goto(ep)))
-                if len(backends) == 1:
-                    rules.append((Goto(_endpoint_chain(pid, backends[0].ip, backends[0].port)),))
+    families = _families(state)
+    for family in families:
+        version = family.version
+        lb_ips = [ip for ip in state.lb_ips if family_of(ip) == version]
+        for port in state.ports:
+            pid = port_id(state, port, family)
+            svc = f"svc/{pid}"
+            rules: list[Body] = []
+            backends = _backends(port, family)
+            proto = port.protocol
+            if proto == UDP:
+                udp.update((b.ip, b.port) for b in backends)
+            if not backends:
+                rules.append(_DROP)  # no endpoint (for ETP=Local: none on this node)
+            else:
+                if state.masquerade:
+                    rules.append(_MARK)
+                if state.affinity_timeout is not None:
+                    timeout = state.affinity_timeout
+                    for b in backends:
+                        ep = _endpoint_chain(pid, b.ip, b.port)
+                        aff = _affinity_set(pid, b.ip, b.port, timeout)
+                        sets[aff] = Set(aff, family.address, timeout)
+                        chains[ep] = ((RecordSource(aff, version),), (_L4[proto], DnatTo(b.ip, b.port)))
+                        rules.append((SaddrInSet(aff, version), Goto(ep)))
+                    if len(backends) == 1:
+                        rules.append((Goto(_endpoint_chain(pid, backends[0].ip, backends[0].port)),))
+                    else:
+                        base = slots[pid].base
+                        vmap = ENDPOINT_CHAIN_MAPS[shard(pid)]
+                        rules.append((RandomVerdict(len(backends), base, vmap),))
+                        elements.extend(Element(vmap, base + i, Goto(_endpoint_chain(pid, b.ip, b.port)))
+                                        for i, b in enumerate(backends))
+                elif len(backends) == 1:
+                    rules.append((_L4[proto], DnatTo(backends[0].ip, backends[0].port)))
                 else:
                     base = slots[pid].base
-                    vmap = ENDPOINT_CHAIN_MAPS[shard(pid)]
-                    rules.append((RandomVerdict(len(backends), base, vmap),))
-                    elements.extend(Element(vmap, base + i, Goto(_endpoint_chain(pid, b.ip, b.port)))
-                                    for i, b in enumerate(backends))
-            elif len(backends) == 1:
-                rules.append((_L4[proto], DnatTo(backends[0].ip, backends[0].port)))
-            else:
-                base = slots[pid].base
-                dmap = ENDPOINT_MAPS[proto][shard(pid)]
-                rules.append((_L4[proto], DnatRandom(4, len(backends), base, dmap)))
-                elements.extend(Element(dmap, base + i, (b.ip, b.port)) for i, b in enumerate(backends))
-        chains[svc] = tuple(rules)
+                    dmap = family.endpoint_maps[proto][shard(pid)]
+                    rules.append((_L4[proto], DnatRandom(version, len(backends), base, dmap)))
+                    elements.extend(Element(dmap, base + i, (b.ip, b.port)) for i, b in enumerate(backends))
+            chains[svc] = tuple(rules)
 
-        entry = svc
-        if state.source_ranges is not None:
-            entry = f"lb/{pid}"
-            chains[entry] = (*((SaddrIn(cidr), Goto(svc)) for cidr in state.source_ranges), _DROP)
-        target = Goto(entry)
-        for ip in state.lb_ips:
-            elements.append(Element(SERVICE_IPS, (ip, proto, port.port), target))
-        if port.node_port is not None:
-            elements.append(Element(NODE_PORTS, (proto, port.node_port), Goto(svc)))
-    if state.ports:
-        elements.extend(Element(LB_IPS, ip) for ip in state.lb_ips)
+            entry = svc
+            if state.source_ranges is not None:
+                # a family none of whose ranges is listed admits no one (fails closed)
+                entry = f"lb/{pid}"
+                chains[entry] = (*((SaddrIn(cidr), Goto(svc)) for cidr in state.source_ranges
+                                   if family_of(cidr) == version), _DROP)
+            target = Goto(entry)
+            for ip in lb_ips:
+                elements.append(Element(family.service_ips, (ip, proto, port.port), target))
+            if port.node_port is not None:
+                elements.append(Element(family.node_ports, (proto, port.node_port), Goto(svc)))
+        if state.ports:
+            elements.extend(Element(family.lb_ips, ip) for ip in lb_ips)
     return Program(key=state.key, priority=(state.created, state.key), chains=chains, sets=sets,
                    elements=tuple(elements), slots=dict(slots), udp_backends=frozenset(udp))
 
 
 # Keys two Services may both want (a clash: the older Service keeps it). Slot keys are handed out
 # by the planner itself and so are never shared.
-SHARED = frozenset({SERVICE_IPS, NODE_PORTS, LB_IPS})
+SHARED = frozenset(name for f in (V4, V6) for name in (f.service_ips, f.node_ports, f.lb_ips))
 ElementKey = tuple[str, nft.Part | tuple[nft.Part, ...]]  # (collection, key)
 ElementValue = nft.Part | tuple[nft.Part, ...] | Goto | None
 
@@ -429,9 +489,10 @@ class Planner:
             stale = [c.program() for k, c in self._committed.items() if changes.get(k) != c]
 
         out = Transaction(LBCTL, batch_elements=True)
-        if replace:
-            out.add(None, LBCTL)
-            out.delete(None, LBCTL)
+        if replace:  # adding first: deleting a table that is not there would fail
+            for table in (*LEGACY_TABLES, LBCTL):
+                out.add(None, table)
+                out.delete(None, table)
         out.add(None, *BASE_OBJECTS)
         declared: set[str] = set()
 

@@ -11,6 +11,12 @@ from dataclasses import dataclass, field
 TCP = "tcp"
 UDP = "udp"
 PROTOCOLS = (TCP, UDP)  # nft spelling; SCTP is not carried (see desired.py)
+IPV4, IPV6 = 4, 6
+
+
+def family_of(address: str) -> int:
+    """4 or 6 for an address or CIDR in its canonical text (desired.py normalizes them)."""
+    return IPV6 if ":" in address else IPV4
 
 
 @dataclass(frozen=True, order=True)
@@ -37,10 +43,13 @@ class ServicePort:
 class ServiceState:
     """Everything this node does for one Service.
 
-    `source_ranges` None means everyone may reach the LB addresses; a tuple (possibly empty) means
-    only those IPv4 CIDRs may. `endpoint_nodes` are the nodes with a ready endpoint of any port
-    (ETP=Local VIP eligibility); `local_endpoints` counts this node's ready endpoint addresses
-    (the health-check answer).
+    `families` are the Service's IP families (spec.ipFamilies: 4, 6 or both); its LB addresses,
+    endpoints and source ranges are of those families only, and traffic of each family goes to
+    endpoints of the same family. `source_ranges` None means everyone may reach the LB addresses;
+    a tuple (possibly empty) means only those CIDRs may (a family with no range in it: nobody).
+    `endpoint_nodes` are the nodes with a ready endpoint of any port (ETP=Local VIP eligibility);
+    `local_endpoints` counts this node's ready endpoint addresses of the family with more of them
+    (the health-check answer; a dual-stack pod counts once).
     """
 
     key: str  # namespace/name
@@ -55,6 +64,7 @@ class ServiceState:
     announce: bool = False  # the local provider's VIPs: some node must answer ARP for them
     endpoint_nodes: frozenset[str] = frozenset()
     local_endpoints: int = 0
+    families: tuple[int, ...] = (IPV4,)
 
     @property
     def masquerade(self) -> bool:

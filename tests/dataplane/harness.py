@@ -127,7 +127,7 @@ class DataplaneEnv:
                 self.start_forwarder(index)
 
     def nft_table(self, index: int) -> str:
-        return self.lab.run_in(self.lab.nodes[index], "nft", "list", "table", "ip", "lbctl", check=False).stdout
+        return self.lab.run_in(self.lab.nodes[index], "nft", "list", "table", "inet", "lbctl", check=False).stdout
 
     def vips_on(self, index: int) -> set[str]:
         """The VIPs a forwarder put on node `index` (IPv4 with its label, IPv6 with its address protocol)."""

@@ -53,6 +53,16 @@ def api(**changes: object) -> ServiceState:
     return dataclasses.replace(state, **changes)  # type: ignore[arg-type]
 
 
+def dual(**changes: object) -> ServiceState:
+    state = ServiceState(
+        key="prod/dual", uid="u4", created="2024-01-04T00:00:00Z", families=(4, 6),
+        ports=(ServicePort("http", "tcp", 80, 30090, (Backend("10.244.1.7", 8080), Backend("2001:db8:1:1::7", 8080),
+                                                      Backend("2001:db8:1:2::7", 8080))),
+               ServicePort("dns", "udp", 53, 30053, (Backend("2001:db8:1:1::7", 5353),))),
+        lb_ips=("192.0.2.20", "2001:db8::20"), source_ranges=("203.0.113.0/24", "2001:db8:ff::/48"))
+    return dataclasses.replace(state, **changes)  # type: ignore[arg-type]
+
+
 def many_ports(count: int = 300) -> ServiceState:
     ports = tuple(ServicePort(f"p{i}", "tcp" if i % 2 else "udp", 1000 + i, 31000 + i,
                               tuple(Backend(f"10.244.3.{j}", 2000 + i) for j in range(1 + i % 4)))
@@ -65,10 +75,12 @@ def test_every_planned_transaction_passes_nft_check_and_applies(scratch: str) ->
     nft = nft_in(scratch)
     planner = Planner()
     steps = [
-        lambda: planner.plan_full([web(), api(), many_ports()], replace=True),
-        lambda: planner.plan_update({"default/web": web(ports=web().ports[:1]), "prod/api": api(affinity_timeout=60)}),
-        lambda: planner.plan_update({"big/many": None, "prod/api": api(affinity_timeout=None)}),
-        lambda: planner.plan_full([web(), api()]),  # resync: flushes, keeps, deletes what went
+        lambda: planner.plan_full([web(), api(), many_ports(), dual()], replace=True),
+        lambda: planner.plan_update({"default/web": web(ports=web().ports[:1]), "prod/api": api(affinity_timeout=60),
+                                     "prod/dual": dual(affinity_timeout=30, local_only=True)}),
+        lambda: planner.plan_update({"big/many": None, "prod/api": api(affinity_timeout=None),
+                                     "prod/dual": dual(families=(6,), lb_ips=("2001:db8::20",), source_ranges=None)}),
+        lambda: planner.plan_full([web(), api(), dual()]),  # resync: flushes, keeps, deletes what went
         lambda: planner.plan_update({"prod/api": api(ports=(dataclasses.replace(api().ports[0], backends=()),))}),
         lambda: planner.plan_full([]),
     ]
@@ -77,7 +89,18 @@ def test_every_planned_transaction_passes_nft_check_and_applies(scratch: str) ->
         nft.check(plan.text)
         nft.apply(plan.text)
         planner.commit(plan)
-    assert "svc/" not in nft.list_table("ip", "lbctl")
+    assert "svc/" not in nft.list_table("inet", "lbctl")
+
+
+def test_start_up_replaces_the_ip_table_of_an_earlier_version(scratch: str) -> None:
+    """A forwarder upgraded in place: its first sync removes `ip lbctl` in the same transaction."""
+    nft = nft_in(scratch)
+    nft.apply("add table ip lbctl\nadd chain ip lbctl svc/old\n")
+    plan = Planner().plan_full([dual()], replace=True)
+    nft.apply(plan.transaction)
+    with pytest.raises(NftError):
+        nft.list_table("ip", "lbctl")
+    assert "2001:db8::20 . tcp . 80" in nft.list_table("inet", "lbctl")
 
 
 def test_a_rejected_transaction_leaves_the_previous_ruleset(scratch: str) -> None:
@@ -86,7 +109,7 @@ def test_a_rejected_transaction_leaves_the_previous_ruleset(scratch: str) -> Non
     plan = planner.plan_full([web()], replace=True)
     nft.apply(plan.text)
     planner.commit(plan)
-    before = nft.list_table("ip", "lbctl")
+    before = nft.list_table("inet", "lbctl")
     broken = web(ports=(ServicePort("http", "tcp", 80, 30080, (Backend("10.244.1.2", 70000),)),))
     bad = planner.plan_update({"default/web": broken, "prod/api": api()})
     with pytest.raises(NftError) as caught:
@@ -94,7 +117,7 @@ def test_a_rejected_transaction_leaves_the_previous_ruleset(scratch: str) -> Non
     (rejected,) = caught.value.rejected
     assert "10.244.1.2:70000" in rejected.text  # (a bad address would send nft to the resolver)
     assert bad.owner_of_line(rejected.number) == "default/web"
-    assert nft.list_table("ip", "lbctl") == before  # prod/api's part did not go in either
+    assert nft.list_table("inet", "lbctl") == before  # prod/api's part did not go in either
 
 
 def test_a_service_whose_rules_are_rejected_is_held_back_and_the_rest_goes_in(
@@ -106,7 +129,7 @@ def test_a_service_whose_rules_are_rejected_is_held_back_and_the_rest_goes_in(
     forwarder.states = {"default/web": web(), "prod/api": broken}
     caplog.set_level(logging.ERROR, logger="lbctl.forwarder")
     asyncio.run(forwarder._sync_kernel({"default/web", "prod/api"}))
-    table = nft.list_table("ip", "lbctl")
+    table = nft.list_table("inet", "lbctl")
     assert "svc/default/web/tcp/80" in table and "prod/api" not in table
     assert any("10.244.1.5:70000" in r.getMessage() for r in caplog.records), caplog.text
     assert "prod/api" in forwarder._quarantine
@@ -114,11 +137,11 @@ def test_a_service_whose_rules_are_rejected_is_held_back_and_the_rest_goes_in(
     # others keep flowing while it waits; once fixed and its backoff is over it goes in
     forwarder.states["default/web"] = web(lb_ips=("192.0.2.20",))
     asyncio.run(forwarder._sync_kernel({"default/web"}))
-    assert "192.0.2.20" in nft.list_table("ip", "lbctl")
+    assert "192.0.2.20" in nft.list_table("inet", "lbctl")
     forwarder.states["prod/api"] = api()
     forwarder._quarantine["prod/api"].until = 0.0
     asyncio.run(forwarder._sync_kernel({"prod/api"}))
-    assert "svc/prod/api/tcp/443" in nft.list_table("ip", "lbctl")
+    assert "svc/prod/api/tcp/443" in nft.list_table("inet", "lbctl")
     assert forwarder._quarantine == {}
 
 
@@ -128,8 +151,8 @@ def test_incremental_failure_falls_back_to_a_full_sync(scratch: str) -> None:
                                           conntrack_command=("ip", "netns", "exec", scratch, "conntrack")))
     forwarder.states = {"default/web": web()}
     asyncio.run(forwarder._sync_kernel({"default/web"}))
-    nft_in(scratch).delete_table("ip", "lbctl")
+    nft_in(scratch).delete_table("inet", "lbctl")
     forwarder.states["default/web"] = web(lb_ips=("192.0.2.30",))
     asyncio.run(forwarder._sync_kernel({"default/web"}))
-    table = nft_in(scratch).list_table("ip", "lbctl")
+    table = nft_in(scratch).list_table("inet", "lbctl")
     assert "192.0.2.30 . tcp . 80" in table

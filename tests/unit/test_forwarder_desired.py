@@ -176,13 +176,52 @@ def test_unusable_ports_are_reported_and_skipped(port: dict[str, Any], field: st
     assert [p.field for p in problems] == [field]
 
 
-def test_lb_ips_of_both_families_skip_proxy_mode_and_report_garbage() -> None:
-    svc = service(ingress=[{"ip": "192.0.2.10", "ipMode": "VIP"}, {"ip": "192.0.2.11"},
-                           {"ip": "192.0.2.12", "ipMode": "Proxy"}, {"ip": "2001:db8::1"}, {"hostname": "lb.example"},
-                           {"ip": "bogus"}, {"ip": "192.0.2.10"}])
-    state, problems = build_service(svc, [], CONTEXT)
-    assert state is not None and state.lb_ips == ("192.0.2.10", "192.0.2.11", "2001:db8::1")
+def test_lb_ips_skip_proxy_mode_and_other_families_and_report_garbage() -> None:
+    ingress = [{"ip": "192.0.2.10", "ipMode": "VIP"}, {"ip": "192.0.2.11"}, {"ip": "192.0.2.12", "ipMode": "Proxy"},
+               {"ip": "2001:DB8:0::1"}, {"hostname": "lb.example"}, {"ip": "bogus"}, {"ip": "192.0.2.10"}]
+    state, problems = build_service(service(ingress=ingress), [], CONTEXT)  # no ipFamilies: IPv4
+    assert state is not None and state.lb_ips == ("192.0.2.10", "192.0.2.11") and state.families == (4,)
+    assert [p.field for p in problems] == ["status.loadBalancer.ingress[3].ip", "status.loadBalancer.ingress[5].ip"]
+    assert "IPv6 but the Service's spec.ipFamilies is [IPv4]" in problems[0].message
+
+    state, problems = build_service(service(ingress=ingress, ipFamilies=["IPv6", "IPv4"]), [], CONTEXT)
+    assert state is not None and state.lb_ips == ("192.0.2.10", "192.0.2.11", "2001:db8::1")  # canonical text
+    assert state.families == (4, 6)
     assert [p.field for p in problems] == ["status.loadBalancer.ingress[5].ip"]
+
+
+def test_dual_stack_endpoints_come_from_the_slices_of_both_families() -> None:
+    svc = service(ipFamilies=["IPv4", "IPv6"], ingress=[{"ip": "192.0.2.10"}, {"ip": "2001:db8::10"}])
+    v4 = eps(endpoint("10.244.1.3"), endpoint("10.244.2.3", node="node-b"), name="web-v4")
+    v6 = eps(endpoint("2001:db8:1:1:0::3"), endpoint("2001:db8:1:2::3", node="node-b"), endpoint("10.244.1.9"),
+             name="web-v6", address_type="IPv6")
+    fqdn = eps(endpoint("example.com"), name="web-fqdn", address_type="FQDN")
+    state, problems = build_service(svc, [v4, v6, fqdn], CONTEXT)
+    assert state is not None
+    assert state.ports[0].backends == (Backend("10.244.1.3", 8080), Backend("10.244.2.3", 8080),
+                                       Backend("2001:db8:1:1::3", 8080), Backend("2001:db8:1:2::3", 8080))
+    assert [p.field for p in problems] == ["EndpointSlice web-v6: endpoints[2].addresses[0]"]
+    assert "not an IPv6 address" in problems[0].message
+    assert state.local_endpoints == 1  # one dual-stack pod on this node: one endpoint in each family
+
+
+def test_endpoints_of_a_family_the_service_lacks_are_reported() -> None:
+    v6 = eps(endpoint("2001:db8:1:1::3"), name="web-v6", address_type="IPv6")
+    state, problems = build_service(service(ipFamilies=["IPv4"]), [v6, eps(endpoint("10.244.1.3"))], CONTEXT)
+    assert state is not None and state.ports[0].backends == (Backend("10.244.1.3", 8080),)
+    assert [p.field for p in problems] == ["EndpointSlice web-v6: addressType"]
+    assert "IPv6 endpoints for a Service whose spec.ipFamilies is [IPv4]" in problems[0].message
+
+
+@pytest.mark.parametrize(("ip", "why"), [
+    ("::1", "loopback"), ("fe80::1", "link-local"), ("ff02::1", "multicast"), ("::", "loopback"),
+    ("::ffff:10.0.0.1", "IPv4-mapped"), ("2001:db8:9::1", "outside the pod network (2001:db8:1::/48)"),
+])
+def test_unusable_ipv6_endpoints(ip: str, why: str) -> None:
+    networks = (ipaddress.ip_network("10.244.0.0/16"), ipaddress.ip_network("2001:db8:1::/48"))
+    assert why in (endpoint_ip_problem(ip, networks) or "")
+    assert endpoint_ip_problem("2001:db8:1:5::7", networks) is None
+    assert endpoint_ip_problem("2001:db8:9::1", networks[:1]) is None  # no IPv6 pod network given: anywhere
 
 
 @pytest.mark.parametrize(("spec", "annotations", "expected", "problem_fields"), [
@@ -190,7 +229,10 @@ def test_lb_ips_of_both_families_skip_proxy_mode_and_report_garbage() -> None:
     ({"loadBalancerSourceRanges": ["203.0.113.0/24", "198.51.100.7/32"]}, {}, ("203.0.113.0/24", "198.51.100.7/32"),
      []),
     ({"loadBalancerSourceRanges": ["203.0.113.9/24"]}, {}, ("203.0.113.0/24",), []),  # host bits are dropped
-    ({"loadBalancerSourceRanges": ["2001:db8::/32"]}, {}, (), []),  # IPv6 only: no IPv4 client may come in
+    # an IPv6 range on an IPv4-only Service: reported, and no one may come in
+    ({"loadBalancerSourceRanges": ["2001:db8::/32"]}, {}, (), ["spec.loadBalancerSourceRanges[0]"]),
+    ({"loadBalancerSourceRanges": ["2001:db8::/32", "203.0.113.0/24"], "ipFamilies": ["IPv4", "IPv6"]}, {},
+     ("2001:db8::/32", "203.0.113.0/24"), []),
     ({"loadBalancerSourceRanges": ["nonsense", "203.0.113.0/24"]}, {}, ("203.0.113.0/24",),
      ["spec.loadBalancerSourceRanges[0]"]),
     ({"loadBalancerSourceRanges": ["nonsense"]}, {}, (), ["spec.loadBalancerSourceRanges[0]"]),  # fails closed

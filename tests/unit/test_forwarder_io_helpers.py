@@ -90,6 +90,8 @@ def test_nft_error_without_location() -> None:
 def test_conntrack_flush_targets_the_endpoint_as_reply_source() -> None:
     assert flush_command("10.244.1.2", 53) == [
         "conntrack", "-D", "-p", "udp", "--reply-src", "10.244.1.2", "--reply-port-src", "53"]
+    assert flush_command("2001:db8:1:1::a", 53) == [
+        "conntrack", "-D", "-f", "ipv6", "-p", "udp", "--reply-src", "2001:db8:1:1::a", "--reply-port-src", "53"]
 
 
 def test_demo_prints_the_service_like_kubectl() -> None:

@@ -123,21 +123,29 @@ class Kernel:
         return chains, shared
 
 
-IPS = [f"10.244.{n}.{h}" for n in range(2) for h in range(2, 6)]
+IPS = [f"10.244.{n}.{h}" for n in range(2) for h in range(2, 6)] + [f"2001:db8:1:{n}::{h}" for n in range(2)
+                                                                   for h in range(2, 5)]
+FAMILY_SETS = [(4,), (4,), (6,), (4, 6)]
 
 
 def random_state(rng: random.Random, key: str, created: str) -> ServiceState:
+    families = rng.choice(FAMILY_SETS)
     ports = []
     for number in rng.sample([53, 80, 443, 8080], rng.randint(1, 3)):
         protocol = rng.choice(["tcp", "udp"])
-        backends = tuple(sorted(Backend(ip, rng.choice([8080, 9090])) for ip in rng.sample(IPS, rng.randint(0, 5))))
+        ips = [ip for ip in IPS if (6 if ":" in ip else 4) in families]
+        backends = tuple(sorted(Backend(ip, rng.choice([8080, 9090])) for ip in rng.sample(ips, rng.randint(0, 5))))
         ports.append(ServicePort(f"p{number}", protocol, number, rng.choice([None, 30000 + number, 31000 + number]),
                                  tuple(sorted(set(backends)))))
+    lb_ips = [ip for ip in ["192.0.2.1", "192.0.2.2", "192.0.2.3", "2001:db8::1", "2001:db8::2"]
+              if (6 if ":" in ip else 4) in families]
+    ranges = [("203.0.113.0/24",), ("203.0.113.0/24", "198.51.100.0/24"), ("2001:db8:ff::/48",),
+              ("203.0.113.0/24", "2001:db8:ff::/48")]
     return ServiceState(
-        key=key, uid=key, created=created, ports=tuple(ports),
-        lb_ips=tuple(rng.sample(["192.0.2.1", "192.0.2.2", "192.0.2.3"], rng.randint(0, 2))),
+        key=key, uid=key, created=created, ports=tuple(ports), families=families,
+        lb_ips=tuple(rng.sample(lb_ips, rng.randint(0, 2))),
         local_only=rng.random() < 0.3,
-        source_ranges=rng.choice([None, (), ("203.0.113.0/24",), ("203.0.113.0/24", "198.51.100.0/24")]),
+        source_ranges=rng.choice([None, (), *ranges]),
         affinity_timeout=rng.choice([None, None, 60, 600]),
     )
 
