@@ -48,6 +48,8 @@ from lbctl.model.types import Ingress, LoadBalancerRef, LoadBalancerSpec, LoadBa
 from providers.base import Provider, ProviderSettings
 from providers.gce_plan import (
     COMPUTE_URL,
+    IPV4,
+    IPV6,
     PROTOCOLS,
     AddressPlan,
     BackendServiceState,
@@ -63,8 +65,11 @@ from providers.gce_plan import (
     PoolState,
     RuleState,
     Scheme,
+    SubnetworkState,
     backend_service_change,
     backend_services_for,
+    bare_ip,
+    check_subnetwork_for_ipv6,
     describe_shared,
     firewall_change,
     firewall_for,
@@ -78,6 +83,7 @@ from providers.gce_plan import (
     owned_by,
     owner_of,
     plan_address,
+    plan_address_v6,
     pool_change,
     pool_for,
     read_config,
@@ -248,6 +254,7 @@ class _Clients:
     instance_groups: compute_v1.InstanceGroupsClient
     instances: compute_v1.InstancesClient
     regions: compute_v1.RegionsClient
+    subnetworks: compute_v1.SubnetworksClient
     zone_operations: compute_v1.ZoneOperationsClient
     region_operations: compute_v1.RegionOperationsClient
     global_operations: compute_v1.GlobalOperationsClient
@@ -256,7 +263,8 @@ class _Clients:
         self.http_health_checks.close()
         for client in (self.addresses, self.firewalls, self.region_health_checks, self.target_pools,
                        self.forwarding_rules, self.backend_services, self.instance_groups, self.instances,
-                       self.regions, self.zone_operations, self.region_operations, self.global_operations):
+                       self.regions, self.subnetworks, self.zone_operations, self.region_operations,
+                       self.global_operations):
             client.transport.close()  # type: ignore[no-untyped-call]
 
     @classmethod
@@ -275,6 +283,7 @@ class _Clients:
             instance_groups=compute_v1.InstanceGroupsClient(**kwargs),
             instances=compute_v1.InstancesClient(**kwargs),
             regions=compute_v1.RegionsClient(**kwargs),
+            subnetworks=compute_v1.SubnetworksClient(**kwargs),
             zone_operations=compute_v1.ZoneOperationsClient(**kwargs),
             region_operations=compute_v1.RegionOperationsClient(**kwargs),
             global_operations=compute_v1.GlobalOperationsClient(**kwargs),
@@ -287,7 +296,7 @@ class _Clients:
 def _address(item: compute_v1.Address) -> ObservedAddress:
     return ObservedAddress(name=item.name, ip=item.address, address_type=item.address_type or "EXTERNAL",
                            tier=item.network_tier, purpose=item.purpose, description=item.description,
-                           users=tuple(item.users))
+                           users=tuple(item.users), ip_version=item.ip_version)
 
 
 def _firewall(item: compute_v1.Firewall) -> FirewallState:
@@ -320,9 +329,10 @@ def _pool(item: compute_v1.TargetPool) -> PoolState:
 
 def _rule(item: compute_v1.ForwardingRule) -> RuleState:
     return RuleState(
-        name=item.name, ip=item.I_p_address, protocol=item.I_p_protocol,
+        name=item.name, ip=bare_ip(item.I_p_address), protocol=item.I_p_protocol,
         scheme=item.load_balancing_scheme or "EXTERNAL", port_range=item.port_range, ports=frozenset(item.ports),
         all_ports=item.all_ports, target=item.target, backend_service=item.backend_service, tier=item.network_tier,
+        ip_version=item.ip_version,
     )
 
 
@@ -517,6 +527,21 @@ class GceProvider(Provider):
             return None if item is None else _region_check(item)
         return await self._observe(("check", scheme, name), load)
 
+    async def _read_subnetwork(self) -> SubnetworkState | None:
+        """The subnetwork internal rules and addresses use (the gce subnetwork option)."""
+        url = self._config.subnetwork_url
+        parts = resource_path(url).split("/")  # projects/P/regions/R/subnetworks/S
+
+        async def load() -> SubnetworkState | None:
+            if len(parts) != 6 or parts[2] != "regions" or parts[4] != "subnetworks":
+                return None
+            item = await self._read(f"reading subnetwork {parts[5]}", partial(
+                self._clients.subnetworks.get, project=parts[1], region=parts[3], subnetwork=parts[5], retry=None,
+                timeout=TIMEOUT_S))
+            return None if item is None else SubnetworkState(name=item.name, stack_type=item.stack_type,
+                                                             ipv6_access_type=item.ipv6_access_type)
+        return await self._observe(("subnetwork", url), load)
+
     async def _read_firewall(self, name: str) -> FirewallState | None:
         async def load() -> FirewallState | None:
             item = await self._read(f"reading firewall {name}", self._global(self._clients.firewalls.get,
@@ -596,24 +621,37 @@ class GceProvider(Provider):
         config, names = self._config, intent.names
         instances = await self._instances(intent)
         tags = target_tags(intent, config, instances)
-        tcp, udp = PROTOCOLS
-        own, pool, tcp_rule, udp_rule, tcp_service, udp_service = await asyncio.gather(
-            self._read_address(names.address), self._read_pool(names.target_pool),
-            self._read_rule(names.rule(tcp)), self._read_rule(names.rule(udp)),
-            self._read_backend_service(names.backend_service(tcp)),
-            self._read_backend_service(names.backend_service(udp)),
+        rule_names = [names.rule(p) for p in PROTOCOLS] + [names.rule_v6(p) for p in PROTOCOLS]
+        own, own_v6, pool, *found = await asyncio.gather(
+            self._read_address(names.address), self._read_address(names.address_v6),
+            self._read_pool(names.target_pool), *(self._read_rule(name) for name in rule_names),
+            *(self._read_backend_service(names.backend_service(protocol)) for protocol in PROTOCOLS),
         )
-        rules = {rule.name: rule for rule in (tcp_rule, udp_rule) if rule is not None}
-        services = {svc.name: svc for svc in (tcp_service, udp_service) if svc is not None}
-        requested = await self._address_with_ip(intent.requested_ip) if intent.requested_ip else None
-        rule_urls = [config.regional_url("forwardingRules", name) for name in rules]
-        address = plan_address(intent, config, own, requested, rule_urls)
+        assert own is None or isinstance(own, ObservedAddress)
+        assert own_v6 is None or isinstance(own_v6, ObservedAddress)
+        assert pool is None or isinstance(pool, PoolState)
+        rules = {rule.name: rule for rule in found if isinstance(rule, RuleState)}
+        services = {svc.name: svc for svc in found if isinstance(svc, BackendServiceState)}
+        address: AddressPlan | None = None
+        if intent.ipv4:
+            requested = await self._address_with_ip(intent.requested_ip) if intent.requested_ip else None
+            rule_urls = [config.regional_url("forwardingRules", name) for name in rules]
+            address = plan_address(intent, config, own, requested, rule_urls)
+        address_v6: AddressPlan | None = None
+        if intent.ipv6:
+            check_subnetwork_for_ipv6(intent, config, await self._read_subnetwork())
+            address_v6 = plan_address_v6(intent, config, own_v6)
         # Everything is validated: writes start here.
 
-        ip = await self._settle_address(intent, address, own, rules)
+        ip = await self._settle_address(intent, address, own, rules) if address is not None else None
+        ip_v6 = await self._settle_address_v6(intent, address_v6, own_v6, rules) if address_v6 is not None else None
         check_url = await self._ensure_health_check(intent, tags)
-        await self._ensure_firewall(firewall_for(intent, config, tags), intent.description)
-        desired_rules = rules_for(intent, config, ip)
+        for family in (IPV4, IPV6):
+            if family in intent.families and intent.ranges(family):
+                await self._ensure_firewall(firewall_for(intent, config, tags, family), intent.description)
+            elif await self._read_firewall(names.firewall_of(family)) is not None:
+                await self._delete_firewall(names.firewall_of(family))  # that family is no longer served
+        desired_rules = rules_for(intent, config, ip, ip_v6)
         if intent.scheme is Scheme.EXTERNAL:
             await self._converge_external(intent, check_url, pool, rules, desired_rules)
             await self._drop_internal(services)
@@ -622,9 +660,12 @@ class GceProvider(Provider):
             if pool is not None:
                 await self._delete_pool(names.target_pool)
         await self._drop_unused_checks(intent)
-        if address.release_own_after and own is not None:
+        if address is not None and address.release_own_after and own is not None:
             await self._delete_address(names.address)
-        return status_for(intent, ip)
+        for served, held, name in ((intent.ipv4, own, names.address), (intent.ipv6, own_v6, names.address_v6)):
+            if not served and held is not None and owned_by(held.description, config.cluster_name, intent.name):
+                await self._delete_address(name)  # its rules went in the converge above
+        return status_for(intent, ip, ip_v6)
 
     async def _settle_address(self, intent: Intent, plan: AddressPlan, own: ObservedAddress | None,
                               rules: dict[str, RuleState]) -> str:
@@ -644,13 +685,31 @@ class GceProvider(Provider):
         else:
             body.address_type = "EXTERNAL"
             body.network_tier = intent.tier
-        await self._write(f"reserving address {names.address}",
+        return await self._reserve(names.address, body)
+
+    async def _settle_address_v6(self, intent: Intent, plan: AddressPlan, own: ObservedAddress | None,
+                                 rules: dict[str, RuleState]) -> str:
+        """The balancer's internal IPv6 address, reserved so it outlives rule re-creation."""
+        names = intent.names
+        if plan.release_own_first and own is not None:
+            for name in [name for name, rule in rules.items() if rule.ip == bare_ip(own.ip)]:
+                await self._delete_rule(name)
+                rules.pop(name)
+            await self._delete_address(names.address_v6)
+        if plan.ip is not None:
+            return plan.ip
+        body = compute_v1.Address(name=names.address_v6, description=intent.description, address_type="INTERNAL",
+                                  ip_version="IPV6", subnetwork=self._config.subnetwork_url)
+        return bare_ip(await self._reserve(names.address_v6, body))
+
+    async def _reserve(self, name: str, body: compute_v1.Address) -> str:
+        await self._write(f"reserving address {name}",
                           self._regional(self._clients.addresses.insert_unary, address_resource=body),
                           exists_ok=True)
-        self._cache.drop(("address", names.address))
-        reserved = await self._read_address(names.address)
+        self._cache.drop(("address", name))
+        reserved = await self._read_address(name)
         if reserved is None:
-            raise TransientProviderError(f"address {names.address} vanished right after it was reserved")
+            raise TransientProviderError(f"address {name} vanished right after it was reserved")
         return reserved.ip
 
     async def _ensure_health_check(self, intent: Intent, tags: tuple[str, ...]) -> str:
@@ -688,6 +747,8 @@ class GceProvider(Provider):
                         checks.patch_unary, health_check=check.name, health_check_resource=body))
             self._cache.put(("check", intent.scheme, check.name), desired)
             await self._ensure_firewall(health_check_firewall_for(intent, config, tags), description)
+            if intent.ipv6:  # the checkers probe IPv6 backends from their own IPv6 range
+                await self._ensure_firewall(health_check_firewall_for(intent, config, tags, IPV6), description)
         return url
 
     async def _ensure_firewall(self, desired: FirewallState, description: str) -> None:
@@ -836,6 +897,8 @@ class GceProvider(Provider):
                 name=desired.name, description=intent.description, I_p_address=desired.ip,
                 I_p_protocol=desired.protocol, load_balancing_scheme=desired.scheme,
             )
+            if desired.ip_version:
+                body.ip_version = desired.ip_version
             if desired.scheme == Scheme.EXTERNAL:
                 body.port_range = desired.port_range
                 body.target = desired.target
@@ -926,6 +989,9 @@ class GceProvider(Provider):
                 await self._delete_check(scheme, names.own_health_check)
         if intent.health_check.shared and await self._read_firewall(names.own_health_check_firewall) is not None:
             await self._delete_firewall(names.own_health_check_firewall)
+        if ((intent.health_check.shared or not intent.ipv6)
+                and await self._read_firewall(names.own_health_check_firewall_v6) is not None):
+            await self._delete_firewall(names.own_health_check_firewall_v6)
 
     # -- delete, get, list ---------------------------------------------------------------------
 
@@ -940,7 +1006,8 @@ class GceProvider(Provider):
 
     async def _delete(self, ref: LoadBalancerRef, names: Names) -> None:
         """In dependency order; every step succeeds when its piece is already gone."""
-        found = [await self._delete_rule(names.rule(protocol)) for protocol in PROTOCOLS]
+        found = [await self._delete_rule(name) for protocol in PROTOCOLS
+                 for name in (names.rule(protocol), names.rule_v6(protocol))]
         found.append(await self._delete_pool(names.target_pool))
         groups: set[str] = set()
         for protocol in PROTOCOLS:
@@ -957,11 +1024,13 @@ class GceProvider(Provider):
             groups = {self._config.zonal_url(zone, "instanceGroups", self._config.instance_group_name)
                       for zone in await self._region_zones()}
         await self._drop_groups(groups)
-        await self._delete_firewall(names.firewall)
-        await self._delete_firewall(names.own_health_check_firewall)
-        own = await self._read_address(names.address)
-        if own is not None and owned_by(own.description, self._config.cluster_name, ref.name):
-            await self._delete_address(names.address)
+        for firewall in (names.firewall, names.firewall_v6, names.own_health_check_firewall,
+                         names.own_health_check_firewall_v6):
+            await self._delete_firewall(firewall)
+        for address in (names.address, names.address_v6):
+            own = await self._read_address(address)
+            if own is not None and owned_by(own.description, self._config.cluster_name, ref.name):
+                await self._delete_address(address)
 
     async def _release_shared_checks(self) -> None:
         """The cluster's node health checks go with the last balancer using them, then their firewall."""
@@ -972,12 +1041,12 @@ class GceProvider(Provider):
                 gone = await self._delete_check(scheme, name, in_use_ok=True) and gone
         if gone:
             await self._delete_firewall(health_check_firewall_name(name))
+            await self._delete_firewall(health_check_firewall_name(name, IPV6))
 
     async def get(self, ref: LoadBalancerRef) -> LoadBalancerStatus | None:
         names = Names(ref.name)
         found = []
-        for protocol in PROTOCOLS:
-            name = names.rule(protocol)
+        for name in [names.rule(p) for p in PROTOCOLS] + [names.rule_v6(p) for p in PROTOCOLS]:
             item = await self._read(f"reading forwarding rule {name}",
                                     self._regional(self._clients.forwarding_rules.get, forwarding_rule=name))
             if item is not None:
@@ -990,7 +1059,8 @@ class GceProvider(Provider):
         for entry in firewall.allowed if firewall is not None else []:
             ports += [PortStatus(port=int(port), protocol=entry.I_p_protocol.upper())
                       for port in sorted(entry.ports, key=int) if port.isdigit()]
-        return LoadBalancerStatus(ingress=(Ingress(ip=found[0].ip, ports=tuple(ports)),))
+        ips = list(dict.fromkeys(rule.ip for rule in found))  # IPv4 first, then IPv6
+        return LoadBalancerStatus(ingress=tuple(Ingress(ip=ip, ports=tuple(ports)) for ip in ips))
 
     async def list_owned(self) -> list[LoadBalancerRef]:
         clients, size = self._clients, self._page_size

@@ -41,6 +41,10 @@ NODE_HEALTH_CHECK_PORT = 10256
 HEALTH_CHECK_PATH = "/healthz"
 # Where Google's health checkers come from (legacy target-pool checks and regional checks).
 HEALTH_CHECK_SOURCE_RANGES = ("130.211.0.0/22", "209.85.152.0/22", "209.85.204.0/22", "35.191.0.0/16")
+# Where they probe IPv6 backends of internal passthrough balancers from.
+HEALTH_CHECK_SOURCE_RANGES_V6 = ("2600:2d00:1:b029::/64",)
+IPV4, IPV6 = "IPv4", "IPv6"
+IPV6_SUFFIX = "-ipv6"  # IPv6 pieces are named like the IPv4 ones plus this, as ingress-gce's L4 namer does
 CHECK_INTERVAL_S = 8
 CHECK_TIMEOUT_S = 1
 HEALTHY_THRESHOLD = 1
@@ -224,11 +228,28 @@ class Names:
     def backend_service(self, protocol: str) -> str:
         return f"{self.balancer}-{protocol.lower()}"
 
+    @property
+    def address_v6(self) -> str:
+        return self.address + IPV6_SUFFIX
 
-def health_check_firewall_name(health_check_name: str) -> str:
-    if health_check_name.startswith("k8s-"):
-        return f"{health_check_name}-http-hc"
-    return f"k8s-{health_check_name}-http-hc"
+    @property
+    def firewall_v6(self) -> str:
+        return self.firewall + IPV6_SUFFIX
+
+    @property
+    def own_health_check_firewall_v6(self) -> str:
+        return self.own_health_check_firewall + IPV6_SUFFIX
+
+    def rule_v6(self, protocol: str) -> str:
+        return self.rule(protocol) + IPV6_SUFFIX
+
+    def firewall_of(self, family: str) -> str:
+        return self.firewall_v6 if family == IPV6 else self.firewall
+
+
+def health_check_firewall_name(health_check_name: str, family: str = IPV4) -> str:
+    base = health_check_name if health_check_name.startswith("k8s-") else f"k8s-{health_check_name}"
+    return f"{base}-http-hc" + (IPV6_SUFFIX if family == IPV6 else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,6 +291,9 @@ class Intent:
     session_affinity: str  # NONE or CLIENT_IP
     instances: tuple[InstanceRef, ...]
     status_ports: tuple[PortStatus, ...]
+    # The families the balancer serves, in spec.ipFamilies order (status lists addresses so).
+    families: tuple[str, ...] = (IPV4,)
+    source_ranges_v6: tuple[str, ...] = ()
 
     @property
     def names(self) -> Names:
@@ -282,6 +306,18 @@ class Intent:
     @property
     def zones(self) -> tuple[str, ...]:
         return tuple(sorted({instance.zone for instance in self.instances}))
+
+    @property
+    def ipv4(self) -> bool:
+        return IPV4 in self.families
+
+    @property
+    def ipv6(self) -> bool:
+        return IPV6 in self.families
+
+    def ranges(self, family: str) -> tuple[str, ...]:
+        """Who may reach the balancer over `family`; empty: nobody (no firewall is made)."""
+        return self.source_ranges_v6 if family == IPV6 else self.source_ranges
 
 
 def annotation_field(key: str) -> str:
@@ -342,16 +378,27 @@ def read_ports(spec: LoadBalancerSpec) -> tuple[tuple[str, tuple[int, ...]], ...
     return tuple((protocol, tuple(sorted(ports))) for protocol, ports in sorted(by_protocol.items()))
 
 
-def read_source_ranges(ranges: Iterable[str]) -> tuple[str, ...]:
-    """IPv4 only (the balancers lbctl makes on GCE are); everyone when none are given."""
-    networks = parse_cidrs(ranges)
-    for index, network in enumerate(networks):
-        if network.version != 4:
+def read_source_ranges(ranges: Iterable[str], service_families: tuple[str, ...]) -> tuple[tuple[str, ...],
+                                                                                   tuple[str, ...]]:
+    """(IPv4 ranges, IPv6 ranges); everyone of both families when none are given. A range of a
+    family the Service does not have could never match and is refused. When ranges are given and
+    none is of one family, that family admits nobody (no firewall is made for it)."""
+    texts = list(ranges)
+    networks = parse_cidrs(texts)
+    for index, text in enumerate(texts):
+        version = ipaddress.ip_network(text.strip(), strict=False).version
+        family = IPV6 if version == 6 else IPV4
+        if family not in service_families:
             raise InvalidServiceError(
-                f"{network} is an IPv6 range; GCE balancers made by lbctl are IPv4 only",
-                field=f"spec.loadBalancerSourceRanges[{index}]", fix="use IPv4 ranges",
+                f"{text.strip()} is an {family} range but the Service is {'/'.join(service_families)} only",
+                field=f"spec.loadBalancerSourceRanges[{index}]",
+                fix=f"remove the {family} ranges, or add {family} to spec.ipFamilies "
+                    "(ipFamilyPolicy PreferDualStack or RequireDualStack)",
             )
-    return tuple(sorted(str(n) for n in networks)) or ("0.0.0.0/0",)
+    if not networks:
+        return ("0.0.0.0/0",), ("::/0",)
+    return (tuple(sorted(str(n) for n in networks if n.version == 4)),
+            tuple(sorted(str(n) for n in networks if n.version == 6)))
 
 
 def read_requested_ip(value: str | None) -> str | None:
@@ -363,18 +410,42 @@ def read_requested_ip(value: str | None) -> str | None:
         raise InvalidServiceError(f"{value!r} is not an IP address", field="spec.loadBalancerIP",
                                   fix="write an IPv4 address reserved in the project, or remove it") from None
     if address.version != 4:
-        raise InvalidServiceError(f"{value} is IPv6; lbctl's GCE balancers are IPv4 only",
-                                  field="spec.loadBalancerIP", fix="use a reserved IPv4 address")
+        raise InvalidServiceError(f"{value} is IPv6; spec.loadBalancerIP names the IPv4 address only",
+                                  field="spec.loadBalancerIP",
+                                  fix="use a reserved IPv4 address (the IPv6 one is reserved by lbctl)")
     return str(address)
 
 
-def read_families(spec: LoadBalancerSpec) -> None:
-    if "IPv4" not in spec.ip_families:
-        raise InvalidServiceError("GCE balancers made by lbctl are IPv4 only", field="spec.ipFamilies",
-                                  fix="include IPv4")
-    if spec.ip_family_policy == "RequireDualStack":
-        raise InvalidServiceError("GCE balancers made by lbctl are IPv4 only", field="spec.ipFamilyPolicy",
-                                  fix="use SingleStack or PreferDualStack")
+def service_families(spec: LoadBalancerSpec) -> tuple[str, ...]:
+    families = tuple(spec.ip_families) or (IPV4,)
+    if any(f not in (IPV4, IPV6) for f in families) or len(set(families)) != len(families):
+        raise InvalidServiceError(f"{', '.join(families)} are not IP families", field="spec.ipFamilies",
+                                  fix="list IPv4, IPv6 or both, each once")
+    return families
+
+
+def read_families(spec: LoadBalancerSpec, scheme: Scheme, protocols: tuple[str, ...]) -> tuple[str, ...]:
+    """The families the balancer serves. IPv6 needs an internal (backend service) balancer with one
+    protocol: target pools carry IPv4 only, and an internal IPv6 address is not shared by a TCP and a
+    UDP rule. Where IPv6 cannot be had, PreferDualStack settles for IPv4; RequireDualStack and
+    IPv6-only Services are refused, naming the field."""
+    families = service_families(spec)
+    if IPV6 not in families:
+        return families
+    problem = fix = None
+    if scheme is Scheme.EXTERNAL:
+        problem = "an external passthrough balancer made of a target pool carries IPv4 only"
+        fix = (f"set {LB_TYPE_ANNOTATION}: Internal for an IPv6 forwarding rule (backend service based), "
+               "or ask for IPv4 (ipFamilyPolicy SingleStack with IPv4, or PreferDualStack)")
+    elif len(protocols) > 1:
+        problem = "one internal IPv6 address cannot carry both a TCP and a UDP forwarding rule"
+        fix = "serve TCP and UDP from two Services, or ask for IPv4 (PreferDualStack settles for it)"
+    if problem is None:
+        return families
+    if spec.ip_family_policy == "PreferDualStack" and IPV4 in families:
+        return (IPV4,)
+    field = "spec.ipFamilyPolicy" if spec.ip_family_policy == "RequireDualStack" else "spec.ipFamilies"
+    raise InvalidServiceError(f"IPv6 was asked for, but {problem}", field=field, fix=fix)
 
 
 def read_session_affinity(value: str) -> str:
@@ -433,9 +504,12 @@ def read_intent(spec: LoadBalancerSpec, config: GceConfig) -> Intent:
     scheme = read_scheme(spec.annotations)
     tier = read_tier(spec.annotations, scheme)
     ports = read_ports(spec)
-    read_families(spec)
-    source_ranges = read_source_ranges(spec.source_ranges)
+    families = read_families(spec, scheme, tuple(protocol for protocol, _ in ports))
+    source_ranges, source_ranges_v6 = read_source_ranges(spec.source_ranges, service_families(spec))
     requested_ip = read_requested_ip(spec.load_balancer_ip)
+    if requested_ip is not None and IPV4 not in families:
+        raise InvalidServiceError("spec.loadBalancerIP names an IPv4 address but the balancer is IPv6 only",
+                                  field="spec.loadBalancerIP", fix="remove it, or add IPv4 to spec.ipFamilies")
     affinity = read_session_affinity(spec.session_affinity)
     health_check = read_health_check(spec, config)
     instances = tuple(sorted({parse_provider_id(node, config) for node in spec.nodes},
@@ -448,11 +522,15 @@ def read_intent(spec: LoadBalancerSpec, config: GceConfig) -> Intent:
         name=spec.name, description=describe_owner(config, spec), scheme=scheme, tier=tier, ports=ports,
         source_ranges=source_ranges, requested_ip=requested_ip, health_check=health_check,
         session_affinity=affinity, instances=instances, status_ports=status_ports,
+        families=families, source_ranges_v6=source_ranges_v6 if IPV6 in families else (),
     )
 
 
-def status_for(intent: Intent, ip: str) -> LoadBalancerStatus:
-    return LoadBalancerStatus(ingress=(Ingress(ip=ip, ports=intent.status_ports),))
+def status_for(intent: Intent, ip: str | None, ip_v6: str | None = None) -> LoadBalancerStatus:
+    """One ingress entry per family the balancer serves, in spec.ipFamilies order."""
+    by_family = {IPV4: ip, IPV6: ip_v6}
+    return LoadBalancerStatus(ingress=tuple(
+        Ingress(ip=by_family[family], ports=intent.status_ports) for family in intent.families if by_family[family]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,6 +546,7 @@ class ObservedAddress:
     purpose: str
     description: str
     users: tuple[str, ...] = ()
+    ip_version: str = ""  # IPV6 for IPv6 addresses; "" or IPV4 otherwise
 
 
 @dataclass(frozen=True)
@@ -516,6 +595,7 @@ class RuleState:
     target: str = ""  # target pool URL (external)
     backend_service: str = ""  # backend service URL (internal)
     tier: str = ""
+    ip_version: str = ""  # IPV6 for IPv6 rules
 
 
 @dataclass(frozen=True)
@@ -538,16 +618,20 @@ class GroupState:
 # What GCE should hold
 
 
-def firewall_for(intent: Intent, config: GceConfig, target_tags: tuple[str, ...]) -> FirewallState:
+def firewall_for(intent: Intent, config: GceConfig, target_tags: tuple[str, ...],
+                 family: str = IPV4) -> FirewallState:
+    """Clients of one family (a GCE firewall holds ranges of one family only)."""
     allowed = frozenset((protocol.lower(), frozenset(str(port) for port in ports)) for protocol, ports in intent.ports)
-    return FirewallState(name=intent.names.firewall, source_ranges=frozenset(intent.source_ranges), allowed=allowed,
-                         target_tags=frozenset(target_tags), network=config.network_url)
+    return FirewallState(name=intent.names.firewall_of(family), source_ranges=frozenset(intent.ranges(family)),
+                         allowed=allowed, target_tags=frozenset(target_tags), network=config.network_url)
 
 
-def health_check_firewall_for(intent: Intent, config: GceConfig, target_tags: tuple[str, ...]) -> FirewallState:
+def health_check_firewall_for(intent: Intent, config: GceConfig, target_tags: tuple[str, ...],
+                              family: str = IPV4) -> FirewallState:
     check = intent.health_check
+    ranges = HEALTH_CHECK_SOURCE_RANGES_V6 if family == IPV6 else HEALTH_CHECK_SOURCE_RANGES
     return FirewallState(
-        name=health_check_firewall_name(check.name), source_ranges=frozenset(HEALTH_CHECK_SOURCE_RANGES),
+        name=health_check_firewall_name(check.name, family), source_ranges=frozenset(ranges),
         allowed=frozenset({("tcp", frozenset({str(check.port)}))}), target_tags=frozenset(target_tags),
         network=config.network_url,
     )
@@ -578,7 +662,22 @@ def backend_services_for(intent: Intent, config: GceConfig, health_check_url: st
     )
 
 
-def rules_for(intent: Intent, config: GceConfig, ip: str) -> tuple[RuleState, ...]:
+def rules_for(intent: Intent, config: GceConfig, ip: str | None, ip_v6: str | None = None) -> tuple[RuleState, ...]:
+    """The forwarding rules of each family the balancer serves (None: that family has no address)."""
+    rules = list(_rules_v4(intent, config, ip)) if intent.ipv4 and ip else []
+    if intent.ipv6 and ip_v6:
+        for protocol, ports in intent.ports:  # internal only: read_families refuses the rest
+            listed = len(ports) <= MAX_RULE_PORTS
+            rules.append(RuleState(
+                name=intent.names.rule_v6(protocol), ip=ip_v6, protocol=protocol, scheme=Scheme.INTERNAL,
+                ports=frozenset(str(port) for port in ports) if listed else frozenset(), all_ports=not listed,
+                backend_service=config.regional_url("backendServices", intent.names.backend_service(protocol)),
+                tier=Tier.PREMIUM, ip_version="IPV6",
+            ))
+    return tuple(rules)
+
+
+def _rules_v4(intent: Intent, config: GceConfig, ip: str) -> tuple[RuleState, ...]:
     rules = []
     for protocol, ports in intent.ports:
         name = intent.names.rule(protocol)
@@ -655,6 +754,7 @@ def rule_change(desired: RuleState, observed: RuleState | None) -> Change:
         and same_resource(observed.target, desired.target)
         and same_resource(observed.backend_service, desired.backend_service)
         and (observed.tier or Tier.PREMIUM) == (desired.tier or Tier.PREMIUM)
+        and (observed.ip_version or "IPV4") == (desired.ip_version or "IPV4")
     )
     return Change.NONE if same else Change.RECREATE
 
@@ -771,6 +871,59 @@ def _plan_own(intent: Intent, own: ObservedAddress) -> AddressPlan:
     if _address_fits(own, intent):
         return AddressPlan(ip=own.ip)
     return AddressPlan(ip=None, reserve=True, release_own_first=True)
+
+
+def plan_address_v6(intent: Intent, config: GceConfig, own: ObservedAddress | None) -> AddressPlan:
+    """The internal IPv6 address lbctl reserves for the balancer (named `<name>-ipv6`)."""
+    if own is None:
+        return AddressPlan(ip=None, reserve=True)
+    if not owned_by(own.description, config.cluster_name, intent.name):
+        raise PendingError(
+            f"an address named {own.name} exists but lbctl did not make it for this Service",
+            field="spec.ipFamilies", fix=f"delete or rename address {own.name} in region {config.region}",
+        )
+    if own.ip_version == "IPV6" and own.address_type == "INTERNAL":
+        return AddressPlan(ip=bare_ip(own.ip))
+    return AddressPlan(ip=None, reserve=True, release_own_first=True)
+
+
+@dataclass(frozen=True)
+class SubnetworkState:
+    name: str
+    stack_type: str  # IPV4_ONLY, IPV4_IPV6 or IPV6_ONLY
+    ipv6_access_type: str  # INTERNAL or EXTERNAL when it has IPv6
+
+
+def check_subnetwork_for_ipv6(intent: Intent, config: GceConfig, subnetwork: SubnetworkState | None) -> None:
+    """An internal IPv6 forwarding rule needs a subnetwork with internal IPv6 (ULA) addresses."""
+    where = config.subnetwork_url
+    field = "spec.ipFamilyPolicy" if IPV4 in intent.families else "spec.ipFamilies"
+    if subnetwork is None:
+        raise InvalidServiceError(
+            f"IPv6 was asked for, but subnetwork {last_segment(where)} was not found in region {config.region}",
+            field=field, fix="set the gce subnetwork option to the nodes' dual-stack subnetwork, or ask for IPv4",
+        )
+    if subnetwork.stack_type not in ("IPV4_IPV6", "IPV6_ONLY") or subnetwork.ipv6_access_type != "INTERNAL":
+        have = subnetwork.stack_type or "IPV4_ONLY"
+        if subnetwork.stack_type in ("IPV4_IPV6", "IPV6_ONLY"):
+            have += f" with {subnetwork.ipv6_access_type or 'no'} IPv6 access"
+        raise InvalidServiceError(
+            f"IPv6 was asked for, but subnetwork {subnetwork.name} is {have}; an internal IPv6 forwarding rule "
+            "needs internal IPv6 addresses",
+            field=field,
+            fix=f"gcloud compute networks subnets update {subnetwork.name} --region {config.region} "
+                "--stack-type IPV4_IPV6 --ipv6-access-type INTERNAL (its network needs ULA internal IPv6), "
+                "or ask for IPv4 (SingleStack IPv4 or PreferDualStack)",
+        )
+
+
+def bare_ip(text: str) -> str:
+    """An address as GCE reports it, without the /96 an IPv6 forwarding rule may carry, compressed."""
+    value = text.split("/", 1)[0]
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        return value
 
 
 def target_tags(intent: Intent, config: GceConfig, instances: Mapping[str, ObservedInstance]) -> tuple[str, ...]:

@@ -96,6 +96,7 @@ COLLECTIONS = (
                compute_v1.BackendService),
     Collection("instanceGroups", "zones", "instanceGroups", "compute#instanceGroup", compute_v1.InstanceGroup),
     Collection("instances", "zones", "instances", "compute#instance", compute_v1.Instance),
+    Collection("subnetworks", "regions", "subnetworks", "compute#subnetwork", compute_v1.Subnetwork),
 )
 _BY_ROUTE = {(c.scope, c.segment): c for c in COLLECTIONS}
 BY_KEY = {c.key: c for c in COLLECTIONS}
@@ -196,6 +197,8 @@ class FakeCompute:
         self._external_ips = itertools.count(10)
         self._internal_ips = itertools.count(200 * 256)
         self._instance_ips = itertools.count(2)
+        self._ipv6_prefixes = itertools.count(1)
+        self._ipv6_hosts = itertools.count(0x100)
 
     # -- test API ----------------------------------------------------------------------------
 
@@ -505,7 +508,8 @@ class FakeCompute:
     def _modify(self, coll: Collection, project: str, location: str, name: str, body: Json | None,
                 fault: Fault | None, *, replace: bool) -> Json:
         what = f"{coll.key}.{'update' if replace else 'patch'}"
-        if coll.key not in ("firewalls", "httpHealthChecks", "regionHealthChecks", "regionBackendServices"):
+        if coll.key not in ("firewalls", "httpHealthChecks", "regionHealthChecks", "regionBackendServices",
+                            "subnetworks"):
             raise ApiError(405, "methodNotAllowed", f"{what} is not supported")
         if body is None:
             raise ApiError(400, "required", f"{what} needs a body")
@@ -643,6 +647,9 @@ class FakeCompute:
         if coll.key == "instanceGroups":
             return scan("regionBackendServices",
                         lambda service: [backend.get("group", "") for backend in service.get("backends", [])])
+        if coll.key == "subnetworks":
+            return (scan("addresses", lambda address: [address.get("subnetwork", "")])
+                    + scan("forwardingRules", lambda rule: [rule.get("subnetwork", "")]))
         return []
 
     # -- per-collection rules ----------------------------------------------------------------
@@ -655,7 +662,76 @@ class FakeCompute:
     def _all_addresses(self, project: str, region: str) -> list[Json]:
         return list(self._items("addresses", project, region).values())
 
+    def _subnetwork(self, project: str, region: str, url: str, where: str) -> Json:
+        """The subnetwork a reference names; it must exist and be in the region."""
+        if not url:
+            raise ApiError(400, "required", f"{where}: Required field 'subnetwork' not specified")
+        _, _, location, subnetwork = self._resolve(url, project, ["subnetworks"], f"{where}.subnetwork")
+        if location != region:
+            raise ApiError(400, "invalid", f"{where}: subnetwork {subnetwork['name']} is not in region {region}")
+        return subnetwork
+
+    def _ipv6_subnetwork(self, project: str, region: str, url: str, where: str) -> Json:
+        """IPv6 internal addresses and forwarding rules need a subnetwork with internal IPv6, as GCE says."""
+        subnetwork = self._subnetwork(project, region, url, where)
+        if subnetwork.get("stackType", "IPV4_ONLY") == "IPV4_ONLY":
+            raise ApiError(400, "invalid", f"{where}: IPv6 is not enabled on subnetwork {subnetwork['name']} "
+                                           "(stackType IPV4_ONLY)")
+        if subnetwork.get("ipv6AccessType") != "INTERNAL":
+            raise ApiError(400, "invalid", f"{where}: subnetwork {subnetwork['name']} has no internal IPv6 range "
+                                           f"(ipv6AccessType {subnetwork.get('ipv6AccessType')})")
+        return subnetwork
+
+    def _next_ipv6(self, subnetwork: Json) -> str:
+        prefix = ipaddress.IPv6Network(subnetwork["internalIpv6Prefix"])
+        return str(prefix.network_address + next(self._ipv6_hosts))
+
+    def _check_subnetworks(self, project: str, region: str, item: Json, creating: bool) -> None:
+        item.setdefault("network", f"{BASE_URL}projects/{project}/global/networks/default")
+        if not item.get("ipCidrRange"):
+            raise ApiError(400, "required", "Required field 'ipCidrRange' not specified")
+        try:
+            ipaddress.IPv4Network(item["ipCidrRange"])
+        except ValueError:
+            raise ApiError(400, "invalid", f"Invalid value for field 'resource.ipCidrRange': "
+                                           f"{item['ipCidrRange']!r}") from None
+        stack = item.setdefault("stackType", "IPV4_ONLY")
+        access = item.get("ipv6AccessType")
+        if stack == "IPV4_ONLY":
+            if access:
+                raise ApiError(400, "invalid", "ipv6AccessType needs stackType IPV4_IPV6")
+            for key in ("internalIpv6Prefix", "externalIpv6Prefix"):
+                item.pop(key, None)
+            return
+        if access not in ("INTERNAL", "EXTERNAL"):
+            raise ApiError(400, "required", f"stackType {stack} needs ipv6AccessType INTERNAL or EXTERNAL")
+        key = "internalIpv6Prefix" if access == "INTERNAL" else "externalIpv6Prefix"
+        if not item.get(key):  # GCE picks a /64 from the network's ULA /48 (internal) or its own (external)
+            base = "fd20:0:0" if access == "INTERNAL" else "2600:1900:4000"
+            item[key] = f"{base}:{next(self._ipv6_prefixes):x}::/64"
+
     def _check_addresses(self, project: str, region: str, item: Json, creating: bool) -> None:
+        if item.get("ipVersion") == "IPV6":
+            if item.get("addressType", "EXTERNAL") != "INTERNAL":
+                raise ApiError(400, "invalid", "the fake implements IPv6 addresses of addressType INTERNAL only")
+            subnetwork = self._ipv6_subnetwork(project, region, item.get("subnetwork", ""), "addresses.insert")
+            item["subnetwork"] = subnetwork["selfLink"]
+            item.setdefault("purpose", "GCE_ENDPOINT")
+            if item["purpose"] == "SHARED_LOADBALANCER_VIP":
+                raise ApiError(400, "invalid", "purpose SHARED_LOADBALANCER_VIP is for IPv4 addresses")
+            if "address" in item:
+                try:
+                    given = ipaddress.IPv6Address(item["address"])
+                except ValueError:
+                    raise ApiError(400, "invalid", f"Invalid value for field 'resource.address': "
+                                                   f"{item['address']!r}") from None
+                if given not in ipaddress.IPv6Network(subnetwork["internalIpv6Prefix"]):
+                    raise ApiError(400, "invalid", f"{given} is outside subnetwork {subnetwork['name']}'s range")
+                item["address"] = str(given)
+            else:
+                item["address"] = self._next_ipv6(subnetwork)
+            item["prefixLength"] = 128
+            return
         address_type = item.setdefault("addressType", "EXTERNAL")
         if address_type == "EXTERNAL":
             item.setdefault("networkTier", "PREMIUM")
@@ -691,11 +767,14 @@ class FakeCompute:
                 low, high = _port_range(str(port)) if re.fullmatch(r"\d+(-\d+)?", str(port)) else (0, 0)
                 if not 1 <= low <= high <= 65535:
                     raise ApiError(400, "invalid", f"Invalid value for field 'resource.allowed[].ports': {port!r}")
+        versions = set()
         for text in item.get("sourceRanges", []):
             try:
-                ipaddress.ip_network(text)
+                versions.add(ipaddress.ip_network(text).version)
             except ValueError:
                 raise ApiError(400, "invalid", f"Invalid value for field 'resource.sourceRanges': {text!r}") from None
+        if len(versions) > 1:
+            raise ApiError(400, "invalid", "a firewall's sourceRanges cannot mix IPv4 and IPv6 ranges")
 
     def _check_httpHealthChecks(self, project: str, _: str, item: Json, creating: bool) -> None:
         for key, default in (("port", 80), ("requestPath", "/"), ("checkIntervalSec", 5), ("timeoutSec", 5),
@@ -778,13 +857,24 @@ class FakeCompute:
             raise ApiError(400, "invalid", "a forwarding rule lists at most 5 ports")
         address: Json | None = None
         given = item.get("IPAddress")
+        version = item.get("ipVersion") or "IPV4"
         if given:
             try:
-                ipaddress.IPv4Address(given)
-                address = next((a for a in self._all_addresses(project, region) if a.get("address") == given), None)
+                literal = ipaddress.ip_address(given)
             except ValueError:
                 address = self._resolve(given, project, ["addresses"], "IPAddress")[3]
                 item["IPAddress"] = address["address"]
+            else:
+                if (literal.version == 6) != (version == "IPV6"):
+                    raise ApiError(400, "invalid", f"IPAddress {given} does not match ipVersion {version}")
+                item["IPAddress"] = given = str(literal)
+                address = next((a for a in self._all_addresses(project, region) if a.get("address") == given), None)
+            if address is not None and (address.get("ipVersion") == "IPV6") != (version == "IPV6"):
+                raise ApiError(400, "invalid", f"address {address['name']} does not match ipVersion {version}")
+        if version == "IPV6":
+            self._check_ipv6_rule(project, region, item, address, given)
+            self._check_sharing(project, region, item, address)
+            return
         if scheme == "EXTERNAL":
             if "ports" in item and "target" in item:
                 raise ApiError(400, "invalid", "ports is only for backend service based forwarding rules")
@@ -830,6 +920,37 @@ class FakeCompute:
         else:
             raise ApiError(400, "invalid", f"the fake does not implement scheme {scheme}")
         self._check_sharing(project, region, item, address)
+
+    def _check_ipv6_rule(self, project: str, region: str, item: Json, address: Json | None, given: str | None) -> None:
+        """What GCE allows of IPv6 here: internal, backend service based rules in a subnetwork with
+        internal IPv6; target pools carry IPv4 only."""
+        if item.get("target"):
+            raise ApiError(400, "invalid", "IPv6 forwarding rules cannot point to a target pool: target pools are "
+                                           "IPv4 only")
+        if item.get("loadBalancingScheme") != "INTERNAL":
+            raise ApiError(400, "invalid", "the fake implements IPv6 forwarding rules for scheme INTERNAL only")
+        if not item.get("backendService") or "portRange" in item:
+            raise ApiError(400, "invalid", "an internal IPv6 forwarding rule needs backendService, not portRange")
+        if not item.get("allPorts") and not item.get("ports"):
+            raise ApiError(400, "required", "an internal forwarding rule needs ports or allPorts")
+        service = self._resolve(item["backendService"], project, ["regionBackendServices"], "backendService")[3]
+        if service.get("loadBalancingScheme") != "INTERNAL":
+            raise ApiError(400, "invalid", "the backend service is not INTERNAL")
+        if service.get("protocol") not in (item["IPProtocol"], "UNSPECIFIED"):
+            raise ApiError(400, "invalid", f"rule protocol {item['IPProtocol']} does not match the backend "
+                                           f"service's {service.get('protocol')}")
+        item["backendService"] = service["selfLink"]
+        subnetwork = self._ipv6_subnetwork(project, region, item.get("subnetwork", ""), "forwardingRules.insert")
+        item["subnetwork"] = subnetwork["selfLink"]
+        if given and address is None:
+            raise ApiError(400, "invalid", f"IP address {given} is not reserved in region {region}")
+        same_subnetwork = address is not None and (
+            self._canon(address.get("subnetwork", "")) == self._canon(subnetwork["selfLink"]))
+        if address is not None and (address.get("addressType") != "INTERNAL" or not same_subnetwork):
+            raise ApiError(400, "invalid", f"{given} is not an internal IPv6 address of subnetwork "
+                                           f"{subnetwork['name']}")
+        if not given:
+            item["IPAddress"] = self._next_ipv6(subnetwork)
 
     def _check_sharing(self, project: str, region: str, item: Json, address: Json | None) -> None:
         others = [rule for rule in self._items("forwardingRules", project, region).values()

@@ -70,6 +70,16 @@ class GceWorld:
     def writes(self) -> list[str]:
         return [call.method for call in self.fake.writes()]
 
+    def add_subnetwork(self, name: str = "default", *, ipv6: str | None = "INTERNAL") -> dict[str, Any]:
+        """The subnetwork internal balancers use; `ipv6`: its IPv6 access type, None for IPv4 only."""
+        body = compute_v1.Subnetwork(name=name, ip_cidr_range="10.128.0.0/20",
+                                     network=f"projects/{PROJECT}/global/networks/default")
+        if ipv6:
+            body.stack_type, body.ipv6_access_type = "IPV4_IPV6", ipv6
+        self.client(compute_v1.SubnetworksClient).insert_unary(project=PROJECT, region=REGION,
+                                                               subnetwork_resource=body)
+        return self.one("subnetworks", name)
+
     def inventory(self) -> dict[str, list[str]]:
         return {key: self.fake.names(key) for key in LB_COLLECTIONS}
 
@@ -642,7 +652,8 @@ def test_crash_between_steps_then_ensure_converges_without_duplicates(
 
 def test_crash_after_the_address_was_reserved_reuses_it(gce: GceWorld) -> None:
     nodes = nodes_in(gce, 1)
-    gce.fake.inject("addresses.get", status=400, reason="invalid", message="simulated crash", after=1)
+    # the first two reads look for the IPv4 and the IPv6 address; the third follows the reservation
+    gce.fake.inject("addresses.get", status=400, reason="invalid", message="simulated crash", after=2)
     with pytest.raises(TransientProviderError):
         run(gce.provider().ensure(lb_spec(nodes)))
     reserved = gce.one("addresses", NAME)["address"]
@@ -661,3 +672,168 @@ def test_delete_finishes_after_a_crash_midway(gce: GceWorld) -> None:
     assert gce.fake.names("forwardingRules") == []
     run(gce.provider().delete(spec.ref))
     assert gce.inventory() == empty()
+
+
+# -- IPv6 and dual-stack -----------------------------------------------------------------------------
+
+TCP_ONLY = (PortSpec("http", "TCP", 80), PortSpec("https", "TCP", 443))
+DUAL = {"annotations": INTERNAL, "ports": TCP_ONLY, "ip_families": ("IPv4", "IPv6"),
+        "ip_family_policy": "RequireDualStack"}
+
+
+def test_fake_refuses_what_gce_refuses_of_ipv6(gce: GceWorld) -> None:
+    base = f"{gce.fake.url}/compute/v1/projects/{PROJECT}"
+    gce.add_subnetwork("v4only", ipv6=None)
+    v6 = requests.post(f"{base}/regions/{REGION}/addresses", timeout=10, json={
+        "name": "v6", "addressType": "INTERNAL", "ipVersion": "IPV6",
+        "subnetwork": f"projects/{PROJECT}/regions/{REGION}/subnetworks/v4only"})
+    assert v6.status_code == 400 and "IPV4_ONLY" in v6.json()["error"]["message"]
+    mixed = requests.post(f"{base}/global/firewalls", timeout=10, json={
+        "name": "mixed", "allowed": [{"IPProtocol": "tcp"}], "sourceRanges": ["10.0.0.0/8", "2001:db8::/32"]})
+    assert mixed.status_code == 400 and "mix" in mixed.json()["error"]["message"]
+    run(gce.provider().ensure(lb_spec(nodes_in(gce, 1))))  # a target pool to point at
+    pool_rule = requests.post(f"{base}/regions/{REGION}/forwardingRules", timeout=10, json={
+        "name": "pool-v6", "IPProtocol": "TCP", "ipVersion": "IPV6", "portRange": "80",
+        "target": f"projects/{PROJECT}/regions/{REGION}/targetPools/{NAME}"})
+    assert pool_rule.status_code == 400 and "IPv4 only" in pool_rule.json()["error"]["message"]
+    bad_version = requests.post(f"{base}/regions/{REGION}/subnetworks", timeout=10, json={
+        "name": "x", "ipCidrRange": "10.1.0.0/20", "stackType": "IPV4_IPV7"})
+    assert bad_version.status_code == 400
+
+
+def test_dual_stack_internal_balancer(gce: GceWorld) -> None:
+    gce.add_subnetwork()
+    nodes = nodes_in(gce, 2)
+    provider = gce.provider()
+    spec = lb_spec(nodes, **DUAL)
+    status = run(provider.ensure(spec))
+
+    v4, v6 = gce.one("addresses", NAME), gce.one("addresses", f"{NAME}-ipv6")
+    assert (v6["addressType"], v6["ipVersion"], v6["purpose"]) == ("INTERNAL", "IPV6", "GCE_ENDPOINT")
+    assert v6["address"].startswith("fd20:")
+    assert [i.ip for i in status.ingress] == [v4["address"], v6["address"]]  # spec.ipFamilies order
+    assert all(i.ports == status.ingress[0].ports for i in status.ingress)
+    rule, rule_v6 = gce.one("forwardingRules", f"{NAME}-tcp"), gce.one("forwardingRules", f"{NAME}-tcp-ipv6")
+    assert rule_v6["ipVersion"] == "IPV6" and rule_v6["IPAddress"] == v6["address"]
+    assert rule_v6["backendService"] == rule["backendService"]  # one backend service, a rule per family
+    assert sorted(rule_v6["ports"]) == ["443", "80"] and rule_v6["subnetwork"].endswith("/subnetworks/default")
+    assert gce.one("firewalls", f"k8s-fw-{NAME}")["sourceRanges"] == ["0.0.0.0/0"]
+    assert gce.one("firewalls", f"k8s-fw-{NAME}-ipv6")["sourceRanges"] == ["::/0"]
+    assert gce.one("firewalls", "k8s-prod-node-http-hc-ipv6")["sourceRanges"] == ["2600:2d00:1:b029::/64"]
+    got = run(provider.get(spec.ref))
+    assert got is not None and [i.ip for i in got.ingress] == [v4["address"], v6["address"]]
+
+    gce.fake.reset_calls()
+    assert run(provider.ensure(spec)) == status
+    assert gce.writes() == []
+
+    # IPv6 first in spec.ipFamilies: first in status too.
+    assert [i.ip for i in run(provider.ensure(dataclasses.replace(spec, ip_families=("IPv6", "IPv4")))).ingress] \
+        == [v6["address"], v4["address"]]
+
+    # A port change recreates both rules; the reserved addresses stay.
+    moved = dataclasses.replace(spec, ports=(PortSpec("http", "TCP", 8080),))
+    gce.fake.reset_calls()
+    assert [i.ip for i in run(provider.ensure(moved)).ingress] == [v4["address"], v6["address"]]
+    assert sorted(gce.writes()) == sorted(["forwardingRules.delete", "forwardingRules.delete",
+                                           "forwardingRules.insert", "forwardingRules.insert",
+                                           "firewalls.patch", "firewalls.patch"])
+
+    # Source ranges split by family; a family without ranges admits nobody (its firewall goes).
+    run(provider.ensure(dataclasses.replace(moved, source_ranges=("10.0.0.0/8", "2001:db8::/32"))))
+    assert gce.one("firewalls", f"k8s-fw-{NAME}")["sourceRanges"] == ["10.0.0.0/8"]
+    assert gce.one("firewalls", f"k8s-fw-{NAME}-ipv6")["sourceRanges"] == ["2001:db8::/32"]
+    run(provider.ensure(dataclasses.replace(moved, source_ranges=("10.0.0.0/8",))))
+    assert f"k8s-fw-{NAME}-ipv6" not in gce.fake.names("firewalls")
+
+    # Back to IPv4 only: every IPv6 piece goes.
+    run(provider.ensure(dataclasses.replace(moved, ip_families=("IPv4",), ip_family_policy="SingleStack")))
+    assert gce.fake.names("addresses") == [NAME]
+    assert gce.fake.names("forwardingRules") == [f"{NAME}-tcp"]
+
+    run(provider.ensure(spec))
+    run(provider.delete(spec.ref))
+    assert gce.inventory() == empty()
+
+
+def test_ipv6_only_internal_balancer(gce: GceWorld) -> None:
+    gce.add_subnetwork()
+    nodes = nodes_in(gce, 1)
+    provider = gce.provider()
+    spec = lb_spec(nodes, annotations=INTERNAL, ports=TCP_ONLY, ip_families=("IPv6",),
+                   source_ranges=("2001:db8:7::/48",))
+    status = run(provider.ensure(spec))
+    v6 = gce.one("addresses", f"{NAME}-ipv6")
+    assert [i.ip for i in status.ingress] == [v6["address"]]
+    assert gce.fake.names("addresses") == [f"{NAME}-ipv6"]
+    assert gce.fake.names("forwardingRules") == [f"{NAME}-tcp-ipv6"]
+    assert f"k8s-fw-{NAME}" not in gce.fake.names("firewalls")
+    assert gce.one("firewalls", f"k8s-fw-{NAME}-ipv6")["sourceRanges"] == ["2001:db8:7::/48"]
+
+    # Becoming dual-stack adds the IPv4 side and keeps the IPv6 address.
+    both = dataclasses.replace(spec, ip_families=("IPv6", "IPv4"), ip_family_policy="RequireDualStack",
+                               source_ranges=())
+    status = run(provider.ensure(both))
+    assert [i.ip for i in status.ingress] == [v6["address"], gce.one("addresses", NAME)["address"]]
+    run(provider.delete(spec.ref))
+    assert gce.inventory() == empty()
+
+
+def test_prefer_dual_stack_settles_for_ipv4_where_gce_has_no_ipv6(gce: GceWorld) -> None:
+    nodes = nodes_in(gce, 1)
+    external = lb_spec(nodes, ip_families=("IPv4", "IPv6"), ip_family_policy="PreferDualStack",
+                       source_ranges=("198.51.100.0/24", "2001:db8::/32"))
+    status = run(gce.provider().ensure(external))  # target pools: IPv4 only
+    assert [i.ip for i in status.ingress] == [gce.one("addresses", NAME)["address"]]
+    assert gce.one("firewalls", f"k8s-fw-{NAME}")["sourceRanges"] == ["198.51.100.0/24"]
+    assert f"k8s-fw-{NAME}-ipv6" not in gce.fake.names("firewalls")
+    mixed = dataclasses.replace(external, annotations=INTERNAL)  # TCP and UDP: no shared IPv6 address
+    assert len(run(gce.provider().ensure(mixed)).ingress) == 1
+    assert gce.fake.names("addresses") == [NAME]
+
+
+IPV6_REFUSALS = [
+    pytest.param({**DUAL, "annotations": {}}, None, "spec.ipFamilyPolicy", "target pool", id="external-require"),
+    pytest.param({**DUAL, "ip_families": ("IPv6",), "ip_family_policy": "SingleStack", "annotations": {}}, None,
+                 "spec.ipFamilies", "target pool", id="external-ipv6-only"),
+    pytest.param({**DUAL, "ports": (PortSpec("dns", "UDP", 53), PortSpec("dns-tcp", "TCP", 53))}, "INTERNAL",
+                 "spec.ipFamilyPolicy", "TCP and a UDP", id="internal-mixed-protocols"),
+    pytest.param(DUAL, None, "spec.ipFamilyPolicy", "IPV4_ONLY", id="subnetwork-ipv4-only"),
+    pytest.param(DUAL, "EXTERNAL", "spec.ipFamilyPolicy", "EXTERNAL IPv6 access", id="subnetwork-external-ipv6"),
+    pytest.param(DUAL, "missing", "spec.ipFamilyPolicy", "was not found", id="no-subnetwork"),
+    pytest.param({"ip_families": ("IPv4",), "source_ranges": ("2001:db8::/32",)}, None,
+                 "spec.loadBalancerSourceRanges[0]", "IPv4 only", id="ipv6-range-on-ipv4-service"),
+    pytest.param({"ip_families": ("IPv6",), "annotations": INTERNAL, "ports": TCP_ONLY,
+                  "source_ranges": ("10.0.0.0/8",)}, "INTERNAL", "spec.loadBalancerSourceRanges[0]", "IPv6 only",
+                 id="ipv4-range-on-ipv6-service"),
+]
+
+
+@pytest.mark.parametrize(("changes", "subnetwork", "field", "says"), IPV6_REFUSALS)
+def test_ipv6_refusals_name_the_field_and_leave_nothing(
+    gce: GceWorld, changes: dict[str, Any], subnetwork: str | None, field: str, says: str,
+) -> None:
+    if subnetwork != "missing":
+        gce.add_subnetwork(ipv6=subnetwork)
+    nodes = nodes_in(gce, 1)
+    gce.fake.reset_calls()
+    with pytest.raises(InvalidServiceError) as caught:
+        run(gce.provider().ensure(lb_spec(nodes, **changes)))
+    assert caught.value.field == field and caught.value.fix
+    assert says in caught.value.problem
+    assert gce.writes() == [] and gce.inventory() == empty()
+    if "subnetwork" in caught.value.problem and subnetwork != "missing":
+        assert "--stack-type IPV4_IPV6 --ipv6-access-type INTERNAL" in caught.value.fix
+
+
+def test_an_ipv6_refusal_leaves_an_existing_balancer_as_it_was(gce: GceWorld) -> None:
+    gce.add_subnetwork(ipv6=None)
+    nodes = nodes_in(gce, 1)
+    provider = gce.provider()
+    ipv4 = lb_spec(nodes, annotations=INTERNAL, ports=TCP_ONLY)
+    run(provider.ensure(ipv4))
+    before = gce.inventory()
+    gce.fake.reset_calls()
+    with pytest.raises(InvalidServiceError):
+        run(provider.ensure(lb_spec(nodes, **DUAL)))
+    assert gce.writes() == [] and gce.inventory() == before

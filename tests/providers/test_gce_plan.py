@@ -25,9 +25,12 @@ from providers.gce_plan import (
     PoolState,
     RuleState,
     Scheme,
+    SubnetworkState,
     Tier,
     backend_service_change,
     backend_services_for,
+    bare_ip,
+    check_subnetwork_for_ipv6,
     firewall_change,
     firewall_for,
     group_change,
@@ -35,6 +38,7 @@ from providers.gce_plan import (
     health_check_firewall_for,
     owner_of,
     plan_address,
+    plan_address_v6,
     pool_change,
     read_config,
     read_intent,
@@ -121,6 +125,10 @@ BAD_INPUT = [
     pytest.param({"source_ranges": ("10.0.0.0/8", "10.0.0.300/32")}, "spec.loadBalancerSourceRanges[1]",
                  id="bad-cidr"),
     pytest.param({"source_ranges": ("2001:db8::/32",)}, "spec.loadBalancerSourceRanges[0]", id="ipv6-range"),
+    pytest.param({"ip_families": ("IPv6",), "annotations": {LB_TYPE_ANNOTATION: "Internal"},
+                  "ports": (PortSpec("a", "TCP", 80),), "load_balancer_ip": "10.0.0.5"},
+                 "spec.loadBalancerIP", id="ipv4-ip-on-ipv6-only"),
+    pytest.param({"ip_families": ("IPv4", "IPv4")}, "spec.ipFamilies", id="family-twice"),
     pytest.param({"load_balancer_ip": "not-an-ip"}, "spec.loadBalancerIP", id="bad-ip"),
     pytest.param({"load_balancer_ip": "2001:db8::1"}, "spec.loadBalancerIP", id="ipv6-ip"),
     pytest.param({"ports": ()}, "spec.ports", id="no-ports"),
@@ -419,3 +427,89 @@ def test_target_tags_are_the_nodes_tags() -> None:
 def test_target_tags_wait_for_missing_or_untagged_instances(found: dict[str, tuple[str, ...]]) -> None:
     with pytest.raises(PendingError, match="n2"):
         target_tags(read_intent(spec(), CONFIG), CONFIG, instances(**found))
+
+
+# -- IPv6 and dual-stack -----------------------------------------------------------------------------
+
+INTERNAL = {LB_TYPE_ANNOTATION: "Internal"}
+TCP = (PortSpec("http", "TCP", 80), PortSpec("https", "TCP", 443))
+
+
+@pytest.mark.parametrize(("changes", "families"), [
+    ({}, ("IPv4",)),
+    ({"annotations": INTERNAL, "ports": TCP, "ip_families": ("IPv4", "IPv6"),
+      "ip_family_policy": "RequireDualStack"}, ("IPv4", "IPv6")),
+    ({"annotations": INTERNAL, "ports": TCP, "ip_families": ("IPv6", "IPv4"),
+      "ip_family_policy": "PreferDualStack"}, ("IPv6", "IPv4")),
+    ({"annotations": INTERNAL, "ports": TCP, "ip_families": ("IPv6",)}, ("IPv6",)),
+    # where IPv6 cannot be had, PreferDualStack settles for IPv4
+    ({"ip_families": ("IPv4", "IPv6"), "ip_family_policy": "PreferDualStack"}, ("IPv4",)),
+    ({"annotations": INTERNAL, "ip_families": ("IPv4", "IPv6"), "ip_family_policy": "PreferDualStack"}, ("IPv4",)),
+])
+def test_families(changes: dict[str, Any], families: tuple[str, ...]) -> None:
+    assert read_intent(spec(**changes), CONFIG).families == families
+
+
+@pytest.mark.parametrize(("ranges", "v4", "v6"), [
+    ((), ("0.0.0.0/0",), ("::/0",)),
+    (("10.0.0.0/8", "2001:db8::1/32"), ("10.0.0.0/8",), ("2001:db8::/32",)),
+    (("10.0.0.0/8",), ("10.0.0.0/8",), ()),  # IPv6 clients admitted by none of the ranges: no IPv6 firewall
+])
+def test_source_ranges_split_by_family(ranges: tuple[str, ...], v4: tuple[str, ...], v6: tuple[str, ...]) -> None:
+    intent = read_intent(spec(annotations=INTERNAL, ports=TCP, ip_families=("IPv4", "IPv6"),
+                              ip_family_policy="RequireDualStack", source_ranges=ranges), CONFIG)
+    assert (intent.ranges("IPv4"), intent.ranges("IPv6")) == (v4, v6)
+    firewall = firewall_for(intent, CONFIG, ("n",), "IPv6")
+    assert firewall.name == f"k8s-fw-{NAME}-ipv6" and firewall.source_ranges == frozenset(v6)
+    check = health_check_firewall_for(intent, CONFIG, ("n",), "IPv6")
+    assert (check.name, check.source_ranges) == ("k8s-prod-node-http-hc-ipv6", {"2600:2d00:1:b029::/64"})
+
+
+def test_dual_stack_rules_and_status() -> None:
+    intent = read_intent(spec(annotations=INTERNAL, ports=TCP, ip_families=("IPv6", "IPv4"),
+                              ip_family_policy="RequireDualStack"), CONFIG)
+    rules = rules_for(intent, CONFIG, "10.0.0.9", "fd20::9")
+    assert [(r.name, r.ip, r.ip_version) for r in rules] == [
+        (f"{NAME}-tcp", "10.0.0.9", ""), (f"{NAME}-tcp-ipv6", "fd20::9", "IPV6")]
+    assert rules[0].backend_service == rules[1].backend_service and rules[1].ports == {"80", "443"}
+    assert [i.ip for i in status_for(intent, "10.0.0.9", "fd20::9").ingress] == ["fd20::9", "10.0.0.9"]
+    assert [i.ip for i in status_for(intent, None, "fd20::9").ingress] == ["fd20::9"]
+    assert rule_change(rules[1], dataclasses.replace(rules[1], ip_version="")) is Change.RECREATE
+
+
+def test_plan_address_v6() -> None:
+    intent = read_intent(spec(annotations=INTERNAL, ports=TCP, ip_families=("IPv6",)), CONFIG)
+    mine = json.dumps({"kubernetes.io/cluster/prod": "owned", "kubernetes.io/service-name": "shop/web",
+                       "lbctl.io/load-balancer": NAME})
+    own = ObservedAddress(name=f"{NAME}-ipv6", ip="fd20:0:0:1:0:0:0:100", address_type="INTERNAL", tier="",
+                          purpose="GCE_ENDPOINT", description=mine, ip_version="IPV6")
+    assert plan_address_v6(intent, CONFIG, None).reserve
+    assert plan_address_v6(intent, CONFIG, own).ip == "fd20:0:0:1::100"
+    assert plan_address_v6(intent, CONFIG, dataclasses.replace(own, ip_version="IPV4")).release_own_first
+    with pytest.raises(PendingError):
+        plan_address_v6(intent, CONFIG, dataclasses.replace(own, description="someone's"))
+
+
+@pytest.mark.parametrize(("subnetwork", "fine"), [
+    (SubnetworkState("default", "IPV4_IPV6", "INTERNAL"), True),
+    (SubnetworkState("default", "IPV6_ONLY", "INTERNAL"), True),
+    (SubnetworkState("default", "IPV4_IPV6", "EXTERNAL"), False),
+    (SubnetworkState("default", "IPV4_ONLY", ""), False),
+    (SubnetworkState("default", "", ""), False),
+    (None, False),
+])
+def test_check_subnetwork_for_ipv6(subnetwork: SubnetworkState | None, fine: bool) -> None:
+    intent = read_intent(spec(annotations=INTERNAL, ports=TCP, ip_families=("IPv4", "IPv6"),
+                              ip_family_policy="RequireDualStack"), CONFIG)
+    if fine:
+        check_subnetwork_for_ipv6(intent, CONFIG, subnetwork)
+        return
+    with pytest.raises(InvalidServiceError) as caught:
+        check_subnetwork_for_ipv6(intent, CONFIG, subnetwork)
+    assert caught.value.field == "spec.ipFamilyPolicy" and "default" in caught.value.problem
+
+
+@pytest.mark.parametrize(("text", "bare"), [("fd20:0:0:1:0:0:0:100/96", "fd20:0:0:1::100"),
+                                            ("10.0.0.9", "10.0.0.9"), ("", "")])
+def test_bare_ip(text: str, bare: str) -> None:
+    assert bare_ip(text) == bare
