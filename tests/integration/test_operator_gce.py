@@ -225,3 +225,67 @@ def test_ports_internal_scheme_requested_address_and_rate_limits_with_the_operat
     core.delete_namespaced_service("web", namespace)
     wait_until(lambda: not owned(gce, lb)["forwardingRules"], what="web's rule deleted")
     assert "reserved" in gce.names("addresses")  # a requested address is never released
+
+
+# ---- IPv6 and dual-stack ----------------------------------------------------------------------------
+
+INTERNAL = {"networking.gke.io/load-balancer-type": "Internal"}
+
+
+def add_subnetwork(fake: GceFakeServer, *, ipv6: bool) -> None:
+    """The subnetwork internal balancers use (the provider's default: named like the network)."""
+    body = compute_v1.Subnetwork(name="default", ip_cidr_range="10.128.0.0/20",
+                                 network=f"projects/{PROJECT}/global/networks/default")
+    if ipv6:
+        body.stack_type, body.ipv6_access_type = "IPV4_IPV6", "INTERNAL"
+    compute_v1.SubnetworksClient(credentials=AnonymousCredentials(), transport="rest",
+                                 client_options={"api_endpoint": fake.url}).insert_unary(
+        project=PROJECT, region=REGION, subnetwork_resource=body)
+
+
+def test_dual_stack_internal_service_lists_both_addresses(
+    core: client.CoreV1Api, namespace: str, nodes: Nodes, gce: GceFakeServer,
+    start_operator: Callable[..., OperatorProcess],
+) -> None:
+    add_subnetwork(gce, ipv6=True)
+    add_vm_node(gce, nodes, "gn-0")
+    start_operator(*operator_args(gce))
+    core.create_namespaced_service(namespace, lb_service(
+        "both", [80], lb_class=GCE_CLASS, annotations=INTERNAL, ipFamilyPolicy="RequireDualStack",
+        ipFamilies=["IPv4", "IPv6"]))
+    ips = wait_for_ips(core, namespace, "both", count=2, timeout=30)
+    lb = load_balancer_name(uid_of(core, namespace, "both"))
+    addresses = {a["name"]: a["address"] for a in gce.resources("addresses")}
+    assert ips == [addresses[lb], addresses[f"{lb}-ipv6"]] and ":" in ips[1]
+    rules = {r["name"]: r for r in gce.resources("forwardingRules")}
+    assert rules[f"{lb}-tcp-ipv6"]["ipVersion"] == "IPV6" and rules[f"{lb}-tcp-ipv6"]["IPAddress"] == ips[1]
+    assert rules[f"{lb}-tcp"]["IPAddress"] == ips[0]
+    wait_for_condition(core, namespace, "both", "True")
+
+    core.delete_namespaced_service("both", namespace)
+    wait_until(lambda: owned(gce, lb) == {k: [] for k in LB_COLLECTIONS}, what="both families' resources removed")
+
+
+def test_ipv6_refusals_name_the_field_and_leave_nothing(
+    core: client.CoreV1Api, namespace: str, nodes: Nodes, gce: GceFakeServer,
+    start_operator: Callable[..., OperatorProcess],
+) -> None:
+    add_subnetwork(gce, ipv6=False)
+    add_vm_node(gce, nodes, "gn-0")
+    start_operator(*operator_args(gce))
+    dual = {"ipFamilyPolicy": "RequireDualStack", "ipFamilies": ["IPv4", "IPv6"]}
+    core.create_namespaced_service(namespace, lb_service("external", [80], lb_class=GCE_CLASS, **dual))
+    core.create_namespaced_service(namespace, lb_service("v4subnet", [80], lb_class=GCE_CLASS,
+                                                         annotations=INTERNAL, **dual))
+    core.create_namespaced_service(namespace, lb_service(
+        "prefer", [80], lb_class=GCE_CLASS, ipFamilyPolicy="PreferDualStack", ipFamilies=["IPv4", "IPv6"]))
+    found = wait_for_condition(core, namespace, "external", "False", timeout=30)
+    assert "spec.ipFamilyPolicy" in found.message and "target pool" in found.message
+    wait_for_event(core, namespace, "external", "SyncLoadBalancerFailed", "load-balancer-type: Internal")
+    found = wait_for_condition(core, namespace, "v4subnet", "False", timeout=30)
+    assert "spec.ipFamilyPolicy" in found.message and "subnetwork default" in found.message
+    wait_for_event(core, namespace, "v4subnet", "SyncLoadBalancerFailed", "--stack-type IPV4_IPV6")
+    # PreferDualStack where GCE has no IPv6 (a target pool): the IPv4 balancer alone.
+    assert len(wait_for_ips(core, namespace, "prefer", timeout=30)) == 1
+    for name in ("external", "v4subnet"):
+        assert owned(gce, load_balancer_name(uid_of(core, namespace, name))) == {k: [] for k in LB_COLLECTIONS}
