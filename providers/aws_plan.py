@@ -306,14 +306,15 @@ def read_ip_address_type(ann: Mapping[str, str]) -> str:
 
 
 def check_dualstack_listeners(spec: LoadBalancerSpec, listeners: Sequence[ListenerPlan]) -> None:
-    """lbctl's target groups hold instances, so they are IPv4 target groups: the NLB translates IPv6
-    TCP clients to them, but AWS carries IPv6 UDP only to IPv6 (IP-type) target groups."""
+    """lbctl's target groups hold instances, so they are IPv4 target groups: a dualstack NLB's TCP and
+    TLS listeners may use them (IPv6 clients are translated), but AWS documents that "a UDP listener
+    for a dualstack load balancer requires IPv6 target groups", and those take only IP targets."""
     for listener in listeners:
         if listener.protocol in ("UDP", "TCP_UDP"):
             index = next(i for i, p in enumerate(spec.ports) if p.port == listener.port and p.protocol == "UDP")
             raise InvalidServiceError(
-                f"port {listener.port} carries UDP, which a dualstack NLB forwards to IPv6 clients only through "
-                "IPv6 target groups of IP targets; lbctl registers instances (IPv4 target groups)",
+                f"port {listener.port} carries UDP: a UDP listener of a dualstack NLB requires IPv6 target "
+                "groups, which hold only IP targets, and lbctl registers instances (IPv4 target groups)",
                 field=f"spec.ports[{index}].protocol",
                 fix=f"serve UDP from a Service without {ANN_IP_ADDRESS_TYPE}: dualstack, or use TCP",
             )
