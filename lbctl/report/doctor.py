@@ -105,7 +105,7 @@ class Snapshot:
     access: Mapping[str, Mapping[Permission, bool]] = field(default_factory=dict)
     access_problem: str = ""
     extra: Sequence[Check] = ()  # provider checks (credentials, tags, subnets)
-    peers: Sequence[Mapping[str, Any]] = ()  # BGPPeers (none when their CRD is not installed)
+    peers: Sequence[Mapping[str, Any]] | None = ()  # BGPPeers (None: their CRD is not installed)
 
 
 def check_crd(crd: Mapping[str, Any] | None) -> Check:
@@ -234,13 +234,13 @@ def _session_text(peer: BGPPeer, node: str) -> str:
     return f"{node}: {session.state}" + (f" ({session.message})" if session.message else "")
 
 
-def check_bgp(peers: Sequence[Mapping[str, Any]], pools: Sequence[Mapping[str, Any]],
+def check_bgp(peers: Sequence[Mapping[str, Any]] | None, pools: Sequence[Mapping[str, Any]],
               nodes: Sequence[Mapping[str, Any]]) -> list[Check]:
     """Each BGPPeer: an Established session on its selected nodes; each pool advertised by BGP: a
-    valid advertisement and a peer that takes it."""
+    valid advertisement and a peer that takes it. `peers` None: the BGPPeer CRD is not installed."""
     checks: list[Check] = []
     parsed: list[BGPPeer] = []
-    for obj in peers:
+    for obj in peers or ():
         name = str(facts.meta(obj).get("name"))
         try:
             parsed.append(parse_peer(obj))
@@ -286,7 +286,7 @@ def check_bgp(peers: Sequence[Mapping[str, Any]], pools: Sequence[Mapping[str, A
             checks.append(Check(f"pool {name} bgp", FAIL, f"invalid advertisement: {exc.field}: {exc.problem}",
                                 exc.fix or "fix the pool's spec.advertisement"))
             continue
-        problem = advertisement_problem(advertisement, valid)
+        problem = advertisement_problem(advertisement, None if peers is None else valid)
         if problem is None:
             if advertisement.bgp:
                 checks.append(Check(f"pool {name} bgp", PASS, f"advertised by BGP ({advertisement.mode})"))

@@ -191,8 +191,10 @@ async def access(reader: Reader) -> tuple[dict[str, dict[Permission, bool]], str
 
 
 async def doctor_snapshot(reader: Reader, check_access: bool = True) -> Snapshot:
-    crd, lease, deployment = await asyncio.gather(
+    crd, peer_crd, lease, deployment = await asyncio.gather(
         reader.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{facts.POOL_CRD}",
+                   "customresourcedefinitions"),
+        reader.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{facts.BGP_PEER_CRD}",
                    "customresourcedefinitions"),
         reader.get(f"{LEASES_PATH}/{facts.OPERATOR_LEASE}", "leases in lbctl-system"),
         reader.get(f"/apis/apps/v1/namespaces/{facts.SYSTEM_NAMESPACE}/deployments/lbctl-operator",
@@ -208,4 +210,4 @@ async def doctor_snapshot(reader: Reader, check_access: bool = True) -> Snapshot
     results, problem = await access(reader) if check_access else ({}, "skipped (--no-rbac)")
     return Snapshot(now=time.time(), pool_crd=crd, operator_lease=lease, operator_deployment=deployment,
                     nodes=nodes, leases=leases, pools=pools, services=services, access=results,
-                    access_problem=problem, peers=peers)
+                    access_problem=problem, peers=peers if peer_crd is not None else None)

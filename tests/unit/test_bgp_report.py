@@ -124,14 +124,22 @@ def bgp_pool(**bgp: Any) -> dict[str, Any]:
      {"pool bgp bgp": "fail", "bgppeer tor": "pass"}),
     # l2 pools and no peers: nothing to say
     ([], [{"metadata": {"name": "l2"}, "spec": {"addresses": ["10.0.0.0/30"]}}], {}),
+    (None, [{"metadata": {"name": "l2"}, "spec": {"addresses": ["10.0.0.0/30"]}}], {}),
+    # a bgp pool in a cluster without the BGPPeer CRD
+    (None, [bgp_pool()], {"pool bgp bgp": "fail"}),
 ])
-def test_doctor_checks_bgp(peers: list[dict[str, Any]], pools: list[dict[str, Any]],
+def test_doctor_checks_bgp(peers: list[dict[str, Any]] | None, pools: list[dict[str, Any]],
                            expected: dict[str, str]) -> None:
     checks = doctor.check_bgp(peers, pools, [node("n1"), node("n2")])
     assert {c.name: c.status for c in checks} == expected
     for check in checks:
         if check.status in (doctor.FAIL, doctor.WARN):
             assert check.fix, check
+
+
+def test_doctor_says_when_the_peer_crd_is_missing() -> None:
+    [check] = doctor.check_bgp(None, [bgp_pool()], [node("n1")])
+    assert check.message.startswith("NoBGPPeers") and "crd-bgppeer.yaml" in check.fix
 
 
 def test_doctor_names_the_sessions_and_the_fix() -> None:
