@@ -6,6 +6,12 @@ transaction (lbctl.forwarder.render) and applying it with `nft` in a scratch net
 makes and removes (root needed; no control plane).
 
     python3 bench/forwarder_sync.py --services 10000 --endpoints 5
+    python3 bench/forwarder_sync.py --services 10000 --endpoints 5 --dual-stack      # half dual-stack
+    python3 bench/forwarder_sync.py --services 10000 --endpoints 5 --dual-stack 1    # every one
+
+With --dual-stack [FRACTION] (default 0.5) that share of the Services is dual-stack: an IPv6 LB
+address too, and an IPv6 EndpointSlice with as many endpoints as the IPv4 one; the JSON then says
+dual_stack_services.
 
 Prints JSON: services, endpoints, build_s, full_sync_s (start-up sync: plan + apply of everything,
 the table replaced), resync_s (the periodic full rewrite, affinity kept), incremental_sync_s
@@ -37,38 +43,54 @@ from lbctl.model.scope import Scope
 CONTEXT = BuildContext(node="node-1", scope=Scope("lbctl.io/local"))
 
 
-def objects(index: int, endpoints: int, generation: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The Service and EndpointSlice of Service `index` (pods spread over three nodes)."""
+def objects(index: int, endpoints: int, generation: int = 0,
+            dual: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The Service and its EndpointSlices (one per family) of Service `index` (pods spread over
+    three nodes)."""
     ns, name = f"ns{index % 100}", f"svc{index}"
+    ingress = [{"ip": f"100.{64 + (index >> 16)}.{(index >> 8) & 255}.{index & 255}", "ipMode": "VIP"}]
+    if dual:
+        ingress.append({"ip": f"2001:db8:ffff::{index:x}", "ipMode": "VIP"})
     service = {
         "metadata": {"name": name, "namespace": ns, "uid": f"uid-{index}", "resourceVersion": str(index),
                      "creationTimestamp": "2024-01-01T00:00:00Z"},
         "spec": {"type": "LoadBalancer", "loadBalancerClass": "lbctl.io/local", "externalTrafficPolicy": "Cluster",
+                 "ipFamilies": ["IPv4", "IPv6"] if dual else ["IPv4"],
+                 "ipFamilyPolicy": "RequireDualStack" if dual else "SingleStack",
                  "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080,
                             "nodePort": 30000 + index % 25000}]},
-        "status": {"loadBalancer": {"ingress": [
-            {"ip": f"100.{64 + (index >> 16)}.{(index >> 8) & 255}.{index & 255}", "ipMode": "VIP"}]}},
+        "status": {"loadBalancer": {"ingress": ingress}},
     }
-    endpoint_list = [
-        {"addresses": [f"10.{(index >> 8) & 255}.{index & 255}.{(j + generation) % 250 + 1}"],
-         "conditions": {"ready": True, "serving": True, "terminating": False}, "nodeName": f"node-{j % 3 + 1}"}
-        for j in range(endpoints)
-    ]
-    endpoint_slice = {
-        "metadata": {"name": f"{name}-abcde", "namespace": ns, "labels": {"kubernetes.io/service-name": name}},
-        "addressType": "IPv4", "endpoints": endpoint_list,
-        "ports": [{"name": "http", "protocol": "TCP", "port": 8080}],
-    }
-    return service, endpoint_slice
+    families = [("IPv4", lambda j: f"10.{(index >> 8) & 255}.{index & 255}.{(j + generation) % 250 + 1}")]
+    if dual:
+        families.append(("IPv6", lambda j: f"2001:db8:{(index >> 8) & 255:x}:{index & 255:x}::"
+                                           f"{(j + generation) % 250 + 1:x}"))
+    slices = []
+    for address_type, address in families:
+        endpoint_list = [
+            {"addresses": [address(j)],
+             "conditions": {"ready": True, "serving": True, "terminating": False}, "nodeName": f"node-{j % 3 + 1}"}
+            for j in range(endpoints)
+        ]
+        slices.append({
+            "metadata": {"name": f"{name}-{address_type.lower()}", "namespace": ns,
+                         "labels": {"kubernetes.io/service-name": name}},
+            "addressType": address_type, "endpoints": endpoint_list,
+            "ports": [{"name": "http", "protocol": "TCP", "port": 8080}],
+        })
+    return service, slices
 
 
-def build(service: dict[str, Any], endpoint_slice: dict[str, Any]) -> ServiceState:
-    state, problems = build_service(service, [endpoint_slice], CONTEXT)
+def build(service: dict[str, Any], slices: list[dict[str, Any]]) -> ServiceState:
+    state, problems = build_service(service, slices, CONTEXT)
     assert state is not None and not problems, problems
     return state
 
 
-def run(services: int, endpoints: int) -> dict[str, Any]:
+def run(services: int, endpoints: int, dual_share: float = 0.0) -> dict[str, Any]:
+    def dual(index: int) -> bool:  # spread evenly (0.5: every other one)
+        return int((index + 1) * dual_share) > int(index * dual_share)
+
     lab = Lab(prefix=f"lbxb{os.getpid() % 4096:03x}")
     try:
         namespace = lab.add_namespace("sync")
@@ -76,7 +98,7 @@ def run(services: int, endpoints: int) -> dict[str, Any]:
         planner = Planner()
 
         started = time.perf_counter()
-        states = [build(*objects(i, endpoints)) for i in range(services)]
+        states = [build(*objects(i, endpoints, dual=dual(i))) for i in range(services)]
         build_s = time.perf_counter() - started
         gc.collect()
         started = time.perf_counter()
@@ -101,22 +123,24 @@ def run(services: int, endpoints: int) -> dict[str, Any]:
         samples, plan_samples = [], []
         for round_ in range(1, 21):
             index = (round_ * 7919) % services
-            service, endpoint_slice = objects(index, endpoints, generation=round_)  # one endpoint moved
+            # one endpoint moved (in each family of a dual-stack Service)
+            service, slices = objects(index, endpoints, generation=round_, dual=dual(index))
             started = time.perf_counter()
-            state = build(service, endpoint_slice)
+            state = build(service, slices)
             plan = planner.plan_update({state.key: state})
             planned = time.perf_counter()
             nft.apply(plan.transaction)
             samples.append(time.perf_counter() - started)
             plan_samples.append(planned - started)
             planner.commit(plan)
-        table = nft.list_table("ip", "lbctl")
-        assert table.count("chain svc/") == services, "not every Service made it into the kernel"
+        table = nft.list_table("inet", "lbctl")
+        duals = sum(1 for i in range(services) if dual(i))
+        assert table.count("chain svc/") == services + duals, "not every Service made it into the kernel"
     finally:
         problems = lab.close()
         assert not problems, problems
     return {
-        "services": services, "endpoints": endpoints, "build_s": round(build_s, 3),
+        "services": services, "endpoints": endpoints, "dual_stack_services": duals, "build_s": round(build_s, 3),
         **{k: round(v, 3) for k, v in full.items()},
         **{k: round(v, 3) for k, v in resync.items()},
         "incremental_sync_s": round(statistics.median(samples), 4),
@@ -132,11 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--services", type=int, default=10_000)
     parser.add_argument("--endpoints", type=int, default=5)
+    parser.add_argument("--dual-stack", type=float, nargs="?", const=0.5, default=0.0, metavar="FRACTION",
+                        help="share of the Services that are dual-stack (default when given: 0.5)")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.dual_stack <= 1.0:
+        parser.error("--dual-stack takes a fraction from 0 to 1")
     if os.geteuid() != 0:
         print("forwarder_sync: needs root (it makes a scratch network namespace for nft)", file=sys.stderr)
         return 1
-    print(json.dumps(run(args.services, args.endpoints)))
+    print(json.dumps(run(args.services, args.endpoints, args.dual_stack)))
     return 0
 
 

@@ -72,7 +72,8 @@ def dp() -> Iterator[DataplaneEnv]:
                              "operator.log", env={**os.environ, "KUBECONFIG": kubeconfig})
         env = DataplaneEnv(lab=lab, kube=kube, workdir=workdir, clients=clients, cp_dir=cp_dir,
                            node_kubeconfig=node_kubeconfig,
-                           forwarder_args=["--pod-cidr", "198.19.0.0/16", "--resync-interval", "20",
+                           forwarder_args=["--pod-cidr", "198.19.0.0/16", "--pod-cidr", "2001:db8:1::/48",
+                                           "--resync-interval", "20",
                                            "--restart-grace", str(RESTART_GRACE_S)])
         for index in NODES:
             env.start_forwarder(index)

@@ -40,11 +40,11 @@ def try_ask(namespace: str, ip: str, port: int) -> tuple[str, str] | None:
         return None
 
 
-def udp_socket(namespace: str) -> socket.socket:
+def udp_socket(namespace: str, family: socket.AddressFamily = socket.AF_INET) -> socket.socket:
     """A UDP socket made in `namespace` (it keeps one source port for all it sends)."""
     def make() -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind(("0.0.0.0", 0))
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
         return sock
     return call_in(namespace, make)
 
@@ -308,3 +308,153 @@ def test_daemonset_manifest_is_accepted_and_minimal(dp: DataplaneEnv) -> None:
     assert container["args"][0] == "forwarder"
     created = client.AppsV1Api(dp.kube.api).create_namespaced_daemon_set("lbctl-system", daemonset, dry_run="All")
     assert created.metadata.name == "lbctl-forwarder"
+
+
+# -- IPv6 and dual-stack ------------------------------------------------------------------------
+SINGLE_V6: dict[str, Any] = {"ipFamilies": ["IPv6"], "ipFamilyPolicy": "SingleStack"}
+DUAL: dict[str, Any] = {"ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack"}
+
+
+def service6_with(dp: DataplaneEnv, namespace: str, name: str, pods: list[Pod], ports: list[dict[str, Any]],
+                  **spec: Any) -> str:
+    """An IPv6-only Service; its VIP once every node's rules carry every pod's IPv6 address."""
+    selector = {"app": pods[0].name.split("-")[0]} if pods else {"app": name}
+    dp.kube.create_service(namespace, name, selector, ports, **SINGLE_V6, **spec)
+    vip = dp.kube.wait_external_ip(namespace, name)
+    assert ":" in vip, vip
+    dp.wait_endpoints(namespace, name, {p.address6 for p in pods})
+    dp.wait_rules(present={vip})
+    if spec.get("externalTrafficPolicy") == "Local":
+        for pod in pods:
+            dp.wait_rules(present={pod.address6}, nodes=(pod.node,))
+    else:
+        dp.wait_rules(present={p.address6 for p in pods})
+    return vip
+
+
+def test_ipv6_tcp_and_udp_reach_pods_through_the_vip_and_node_ports(dp: DataplaneEnv, k8s_namespace: str) -> None:
+    ns = k8s_namespace
+    pods = [dp.add_pod(ns, "web", node) for node in NODES]
+    vip = service6_with(dp, ns, "web", pods, [HTTP, DNS])
+    client_ns = dp.clients[0]
+
+    wait_for(lambda: try_ask(client_ns, vip, 80), 20, f"an HTTP answer through [{vip}]")
+    answers = [ask(client_ns, vip, 80) for _ in range(60)]
+    assert {name for name, _ in answers} == {p.name for p in pods}  # random spread reaches every pod
+    assert all(":" in peer and dp.node_of(peer) in NODES for _, peer in answers)  # masqueraded by a node
+
+    sock = udp_socket(client_ns, socket.AF_INET6)
+    try:
+        reply = wait_for(lambda: udp_ask(sock, vip, 53), 10, f"a UDP answer through [{vip}]")
+        assert reply[0] in {p.name for p in pods}
+    finally:
+        sock.close()
+
+    http_np, dns_np = node_port(dp, ns, "web", "http"), node_port(dp, ns, "web", "dns")
+    for index in NODES:
+        node6 = dp.lab.node6_address(index)
+        assert ask(client_ns, node6, http_np)[0] in {p.name for p in pods}
+        sock = udp_socket(client_ns, socket.AF_INET6)
+        try:
+            assert (udp_ask(sock, node6, dns_np) or ("",))[0] in {p.name for p in pods}
+        finally:
+            sock.close()
+        # the IPv4 NodePort of an IPv6-only Service is not served
+        assert try_ask(client_ns, dp.lab.node_address(index), http_np) is None
+
+    dp.kube.core.delete_namespaced_service("web", ns)
+    dp.wait_rules(absent={vip})
+    assert f"/{ns}/web/" not in "".join(dp.nft_table(i) for i in NODES)
+
+
+def test_a_dual_stack_service_forwards_on_both_addresses_and_both_node_port_families(
+        dp: DataplaneEnv, k8s_namespace: str) -> None:
+    ns = k8s_namespace
+    pods = [dp.add_pod(ns, "web", node) for node in (1, 2)]
+    dp.kube.create_service(ns, "web", {"app": "web"}, [HTTP, DNS], **DUAL)
+    v4, v6 = wait_for(lambda: (ips if len(ips := dp.kube.external_ips(ns, "web")) == 2 else None), 30,
+                      "two ingress addresses")
+    assert "." in v4 and ":" in v6
+    dp.wait_endpoints(ns, "web", {p.address for p in pods} | {p.address6 for p in pods})
+    dp.wait_rules(present={v4, v6} | {p.address for p in pods} | {p.address6 for p in pods})
+    client_ns = dp.clients[0]
+    names = {p.name for p in pods}
+    for vip in (v4, v6):
+        wait_for(lambda vip=vip: try_ask(client_ns, vip, 80), 20, f"an HTTP answer through {vip}")
+        answers = [ask(client_ns, vip, 80) for _ in range(40)]
+        assert {name for name, _ in answers} == names
+        # each family reaches the pods over its own family
+        assert all((":" in peer) == (":" in vip) for _, peer in answers), answers
+        sock = udp_socket(client_ns, socket.AF_INET6 if ":" in vip else socket.AF_INET)
+        try:
+            assert wait_for(lambda vip=vip, sock=sock: udp_ask(sock, vip, 53), 10,
+                            f"a UDP answer through {vip}")[0] in names
+        finally:
+            sock.close()
+    http_np = node_port(dp, ns, "web", "http")
+    assert ask(client_ns, dp.lab.node_address(3), http_np)[0] in names
+    assert ask(client_ns, dp.lab.node6_address(3), http_np)[0] in names
+
+
+def test_ipv6_local_traffic_policy_keeps_the_client_address(dp: DataplaneEnv, k8s_namespace: str) -> None:
+    ns = k8s_namespace
+    pods = [dp.add_pod(ns, "web", 2)]
+    vip = service6_with(dp, ns, "web", pods, [HTTP], externalTrafficPolicy="Local")
+    client_ns, client6 = dp.clients[0], dp.lab.client6_address(0)
+    wait_for(lambda: dp.owner(ns, "web") == "node-2", 15, "node-2 announcing")
+    name, peer = wait_for(lambda: try_ask(client_ns, vip, 80), 20, f"an answer through [{vip}]")
+    assert (name, peer) == (pods[0].name, client6)  # the pod saw the client's own IPv6 address
+
+    http_np = node_port(dp, ns, "web", "http")
+    assert ask(client_ns, dp.lab.node6_address(2), http_np) == (pods[0].name, client6)
+    assert try_ask(client_ns, dp.lab.node6_address(1), http_np) is None  # no local endpoint: dropped
+
+    # the health-check NodePort answers over IPv6 as well
+    health_port = int(dp.kube.service(ns, "web")["spec"]["healthCheckNodePort"])
+    status, body = wait_for(lambda: _status(dp, dp.lab.node6_address(2), health_port), 10, "a health answer")
+    assert (status, body["localEndpoints"]) == (200, 1)
+    status, body = wait_for(lambda: _status(dp, dp.lab.node6_address(1), health_port), 10, "a health answer")
+    assert (status, body["localEndpoints"]) == (503, 0)
+
+
+def test_ipv6_source_ranges_admit_only_the_listed_clients(dp: DataplaneEnv, k8s_namespace: str) -> None:
+    ns = k8s_namespace
+    pods = [dp.add_pod(ns, "web", 2)]
+    # dual-stack, with an IPv6 range only: IPv4 admits no one at all (fails closed)
+    dp.kube.create_service(ns, "web", {"app": "web"}, [HTTP], **DUAL,
+                           loadBalancerSourceRanges=[f"{dp.lab.client6_address(0)}/128"])
+    v4, v6 = wait_for(lambda: (ips if len(ips := dp.kube.external_ips(ns, "web")) == 2 else None), 30,
+                      "two ingress addresses")
+    dp.wait_rules(present={v4, v6, pods[0].address, pods[0].address6})
+    allowed, denied = dp.clients
+    wait_for(lambda: try_ask(allowed, v6, 80), 20, f"an answer through [{v6}] for {allowed}")
+    assert try_ask(denied, v6, 80) is None
+    assert try_ask(allowed, v4, 80) is None and try_ask(denied, v4, 80) is None
+    # NodePorts are not covered by loadBalancerSourceRanges
+    assert ask(denied, dp.lab.node6_address(1), node_port(dp, ns, "web", "http"))[0] == pods[0].name
+
+
+def test_ipv6_client_ip_affinity_sticks_to_one_pod(dp: DataplaneEnv, k8s_namespace: str) -> None:
+    ns = k8s_namespace
+    pods = [dp.add_pod(ns, "web", node) for node in NODES]
+    vip = service6_with(dp, ns, "web", pods, [HTTP], sessionAffinity="ClientIP")
+    wait_for(lambda: try_ask(dp.clients[0], vip, 80), 20, f"an answer through [{vip}]")
+    assert len({ask(dp.clients[0], vip, 80)[0] for _ in range(30)}) == 1
+    assert len({ask(dp.clients[1], vip, 80)[0] for _ in range(30)}) == 1
+
+
+def test_ipv6_udp_flows_move_off_a_removed_endpoint(dp: DataplaneEnv, k8s_namespace: str) -> None:
+    ns = k8s_namespace
+    pods = [dp.add_pod(ns, "dns", 1), dp.add_pod(ns, "dns", 3)]
+    vip = service6_with(dp, ns, "dns", pods, [DNS])
+    sock = udp_socket(dp.clients[0], socket.AF_INET6)
+    try:
+        first = wait_for(lambda: udp_ask(sock, vip, 53), 20, f"a UDP answer through [{vip}]")[0]
+        assert all((udp_ask(sock, vip, 53) or ("",))[0] == first for _ in range(5))
+        leaving = next(p for p in pods if p.name == first)
+        dp.kube.set_pod_ready(ns, leaving.name, False)  # its server keeps answering
+        dp.wait_rules(absent={leaving.address6})
+        after = wait_for(lambda: udp_ask(sock, vip, 53), 10, "a UDP answer after the endpoint left")[0]
+        assert after != first
+    finally:
+        sock.close()
