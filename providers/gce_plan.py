@@ -426,8 +426,8 @@ def service_families(spec: LoadBalancerSpec) -> tuple[str, ...]:
 
 def read_families(spec: LoadBalancerSpec, scheme: Scheme, protocols: tuple[str, ...]) -> tuple[str, ...]:
     """The families the balancer serves. IPv6 needs an internal (backend service) balancer with one
-    protocol: target pools carry IPv4 only, and an internal IPv6 address is not shared by a TCP and a
-    UDP rule. Where IPv6 cannot be had, PreferDualStack settles for IPv4; RequireDualStack and
+    protocol: target pools carry IPv4 only, and lbctl does not share an internal IPv6 address between
+    a TCP and a UDP rule. Where IPv6 cannot be had, PreferDualStack settles for IPv4; RequireDualStack and
     IPv6-only Services are refused, naming the field."""
     families = service_families(spec)
     if IPV6 not in families:
@@ -438,7 +438,9 @@ def read_families(spec: LoadBalancerSpec, scheme: Scheme, protocols: tuple[str, 
         fix = (f"set {LB_TYPE_ANNOTATION}: Internal for an IPv6 forwarding rule (backend service based), "
                "or ask for IPv4 (ipFamilyPolicy SingleStack with IPv4, or PreferDualStack)")
     elif len(protocols) > 1:
-        problem = "one internal IPv6 address cannot carry both a TCP and a UDP forwarding rule"
+        # lbctl makes one rule per protocol; it does not share an internal IPv6 address between two
+        # rules (the IPv4 side does, with purpose SHARED_LOADBALANCER_VIP).
+        problem = "lbctl does not put a TCP and a UDP forwarding rule on one internal IPv6 address"
         fix = "serve TCP and UDP from two Services, or ask for IPv4 (PreferDualStack settles for it)"
     if problem is None:
         return families

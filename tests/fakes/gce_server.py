@@ -717,8 +717,6 @@ class FakeCompute:
             subnetwork = self._ipv6_subnetwork(project, region, item.get("subnetwork", ""), "addresses.insert")
             item["subnetwork"] = subnetwork["selfLink"]
             item.setdefault("purpose", "GCE_ENDPOINT")
-            if item["purpose"] == "SHARED_LOADBALANCER_VIP":
-                raise ApiError(400, "invalid", "purpose SHARED_LOADBALANCER_VIP is for IPv4 addresses")
             if "address" in item:
                 try:
                     given = ipaddress.IPv6Address(item["address"])
