@@ -30,7 +30,7 @@ from typing import Any
 
 from kubernetes import client as k8s_client
 
-from lbctl.forwarder import conntrack, metrics
+from lbctl.forwarder import bgp, conntrack, metrics
 from lbctl.forwarder.addresses import VipAddresses
 from lbctl.forwarder.announce import Announcer, ServiceMarks
 from lbctl.forwarder.apply import Nft, NftError
@@ -82,6 +82,7 @@ class ForwarderConfig:
     nft_command: tuple[str, ...] = ("nft",)
     conntrack_command: tuple[str, ...] = ("conntrack",)
     garp_repeats: tuple[float, ...] = field(default=(0.3, 1.0, 2.0, 4.0))
+    bgp_dir: str | None = None  # where the BGP speaker keeps ExaBGP's files (default: the temp directory)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -134,6 +135,7 @@ class Forwarder:
         self._rejoined_at: float | None = None
         self._api_checked: tuple[float, bool] = (float("-inf"), True)
         self.latency = metrics.ProgrammingLatency()
+        self.bgp: bgp.BgpSpeaker | None = None  # set by run()
 
     # -- cache callbacks (run in the event loop, must be cheap) ---------------------------------
     def _service_changed(self, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> None:
@@ -174,6 +176,8 @@ class Forwarder:
                 state, problems = self.states.get(key), [Problem(key, "(object)", f"unexpected: {exc}")]
             if self.states.get(key) != state:
                 self._states_version += 1
+                if self.bgp is not None:
+                    self.bgp.wake()
             if state is None:
                 self.states.pop(key, None)
             else:
@@ -321,7 +325,8 @@ class Forwarder:
         alive = self.membership.alive(now)
         excluded = excluded_nodes(nodes.cache.values())
         owned, adopted = frozenset(announcer.owned), frozenset(announcer.adopted)
-        inputs = (self._states_version, alive, excluded, self.membership.claims_version, owned, adopted)
+        bgp_version = self.bgp.version if self.bgp is not None else 0
+        inputs = (self._states_version, alive, excluded, self.membership.claims_version, owned, adopted, bgp_version)
         if inputs != self._owners_inputs:  # most wake-ups change nothing
             firm, tentative = self.membership.claims(now)
             for ip in owned - adopted:
@@ -329,7 +334,9 @@ class Forwarder:
             tentative_all = dict(tentative)
             for ip in adopted:
                 tentative_all[ip] = tentative_all.get(ip, frozenset()) | {self.config.node}
-            self._owners = vip_owners(self.states.values(), alive, excluded, newest_takes(firm), tentative_all)
+            # addresses of pools advertised by BGP only are never held on an interface nor answered by ARP
+            states = self.bgp.l2_states(self.states.values()) if self.bgp is not None else self.states.values()
+            self._owners = vip_owners(states, alive, excluded, newest_takes(firm), tentative_all)
             self._owners_inputs = inputs
         return self._owners
 
@@ -412,6 +419,9 @@ class Forwarder:
                           on_change=self._announce_wake.set, key=peer_key(self.config.peer_secret_file))
         status = StatusServer(self.config.status_port, lambda query: self.status_report(announcer, query))
         metrics_server = metrics.MetricsServer(self.config.metrics_port)
+        self.bgp = speaker = bgp.BgpSpeaker(self.config.node, client, self.config.lease_namespace,
+                                            self.states.values, lambda: self._states_version, nodes,
+                                            self.config.bgp_dir)
         metrics.VIPS.set_function(lambda: len(announcer.owned))
         metrics.PEERS.source = lambda: [p.state for p in self.membership.view(time.monotonic())]
         tasks: list[asyncio.Task[None]] = []
@@ -443,12 +453,15 @@ class Forwarder:
                 await asyncio.sleep(self.config.heartbeat_interval_s / 2)
             tasks.append(asyncio.create_task(self._announce_loop(announcer, marks, nodes, client), name="announce"))
             tasks.append(asyncio.create_task(marks.run(), name="marks"))
+            tasks.append(asyncio.create_task(speaker.run(), name="bgp"))
             log.info("forwarder on node %s running (%s mode, VIPs on %s, peers on UDP %d)", self.config.node,
                      self.config.mode, addresses.interface, self.config.peer_port)
             await stop.wait()
             log.info("stopping: rules and VIPs stay in the kernel for the next run (peers wait %.0fs for it)",
                      self.config.restart_grace_s)
         finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(speaker.shutdown(), timeout=10.0)  # routes withdrawn before all else
             for task in [*tasks, *self._background]:
                 task.cancel()
             await asyncio.gather(*tasks, *self._background, return_exceptions=True)
@@ -533,6 +546,8 @@ async def cleanup(config: ForwarderConfig, configuration: k8s_client.Configurati
     """`lbctl forwarder --cleanup`: remove what a forwarder leaves on a node when it stops (its
     table, its VIPs, its Lease) — for a node that no longer runs one. Returns what failed."""
     problems = []
+    if bgp.cleanup(config.node, config.bgp_dir):
+        log.info("stopped the BGP speaker an earlier forwarder left: its routes are withdrawn")
     nft = Nft(config.nft_command)
     for table in (LBCTL, *LEGACY_TABLES):  # an upgraded node may still have an `ip lbctl`
         await asyncio.to_thread(nft.delete_table, table.family, table.name)

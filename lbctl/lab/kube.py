@@ -168,10 +168,13 @@ class LabKube:
             if exc.status != 404:
                 raise
 
-    def create_pool(self, name: str, addresses: list[str], namespaces: list[str] | None = None) -> None:
+    def create_pool(self, name: str, addresses: list[str], namespaces: list[str] | None = None,
+                    advertisement: Mapping[str, Any] | None = None) -> None:
         spec: dict[str, Any] = {"addresses": addresses}
         if namespaces:
             spec["namespaces"] = namespaces
+        if advertisement is not None:
+            spec["advertisement"] = dict(advertisement)
         self.custom.create_cluster_custom_object("lbctl.io", "v1alpha1", "loadbalancerpools", {
             "apiVersion": "lbctl.io/v1alpha1", "kind": "LoadBalancerPool", "metadata": {"name": name}, "spec": spec})
 

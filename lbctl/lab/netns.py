@@ -170,6 +170,14 @@ class Lab:
                 self._problems.append(f"{what}: {exc}")
         self._undo.callback(run)
 
+    def on_close(self, what: str, undo: Callable[[], object]) -> None:
+        """Register how to undo something made outside this class (lab extensions: the BGP router)."""
+        self._on_close(what, undo)
+
+    def attach(self, namespace: str, short: str, address: str) -> None:
+        """Put `namespace` on the LAN bridge at `address` (its eth0; the root end is <prefix><short>)."""
+        self._attach(namespace, short, address)
+
     def name(self, suffix: str) -> str:
         return f"{self.prefix}-{suffix}"
 
