@@ -1,4 +1,5 @@
 # One image for the operator (`lbctl operator`) and the node forwarder (`lbctl forwarder`).
+# The forwarder's BGP speaker, ExaBGP, is a Python dependency of lbctl: the wheels below carry it.
 # The forwarder's DaemonSet runs it as root with only NET_ADMIN and NET_RAW; everything else runs
 # as the unprivileged default user.
 

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import glob
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -55,6 +56,7 @@ from lbctl.model.meta import timestamp
 log = logging.getLogger(__name__)
 
 WORKDIR_PREFIX = "lbctl-bgp-"
+OWNER_FILE = "forwarder.pid"
 _TICK_S = 0.2
 
 
@@ -107,7 +109,9 @@ class BgpSpeaker:
         self.peers_cache = Reflector(client, PEERS_PATH, self._changed, name="bgppeers")
         self.pools_cache = Reflector(client, POOLS_PATH, self._changed, name="loadbalancerpools")
         base = workdir_base or tempfile.gettempdir()
+        remove_stale(base, node)
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{node}-", dir=base))
+        (self.workdir / OWNER_FILE).write_text(f"{os.getpid()}\n")
         self.exabgp = ExaBgp(self.workdir, self._event, self._restarted)
         self.status = PeerStatus(client, node)
         self.peers: list[Peer] = []
@@ -314,6 +318,30 @@ class BgpSpeaker:
             await self.exabgp.stop()
         finally:
             remove_workdir(self.workdir)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(base: str, node: str) -> None:
+    """Remove the directories of this node's forwarders that died without cleaning up (kill -9):
+    their ExaBGP died with them (PR_SET_PDEATHSIG). A directory whose forwarder still runs (another
+    lab's node of the same name) is left alone."""
+    for path in glob.glob(workdir_pattern(base, node)):
+        try:
+            owner = int((Path(path) / OWNER_FILE).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if not _alive(owner):
+            stop_leftover(Path(path))
+            remove_workdir(Path(path))
 
 
 def cleanup(node: str, workdir_base: str | None = None) -> int:

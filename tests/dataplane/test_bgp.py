@@ -11,16 +11,14 @@ import contextlib
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from kubernetes.client.exceptions import ApiException
 
 from lbctl.lab.kube import holds_for, wait_for
 from lbctl.lab.netns import http_get
-from lbctl.lab.router import Router, start_router
+from lbctl.lab.router import Router, install_bgp_api, start_router
 from lbctl.lab.server import parse_answer
 from tests.dataplane.harness import NODES, DataplaneEnv, Pod
 from tests.dataplane.test_static_stability import apiserver_away
@@ -31,66 +29,13 @@ HTTP = {"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080}
 ROUTER_ASN, NODE_ASN = 64500, 64512
 HOLD_S = 3
 PEER = "tor"
-_DEPLOY = Path(__file__).resolve().parents[2] / "examples" / "deploy"
 _blocks = iter(range(16, 240, 16))  # a /28 of 198.19.240.0/24 per test: addresses no LAN has
-
-# Stand-ins while the BGP API (CRD, RBAC: issue 10's other half) is not in examples/deploy yet.
-_PEER_CRD: dict[str, Any] = {
-    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-    "metadata": {"name": "bgppeers.lbctl.io"},
-    "spec": {"group": "lbctl.io", "scope": "Cluster",
-             "names": {"kind": "BGPPeer", "plural": "bgppeers", "singular": "bgppeer", "listKind": "BGPPeerList"},
-             "versions": [{"name": "v1alpha1", "served": True, "storage": True, "subresources": {"status": {}},
-                           "schema": {"openAPIV3Schema": {"type": "object", "properties": {
-                               "spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-                               "status": {"type": "object", "properties": {"nodes": {
-                                   "type": "array", "x-kubernetes-list-type": "map",
-                                   "x-kubernetes-list-map-keys": ["node"],
-                                   "items": {"type": "object", "required": ["node"],
-                                             "x-kubernetes-preserve-unknown-fields": True,
-                                             "properties": {"node": {"type": "string"}}}}}}}}}}]}}
-_RBAC: list[dict[str, Any]] = [
-    {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "lbctl-forwarder-bgp"},
-     "rules": [{"apiGroups": ["lbctl.io"], "resources": ["bgppeers", "loadbalancerpools"],
-                "verbs": ["get", "list", "watch"]},
-               {"apiGroups": ["lbctl.io"], "resources": ["bgppeers/status"], "verbs": ["patch"]}]},
-    {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-     "metadata": {"name": "lbctl-forwarder-bgp"},
-     "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "lbctl-forwarder-bgp"},
-     "subjects": [{"kind": "ServiceAccount", "name": "lbctl-forwarder", "namespace": "lbctl-system"}]},
-]
-
-
-def _install_api(dp: DataplaneEnv) -> None:
-    from kubernetes import utils
-    crd_file = _DEPLOY / "crd-bgppeer.yaml"
-    docs = [yaml.safe_load(crd_file.read_text())] if crd_file.exists() else [_PEER_CRD]
-    if "bgppeers" not in (_DEPLOY / "forwarder-daemonset.yaml").read_text():
-        docs += _RBAC
-    for doc in docs:
-        try:
-            utils.create_from_dict(dp.kube.api, doc)
-        except utils.FailToCreateError as exc:
-            if any(getattr(e, "status", None) != 409 for e in exc.api_exceptions):
-                raise
-    pool_crd = dp.kube.extensions.read_custom_resource_definition("loadbalancerpools.lbctl.io")
-    spec_schema = pool_crd.spec.versions[0].schema.open_apiv3_schema.properties["spec"]
-    if "advertisement" not in (spec_schema.properties or {}):
-        dp.kube.extensions.patch_custom_resource_definition("loadbalancerpools.lbctl.io", [
-            {"op": "add", "path": "/spec/versions/0/schema/openAPIV3Schema/properties/spec/properties/advertisement",
-             "value": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}])
-
-    def established() -> bool:
-        crd = dp.kube.extensions.read_custom_resource_definition("bgppeers.lbctl.io")
-        return any(c.type == "Established" and c.status == "True" for c in (crd.status.conditions or ()))
-    wait_for(established, 30, "the BGPPeer CRD")
-
 
 @pytest.fixture(scope="module")
 def router(dp: DataplaneEnv) -> Iterator[Router]:
     """The router (FRR) on the LAN and one BGPPeer every node peers with; the peer is deleted at
     the end (the forwarders then close their sessions), the router goes with the lab."""
-    _install_api(dp)
+    install_bgp_api(dp.kube)
     result = start_router(dp.lab, ROUTER_ASN, NODE_ASN, HOLD_S)
     peer = {"apiVersion": "lbctl.io/v1alpha1", "kind": "BGPPeer", "metadata": {"name": PEER},
             "spec": {"peerAddress": result.lan_address, "peerASN": ROUTER_ASN, "myASN": NODE_ASN,

@@ -1,0 +1,262 @@
+"""The BGP speaker's pure parts: BGPPeer and advertisement parsing, the routes each node announces
+to each peer, ExaBGP's configuration, commands and events, the status entry and its throttle."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from typing import Any
+
+import pytest
+
+from lbctl.forwarder.bgp import l2_states, unique_peers
+from lbctl.forwarder.bgp_decide import NodeView, Route, announcements, bgp_only_addresses
+from lbctl.forwarder.bgp_exabgp import (
+    Neighbor,
+    StateEvent,
+    announce_command,
+    parse_event,
+    render_config,
+    render_neighbor,
+    withdraw_command,
+)
+from lbctl.forwarder.bgp_model import (
+    BadField,
+    Peer,
+    PoolAdvert,
+    parse_advertisement,
+    parse_duration,
+    parse_peer,
+    parse_pool_advert,
+    parse_selector,
+)
+from lbctl.forwarder.bgp_status import NodeEntry, apply_body, due
+from lbctl.forwarder.state import ServiceState
+
+
+def peer_obj(name: str = "tor", labels: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
+    body = {"peerAddress": "10.0.0.1", "peerASN": 64500, "myASN": 64512, **spec}
+    return {"metadata": {"name": name, "labels": labels or {}}, "spec": body}
+
+
+def pool_obj(name: str, addresses: list[str], advertisement: dict[str, Any] | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"addresses": addresses}
+    if advertisement is not None:
+        spec["advertisement"] = advertisement
+    return {"metadata": {"name": name}, "spec": spec}
+
+
+def svc(key: str, ips: tuple[str, ...], local: bool = False, endpoint_nodes: frozenset[str] = frozenset(),
+        announce: bool = True) -> ServiceState:
+    return ServiceState(key=key, uid="u", created="", ports=(), lb_ips=ips, local_only=local,
+                        endpoint_nodes=endpoint_nodes, announce=announce)
+
+
+NODE = NodeView("n1", {"rack": "a"}, ("192.0.2.11", "2001:db8::11"))
+BGP_POOL = parse_pool_advert(pool_obj("p", ["198.51.100.0/24", "2001:db8:1::/120"],
+                                      {"mode": "bgp", "bgp": {"communities": ["64512:1", "large:1:2:3"]}}))
+L2_POOL = parse_pool_advert(pool_obj("l2", ["203.0.113.0/24"]))
+PEER = parse_peer(peer_obj())
+
+
+# -- parsing ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("1m30s", 90), ("0s", 0), ("1h", 3600), (3, 3)])
+def test_durations(text: Any, seconds: int) -> None:
+    assert parse_duration(text, "f") == seconds
+
+
+@pytest.mark.parametrize(("spec", "field"), [
+    ({"peerASN": 0}, "spec.peerASN"),
+    ({"myASN": 4294967296}, "spec.myASN"),
+    ({"peerAddress": "10.0.0.300"}, "spec.peerAddress"),
+    ({"peerPort": 70000}, "spec.peerPort"),
+    ({"holdTime": "2s"}, "spec.holdTime"),
+    ({"holdTime": "soon"}, "spec.holdTime"),
+    ({"passwordSecretRef": {"key": "x"}}, "spec.passwordSecretRef.name"),
+    ({"nodeSelector": {"matchExpressions": [{"key": "a", "operator": "Near"}]}},
+     "spec.nodeSelector.matchExpressions[0].operator"),
+])
+def test_a_bad_peer_names_its_field(spec: dict[str, Any], field: str) -> None:
+    with pytest.raises(BadField) as caught:
+        parse_peer(peer_obj(**spec))
+    assert caught.value.field == field
+
+
+def test_peer_defaults_and_options() -> None:
+    assert (PEER.port, PEER.hold_s, PEER.keepalive_s, PEER.multihop, PEER.graceful_restart) == (179, 90, 30, False,
+                                                                                                 False)
+    peer = parse_peer(peer_obj(holdTime="3s", keepaliveTime="1s", ebgpMultiHop=True, gracefulRestart=True,
+                               sourceAddress="192.0.2.99", passwordSecretRef={"name": "s"}))
+    assert (peer.hold_s, peer.keepalive_s, peer.multihop, peer.graceful_restart) == (3, 1, True, True)
+    assert str(peer.source) == "192.0.2.99" and peer.password_secret == ("s", "password")
+
+
+@pytest.mark.parametrize(("advertisement", "field"), [
+    ({"mode": "ospf"}, "spec.advertisement.mode"),
+    ({"mode": "bgp", "bgp": {"communities": ["65536:1"]}}, "spec.advertisement.bgp.communities[0]"),
+    ({"mode": "bgp", "bgp": {"communities": ["large:1:2"]}}, "spec.advertisement.bgp.communities[0]"),
+    ({"mode": "bgp", "bgp": {"aggregationLength": 33}}, "spec.advertisement.bgp.aggregationLength"),
+    ({"mode": "bgp", "bgp": {"localPref": -1}}, "spec.advertisement.bgp.localPref"),
+])
+def test_a_bad_advertisement_names_its_field(advertisement: dict[str, Any], field: str) -> None:
+    with pytest.raises(BadField) as caught:
+        parse_advertisement({"advertisement": advertisement})
+    assert caught.value.field == field
+
+
+def test_advertisement_communities_and_default() -> None:
+    assert parse_advertisement({}).mode == "l2"
+    advert = BGP_POOL.advertisement
+    assert (advert.communities, advert.large_communities) == (("64512:1",), ("1:2:3",))
+
+
+def test_selectors() -> None:
+    selector = parse_selector({"matchLabels": {"rack": "a"},
+                               "matchExpressions": [{"key": "spot", "operator": "DoesNotExist"}]}, "s")
+    assert selector.matches({"rack": "a"})
+    assert not selector.matches({"rack": "a", "spot": "yes"})
+    assert not selector.matches({"rack": "b"})
+    assert parse_selector(None, "s").matches({})
+
+
+def test_pool_ranges() -> None:
+    pool = parse_pool_advert(pool_obj("r", ["10.0.0.10-10.0.0.12", "10.0.1.0/30", "10.0.2.5"]))
+    assert [pool.contains(ipaddress.ip_address(a)) for a in
+            ("10.0.0.11", "10.0.0.13", "10.0.1.3", "10.0.2.5", "10.0.2.6")] == [True, False, True, True, False]
+
+
+def test_two_peers_with_one_address_keep_the_first_by_name() -> None:
+    kept, skipped = unique_peers([parse_peer(peer_obj("a")), parse_peer(peer_obj("b"))])
+    assert [p.name for p in kept] == ["a"] and "spec.peerAddress" in skipped["b"]
+
+
+# -- decisions -------------------------------------------------------------------------------------
+def routes(result: dict[str, frozenset[Route]], peer: str = "tor") -> set[str]:
+    return {r.prefix for r in result[peer]}
+
+
+@pytest.mark.parametrize(("state", "node", "expected"), [
+    # ETP=Cluster: every eligible node announces
+    (svc("a/s", ("198.51.100.7",)), NODE, {"198.51.100.7/32"}),
+    # ETP=Local: only with a ready local endpoint
+    (svc("a/s", ("198.51.100.7",), local=True, endpoint_nodes=frozenset({"n2"})), NODE, set()),
+    (svc("a/s", ("198.51.100.7",), local=True, endpoint_nodes=frozenset({"n1"})), NODE, {"198.51.100.7/32"}),
+    # an excluded node announces nothing
+    (svc("a/s", ("198.51.100.7",)), NodeView("n1", {}, ("192.0.2.11",), eligible=False), set()),
+    # an address of an l2 pool, of no pool, or of another class's Service: not by BGP
+    (svc("a/s", ("203.0.113.5",)), NODE, set()),
+    (svc("a/s", ("192.0.2.200",)), NODE, set()),
+    (svc("a/s", ("198.51.100.7",), announce=False), NODE, set()),
+    # IPv6: /128 with the node's IPv6 address as next hop
+    (svc("a/s", ("2001:db8:1::5",)), NODE, {"2001:db8:1::5/128"}),
+    # no IPv6 address on the node: no IPv6 route
+    (svc("a/s", ("2001:db8:1::5",)), NodeView("n1", {}, ("192.0.2.11",)), set()),
+])
+def test_what_a_node_announces(state: ServiceState, node: NodeView, expected: set[str]) -> None:
+    assert routes(announcements(node, [PEER], [BGP_POOL, L2_POOL], [state])) == expected
+
+
+def test_route_attributes_and_next_hop() -> None:
+    result = announcements(NODE, [PEER], [BGP_POOL], [svc("a/s", ("198.51.100.7", "2001:db8:1::5"))])
+    by_prefix = {r.prefix: r for r in result["tor"]}
+    assert by_prefix["198.51.100.7/32"] == Route("198.51.100.7/32", "192.0.2.11", ("64512:1",), ("1:2:3",), None)
+    assert by_prefix["2001:db8:1::5/128"].next_hop == "2001:db8::11"
+    # localPref only towards iBGP peers; sourceAddress is the next hop when set
+    pool = parse_pool_advert(pool_obj("p", ["198.51.100.0/24"], {"mode": "both", "bgp": {"localPref": 200}}))
+    ibgp = parse_peer(peer_obj("ibgp", myASN=64500, sourceAddress="192.0.2.50", peerAddress="10.0.0.2"))
+    result = announcements(NODE, [PEER, ibgp], [pool], [svc("a/s", ("198.51.100.7",))])
+    assert [r.local_pref for r in result["ibgp"]] == [200] and [r.local_pref for r in result["tor"]] == [None]
+    assert [r.next_hop for r in result["ibgp"]] == ["192.0.2.50"]
+
+
+def test_aggregation_merges_addresses_into_one_prefix() -> None:
+    pool = parse_pool_advert(pool_obj("p", ["198.51.100.0/24"], {"mode": "bgp", "bgp": {"aggregationLength": 24}}))
+    result = announcements(NODE, [PEER], [pool], [svc("a/s", ("198.51.100.7",)), svc("a/t", ("198.51.100.9",))])
+    assert routes(result) == {"198.51.100.0/24"}
+
+
+def test_node_and_peer_selectors() -> None:
+    rack_b = parse_peer(peer_obj("rack-b", nodeSelector={"matchLabels": {"rack": "b"}}, peerAddress="10.0.0.2"))
+    result = announcements(NODE, [PEER, rack_b], [BGP_POOL], [svc("a/s", ("198.51.100.7",))])
+    assert set(result) == {"tor"}  # rack-b does not select this node
+    spine = parse_peer(peer_obj("spine", labels={"tier": "spine"}, peerAddress="10.0.0.3"))
+    pool = parse_pool_advert(pool_obj("p", ["198.51.100.0/24"], {"mode": "bgp", "bgp": {
+        "peerSelector": {"matchLabels": {"tier": "spine"}}, "nodeSelector": {"matchLabels": {"rack": "a"}}}}))
+    result = announcements(NODE, [PEER, spine], [pool], [svc("a/s", ("198.51.100.7",))])
+    assert routes(result, "spine") == {"198.51.100.7/32"} and routes(result, "tor") == set()
+    other_rack = NodeView("n2", {"rack": "b"}, ("192.0.2.12",))
+    assert routes(announcements(other_rack, [PEER, spine], [pool], [svc("a/s", ("198.51.100.7",))]), "spine") == set()
+
+
+def test_shared_address_announced_when_any_service_wants_it() -> None:
+    states = [svc("a/s", ("198.51.100.7",), local=True, endpoint_nodes=frozenset({"n2"})),
+              svc("a/t", ("198.51.100.7",))]
+    assert routes(announcements(NODE, [PEER], [BGP_POOL], states)) == {"198.51.100.7/32"}
+
+
+def test_bgp_only_addresses_are_left_out_of_layer_2() -> None:
+    both = parse_pool_advert(pool_obj("b", ["192.0.2.0/24"], {"mode": "both"}))
+    ips = ["198.51.100.7", "203.0.113.5", "192.0.2.9", "not-an-ip"]
+    assert bgp_only_addresses(ips, [BGP_POOL, L2_POOL, both]) == {"198.51.100.7"}
+    states = l2_states([svc("a/s", ("198.51.100.7", "203.0.113.5"))], frozenset({"198.51.100.7"}))
+    assert states[0].lb_ips == ("203.0.113.5",)
+
+
+# -- ExaBGP ----------------------------------------------------------------------------------------
+def test_exabgp_configuration() -> None:
+    peer = parse_peer(peer_obj(holdTime="3s", gracefulRestart=True, ebgpMultiHop=True, peerPort=1790))
+    text = render_neighbor(Neighbor(peer, "192.0.2.11", "192.0.2.11", "s3cret"))
+    for line in ("neighbor 10.0.0.1 {", "local-address 192.0.2.11;", "local-as 64512;", "peer-as 64500;",
+                 "hold-time 3;", "connect 1790;", "outgoing-ttl 255;", 'md5-password "s3cret";',
+                 "capability { graceful-restart 120; }", "api { processes [ lbctl ]; neighbor-changes; fsm; }"):
+        assert line in text, line
+    assert "md5-password" not in render_neighbor(Neighbor(PEER, "192.0.2.11", "192.0.2.11"))
+    with pytest.raises(ValueError):
+        render_neighbor(Neighbor(PEER, "192.0.2.11", "192.0.2.11", 'a";b'))
+    config = render_config([Neighbor(PEER, "192.0.2.11", "192.0.2.11")], ["/usr/bin/python3", "-m", "relay", "/s"])
+    assert config.startswith("process lbctl {\n    run /usr/bin/python3 -m relay /s;\n    encoder json;\n}\n")
+
+
+def test_exabgp_commands() -> None:
+    route = Route("198.51.100.7/32", "192.0.2.11", ("64512:1",), ("1:2:3",), 150)
+    assert announce_command("10.0.0.1", route) == (
+        "neighbor 10.0.0.1 announce route 198.51.100.7/32 next-hop 192.0.2.11 local-preference 150 "
+        "community [ 64512:1 ] large-community [ 1:2:3 ]")
+    assert withdraw_command("10.0.0.1", route) == "neighbor 10.0.0.1 withdraw route 198.51.100.7/32 next-hop 192.0.2.11"
+
+
+def _event(kind: str, **neighbor: Any) -> str:
+    return json.dumps({"type": kind, "neighbor": {"address": {"local": "192.0.2.11", "peer": "10.0.0.1"},
+                                                  **neighbor}})
+
+
+@pytest.mark.parametrize(("line", "parsed"), [
+    ("done\n", "done"),
+    ("error", "error"),
+    (_event("state", state="up"), StateEvent("10.0.0.1", "Established")),
+    (_event("state", state="connected"), StateEvent("10.0.0.1", "OpenSent")),
+    (_event("state", state="down", reason="peer reset"), StateEvent("10.0.0.1", "Active", "session down: peer reset")),
+    (_event("fsm", state="OPENCONFIRM"), StateEvent("10.0.0.1", "OpenConfirm")),
+    (_event("update"), None),
+    ("{not json", None),
+])
+def test_exabgp_events(line: str, parsed: object) -> None:
+    assert parse_event(line) == parsed
+
+
+# -- status ----------------------------------------------------------------------------------------
+def test_status_entry_and_throttle() -> None:
+    entry = NodeEntry("Established", "2026-01-01T00:00:00Z", 2)
+    assert apply_body("tor", "n1", entry) == {
+        "apiVersion": "lbctl.io/v1alpha1", "kind": "BGPPeer", "metadata": {"name": "tor"},
+        "status": {"nodes": [{"node": "n1", "state": "Established", "since": "2026-01-01T00:00:00Z",
+                              "routesAnnounced": 2}]}}
+    assert "message" in apply_body("tor", "n1", NodeEntry("Active", "t", 0, "session down"))["status"]["nodes"][0]
+    assert due(None, 0.0, entry, 1.0, 300.0)
+    assert not due(entry, 0.0, entry, 10.0, 300.0)
+    assert due(entry, 0.0, entry, 301.0, 300.0)
+    assert due(entry, 0.0, NodeEntry("Established", "2026-01-01T00:00:00Z", 3), 10.0, 300.0)
+
+
+def test_peer_is_hashable_plain_data() -> None:
+    assert isinstance(hash(PEER), int) and isinstance(PEER, Peer) and isinstance(BGP_POOL, PoolAdvert)
