@@ -7,8 +7,10 @@ their advertisement, and the Services' states (addresses, ETP, nodes with ready 
 - An address is announced when it lies in a pool advertised by `bgp` or `both`, the pool's
   nodeSelector selects this node and its peerSelector the peer, the node is eligible (not excluded
   from load balancers, not being deleted), and a Service of ours uses it: with
-  externalTrafficPolicy Cluster on every such node, with Local only on nodes that have a ready
-  endpoint of that Service (several Services sharing the address: any of them wanting it is enough).
+  externalTrafficPolicy Cluster on every such node once the Service has an endpoint to send to
+  (as MetalLB: no route that would only attract traffic to drop), with Local only on nodes that
+  have a ready endpoint of that Service (several Services sharing the address: any of them wanting
+  it is enough).
 - Prefix: /32 per IPv4 address and /128 per IPv6 address, or the pool's aggregationLength(V6).
 - Attributes: the pool's communities (standard and large), its localPref (iBGP only), and next-hop
   = the node's own address of the prefix's family (the peer's sourceAddress when set and of that
@@ -85,6 +87,8 @@ def wanted_addresses(node: NodeView, states: Iterable[ServiceState]) -> frozense
             continue
         if state.local_only and node.name not in state.endpoint_nodes:
             continue
+        if not state.local_only and not any(port.backends for port in state.ports):
+            continue  # nowhere to send it (no endpoint yet, or none left): attracting traffic would drop it
         found.update(state.lb_ips)
     return frozenset(found)
 

@@ -24,6 +24,7 @@ from kubernetes.client.exceptions import ApiException
 from lbctl.dev import controlplane
 from lbctl.lab.kube import LabKube, wait_for
 from lbctl.lab.netns import Lab, leftovers
+from lbctl.lab.router import install_bgp_api
 from tests.dataplane.harness import NODES, RESTART_GRACE_S, DataplaneEnv, require_root_tools
 
 _ENV: DataplaneEnv | None = None
@@ -59,6 +60,7 @@ def dp() -> Iterator[DataplaneEnv]:
         kube = LabKube(kubeconfig)
         undo.callback(kube.close)
         kube.install_pool_crd()
+        install_bgp_api(kube)  # the BGPPeer CRD: before the forwarders and the operator, as in a cluster
         # the forwarders authenticate as the DaemonSet's ServiceAccount, with its RBAC only
         kube.install_forwarder_rbac()
         port = info.server.rsplit(":", 1)[1]

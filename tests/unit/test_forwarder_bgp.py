@@ -31,7 +31,7 @@ from lbctl.forwarder.bgp_model import (
     parse_selector,
 )
 from lbctl.forwarder.bgp_status import NodeEntry, apply_body, due
-from lbctl.forwarder.state import ServiceState
+from lbctl.forwarder.state import Backend, ServicePort, ServiceState
 
 
 def peer_obj(name: str = "tor", labels: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
@@ -46,9 +46,11 @@ def pool_obj(name: str, addresses: list[str], advertisement: dict[str, Any] | No
     return {"metadata": {"name": name}, "spec": spec}
 
 
-def svc(key: str, ips: tuple[str, ...], local: bool = False, endpoint_nodes: frozenset[str] = frozenset(),
+def svc(key: str, ips: tuple[str, ...], local: bool = False, endpoint_nodes: frozenset[str] = frozenset({"n9"}),
         announce: bool = True) -> ServiceState:
-    return ServiceState(key=key, uid="u", created="", ports=(), lb_ips=ips, local_only=local,
+    backends = tuple(Backend(f"10.1.0.{i}", 8080, node) for i, node in enumerate(sorted(endpoint_nodes)))
+    port = ServicePort("http", "tcp", 80, None, backends)
+    return ServiceState(key=key, uid="u", created="", ports=(port,), lb_ips=ips, local_only=local,
                         endpoint_nodes=endpoint_nodes, announce=announce)
 
 
@@ -136,8 +138,9 @@ def routes(result: dict[str, frozenset[Route]], peer: str = "tor") -> set[str]:
 
 
 @pytest.mark.parametrize(("state", "node", "expected"), [
-    # ETP=Cluster: every eligible node announces
+    # ETP=Cluster: every eligible node announces, once there is an endpoint anywhere
     (svc("a/s", ("198.51.100.7",)), NODE, {"198.51.100.7/32"}),
+    (svc("a/s", ("198.51.100.7",), endpoint_nodes=frozenset()), NODE, set()),
     # ETP=Local: only with a ready local endpoint
     (svc("a/s", ("198.51.100.7",), local=True, endpoint_nodes=frozenset({"n2"})), NODE, set()),
     (svc("a/s", ("198.51.100.7",), local=True, endpoint_nodes=frozenset({"n1"})), NODE, {"198.51.100.7/32"}),
