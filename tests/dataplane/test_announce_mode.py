@@ -51,10 +51,14 @@ def test_announce_mode_owns_the_vip_without_nftables(dp: DataplaneEnv, k8s_names
         assert forwarder.poll() is None
         dp.lab.stop(forwarder)  # SIGTERM: the VIPs stay for the next run to adopt
         assert {vip, vip6} <= dp.vips_on(4)
-        # the node stops running a forwarder for good: --cleanup takes away what it left
+        # the node stops running a forwarder for good: --cleanup takes away what it left (also a
+        # full-mode table of this version and of versions before, `ip lbctl`)
+        for family in ("inet", "ip"):
+            dp.lab.run_in(node_ns, "nft", "add", "table", family, "lbctl")
         cleanup = dp.lab.run_in(node_ns, sys.executable, "-m", "lbctl", "forwarder", "--node", "node-4",
                                 "--kubeconfig", dp.node_kubeconfig, "--cleanup", check=False)
         assert cleanup.returncode == 0, cleanup.stderr
+        assert "lbctl" not in dp.lab.run_in(node_ns, "nft", "list", "tables").stdout
         assert not {vip, vip6} & dp.vips_on(4)
         coordination = client.CoordinationV1Api(dp.kube.api)
         assert "lbctl-forwarder-node-4" not in {

@@ -96,8 +96,10 @@ def test_start_up_replaces_the_ip_table_of_an_earlier_version(scratch: str) -> N
     """A forwarder upgraded in place: its first sync removes `ip lbctl` in the same transaction."""
     nft = nft_in(scratch)
     nft.apply("add table ip lbctl\nadd chain ip lbctl svc/old\n")
-    plan = Planner().plan_full([dual()], replace=True)
-    nft.apply(plan.transaction)
+    forwarder = Forwarder(ForwarderConfig(node="n1", nft_command=("ip", "netns", "exec", scratch, "nft"),
+                                          conntrack_command=("ip", "netns", "exec", scratch, "conntrack")))
+    forwarder.states = {"prod/dual": dual()}
+    asyncio.run(forwarder._sync_kernel({"prod/dual"}))
     with pytest.raises(NftError):
         nft.list_table("ip", "lbctl")
     assert "2001:db8::20 . tcp . 80" in nft.list_table("inet", "lbctl")
