@@ -19,6 +19,7 @@ import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 from typing import Any
 
 from lbctl.model.selectors import EVERYTHING, LabelSelector, SelectorError, parse_selector
@@ -238,9 +239,13 @@ class BGPPeer:
     def session(self, node: str) -> Session | None:
         return next((s for s in self.sessions if s.node == node), None)
 
+    @cached_property
+    def established(self) -> frozenset[str]:
+        """The nodes whose session with this peer is Established."""
+        return frozenset(s.node for s in self.sessions if s.established)
+
     def established_on(self, node: str) -> bool:
-        found = self.session(node)
-        return found is not None and found.established
+        return node in self.established
 
 
 def parse_duration(text: Any, where: str) -> int:
@@ -380,13 +385,12 @@ def selected_peers(advertisement: Advertisement, peers: Iterable[BGPPeer]) -> li
     return [p for p in peers if advertisement.peer_selector.matches(p.labels)]
 
 
-def announcing_nodes(advertisement: Advertisement, local_traffic: bool, ready_nodes: Collection[str],
-                     nodes: Iterable[NodeInfo], peers: Iterable[BGPPeer]) -> tuple[str, ...]:
-    """The nodes announcing a Service's address by BGP, sorted. A node announces when it is
-    eligible, chosen by the advertisement's nodeSelector, has a ready local endpoint if the
-    Service's externalTrafficPolicy is Local (`local_traffic`; `ready_nodes` names the nodes with
-    one), and at least one session on it with a peer the advertisement selects (its peerSelector)
-    and that selects the node (the peer's nodeSelector) is Established. Empty when the mode is l2."""
+def candidate_nodes(advertisement: Advertisement, nodes: Iterable[NodeInfo],
+                    peers: Iterable[BGPPeer]) -> tuple[str, ...]:
+    """The nodes that announce a pool's addresses (before externalTrafficPolicy), sorted: eligible,
+    chosen by the advertisement's nodeSelector, and with at least one Established session with a
+    peer that the advertisement selects (its peerSelector) and that selects the node (the peer's
+    nodeSelector). Empty when the mode is l2."""
     if not advertisement.bgp:
         return ()
     chosen = selected_peers(advertisement, peers)
@@ -394,11 +398,21 @@ def announcing_nodes(advertisement: Advertisement, local_traffic: bool, ready_no
     for node in nodes:
         if not node.eligible or not advertisement.node_selector.matches(node.labels):
             continue
-        if local_traffic and node.name not in ready_nodes:
-            continue
-        if any(p.node_selector.matches(node.labels) and p.established_on(node.name) for p in chosen):
+        if any(node.name in p.established and p.node_selector.matches(node.labels) for p in chosen):
             found.append(node.name)
     return tuple(sorted(found))
+
+
+def announcing_nodes(advertisement: Advertisement, local_traffic: bool, ready_nodes: Collection[str],
+                     nodes: Iterable[NodeInfo], peers: Iterable[BGPPeer],
+                     candidates: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The nodes announcing a Service's address by BGP, sorted: the pool's `candidate_nodes`,
+    and with externalTrafficPolicy Local (`local_traffic`) only those with a ready local endpoint
+    (`ready_nodes`). `candidates`: candidate_nodes already computed for the pool (one per pass,
+    not one per Service)."""
+    if candidates is None:
+        candidates = candidate_nodes(advertisement, nodes, peers)
+    return tuple(n for n in candidates if not local_traffic or n in ready_nodes)
 
 
 def format_nodes(names: Sequence[str]) -> str:
