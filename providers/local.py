@@ -26,7 +26,16 @@ from lbctl.model.errors import LoadBalancerError
 from lbctl.model.types import Ingress, LoadBalancerRef, LoadBalancerSpec, LoadBalancerStatus, PortStatus
 from providers.base import Provider, ProviderSettings, WatchedResource
 from providers.local_metrics import ALLOCATION_FAILURES, allocation_failure_reason
-from providers.local_pools import Allocator, Pool, PoolError, overlapping_pools, parse_pool, request_from_spec
+from providers.local_pools import (
+    Allocator,
+    Pool,
+    PoolError,
+    check_source_ranges,
+    overlapping_pools,
+    parse_pool,
+    request_from_spec,
+    wanted_families,
+)
 
 POOLS = WatchedResource("lbctl.io", "v1alpha1", "loadbalancerpools")
 BGP_PEERS = WatchedResource("lbctl.io", "v1alpha1", "bgppeers")
@@ -58,6 +67,7 @@ class LocalProvider(Provider):
         return cls(settings.cluster_name)
 
     async def ensure(self, spec: LoadBalancerSpec) -> LoadBalancerStatus:
+        check_source_ranges(spec.source_ranges, wanted_families(spec.ip_families, spec.ip_family_policy))
         request = request_from_spec(spec, labels=spec.labels, created=spec.created)
         try:
             addresses = self._allocator.assign(request)

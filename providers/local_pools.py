@@ -633,6 +633,22 @@ def wanted_families(ip_families: Sequence[str], policy: str) -> tuple[int, ...]:
     return tuple(families)
 
 
+def check_source_ranges(ranges: Sequence[str], families: Sequence[int]) -> None:
+    """A source range of a family the Service has no address of could never match a client; the
+    forwarder would drop it and, if it were the only one, admit nobody. Refused instead, naming it,
+    as the AWS provider refuses an IPv6 range on an IPv4 NLB."""
+    for index, text in enumerate(ranges):
+        network = ipaddress.ip_network(text, strict=False)
+        if network.version not in families:
+            wanted = " and ".join(_FAMILY_NAMES[f] for f in families)
+            raise InvalidServiceError(
+                f"{network} is an {_FAMILY_NAMES[network.version]} range but the Service gets {wanted} "
+                "addresses only", field=f"spec.loadBalancerSourceRanges[{index}]",
+                fix=f"remove the {_FAMILY_NAMES[network.version]} ranges, or make the Service dual-stack "
+                    "(spec.ipFamilyPolicy: PreferDualStack)",
+            )
+
+
 # ---------------------------------------------------------------------------------------------
 # Allocator
 # ---------------------------------------------------------------------------------------------

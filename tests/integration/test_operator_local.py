@@ -278,6 +278,8 @@ def test_bad_requests_get_an_event_and_a_false_condition_naming_the_field_and_ot
         "unknown-pool": (lb_service("unknown-pool", annotations={"lbctl.io/address-pool": "nope"}),
                          "lbctl.io/address-pool"),
         "bad-cidr": (lb_service("bad-cidr", loadBalancerSourceRanges=["10.0.0.0/8", "not-a-cidr"]), None),
+        "v6-range": (lb_service("v6-range", loadBalancerSourceRanges=["10.0.0.0/8", "2001:db8::/64"]),
+                     "spec.loadBalancerSourceRanges[1]"),
     }
     for body, _field in cases.values():
         try:

@@ -19,6 +19,7 @@ from providers.local_pools import (
     PoolUsage,
     ServiceRequest,
     _FreeSpace,
+    check_source_ranges,
     overlapping_pools,
     parse_pool,
     request_from_spec,
@@ -434,6 +435,28 @@ def test_request_from_spec() -> None:
 )
 def test_wanted_families(families: tuple[str, ...], policy: str, expected: tuple[int, ...]) -> None:
     assert wanted_families(families, policy) == expected
+
+
+@pytest.mark.parametrize(
+    ("ranges", "families", "refused"),
+    [
+        ((), (4,), None),
+        (("10.0.0.0/8", "192.0.2.0/24"), (4,), None),
+        (("10.0.0.0/8", "2001:db8::/64"), (4,), "spec.loadBalancerSourceRanges[1]"),
+        (("2001:db8::/64",), (6,), None),
+        (("10.0.0.0/8",), (6,), "spec.loadBalancerSourceRanges[0]"),
+        (("10.0.0.0/8", "2001:db8::/64"), (6, 4), None),
+    ],
+)
+def test_source_ranges_of_a_family_the_service_lacks_are_refused(
+    ranges: tuple[str, ...], families: tuple[int, ...], refused: str | None
+) -> None:
+    if refused is None:
+        check_source_ranges(ranges, families)
+        return
+    with pytest.raises(InvalidServiceError) as caught:
+        check_source_ranges(ranges, families)
+    assert caught.value.field == refused and "PreferDualStack" in caught.value.fix
 
 
 @pytest.mark.parametrize(
