@@ -40,6 +40,7 @@ from lbctl.forwarder.leases import LEASE_NAMESPACE, NodeLease
 from lbctl.forwarder.membership import Membership, Timing, format_claim
 from lbctl.forwarder.ownership import VipOwner, excluded_nodes, newest_takes, node_addresses, vip_owners
 from lbctl.forwarder.peering import DEFAULT_PORT, Peering
+from lbctl.forwarder.problem_events import ProblemEvents
 from lbctl.forwarder.render import LBCTL, LEGACY_TABLES, Plan, Planner, base_check_lines
 from lbctl.forwarder.state import Problem, ServiceState
 from lbctl.forwarder.status import StatusServer
@@ -136,6 +137,7 @@ class Forwarder:
         self._api_checked: tuple[float, bool] = (float("-inf"), True)
         self.latency = metrics.ProgrammingLatency()
         self.bgp: bgp.BgpSpeaker | None = None  # set by run()
+        self.problem_events: ProblemEvents | None = None  # set by run()
 
     # -- cache callbacks (run in the event loop, must be cheap) ---------------------------------
     def _service_changed(self, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> None:
@@ -402,6 +404,8 @@ class Forwarder:
                        for ip in {*firm, *tentative}}
         held = await announcer.reconcile(owners, peer_claims, self.membership.generation)
         marks.update(owners, held)
+        if self.problem_events is not None:
+            await self.problem_events.update(self.problems, self.membership.alive(now))
 
     # -- run -----------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event, configuration: k8s_client.Configuration) -> None:
@@ -415,6 +419,8 @@ class Forwarder:
         addresses = VipAddresses(self.config.vip_interface, self.config.interface)
         announcer = Announcer(self.config.node, addresses, self.config.garp_repeats)
         marks = ServiceMarks(self.config.node, client, lambda key: services.cache.get(key))
+        self.problem_events = problem_events = ProblemEvents(self.config.node, client,
+                                                             lambda key: services.cache.get(key))
         peering = Peering(self.membership, lambda: self.claims(announcer), port=self.config.peer_port,
                           on_change=self._announce_wake.set, key=peer_key(self.config.peer_secret_file))
         status = StatusServer(self.config.status_port, lambda query: self.status_report(announcer, query))
@@ -469,6 +475,8 @@ class Forwarder:
             announcer.stop()
             with contextlib.suppress(Exception):
                 await marks.close()
+            with contextlib.suppress(Exception):
+                await problem_events.close()
             await self.health.close()
             await status.close()
             await metrics_server.close()

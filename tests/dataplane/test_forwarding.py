@@ -280,10 +280,28 @@ def test_service_without_endpoints_and_endpoints_outside_the_pod_network(
                       {"addresses": [pod.address], "conditions": {"ready": True}, "nodeName": "node-1"}],
     }
     discovery.create_namespaced_endpoint_slice(ns, body)
+    # and an IPv6 slice for this IPv4-only Service
+    discovery.create_namespaced_endpoint_slice(ns, {
+        **body, "addressType": "IPv6", "metadata": {**body["metadata"], "name": "manual-2"},
+        "endpoints": [{"addresses": ["2001:db8:1:1::99"], "conditions": {"ready": True}}]})
     vip = dp.kube.wait_external_ip(ns, "manual")
-    dp.wait_rules(present={vip, pod.address}, absent={dp.lab.client_address(1)})
+    dp.wait_rules(present={vip, pod.address}, absent={dp.lab.client_address(1), "2001:db8:1:1::99"})
     assert {ask(dp.clients[0], vip, 80)[0] for _ in range(10)} == {pod.name}
     assert all(f.poll() is None for f in dp.forwarders.values())  # nobody fell over
+
+    # each problem is one Warning Event naming the field, posted by one node, not by every forwarder
+    def problems() -> list[client.CoreV1Event] | None:
+        found = [e for e in dp.kube.core.list_namespaced_event(ns, field_selector="involvedObject.name=manual").items
+                 if e.reason == "ForwardingProblem"]
+        return found if len(found) >= 2 else None
+
+    found = wait_for(problems, timeout=20, what="the forwarders' Warning Events on manual")
+    messages = sorted(e.message for e in found)
+    assert len(messages) == 2, messages
+    assert messages[0].startswith("EndpointSlice manual-1: endpoints[0].addresses[0]:"), messages
+    assert messages[1].startswith("EndpointSlice manual-2: addressType:") and "spec.ipFamilies" in messages[1]
+    assert all(e.type == "Warning" for e in found)
+    assert len({e.source.host for e in found}) == 1 and found[0].source.host.startswith("node-")
 
 
 def test_forwarders_never_lacked_a_permission(dp: DataplaneEnv) -> None:
