@@ -406,10 +406,14 @@ def candidate_nodes(advertisement: Advertisement, nodes: Iterable[NodeInfo],
 def announcing_nodes(advertisement: Advertisement, local_traffic: bool, ready_nodes: Collection[str],
                      nodes: Iterable[NodeInfo], peers: Iterable[BGPPeer],
                      candidates: Sequence[str] | None = None) -> tuple[str, ...]:
-    """The nodes announcing a Service's address by BGP, sorted: the pool's `candidate_nodes`,
-    and with externalTrafficPolicy Local (`local_traffic`) only those with a ready local endpoint
-    (`ready_nodes`). `candidates`: candidate_nodes already computed for the pool (one per pass,
-    not one per Service)."""
+    """The nodes announcing a Service's address by BGP, sorted: the pool's `candidate_nodes`
+    once the Service has a ready endpoint somewhere (`ready_nodes`: the nodes of its ready
+    endpoints, "" for one on no named node) — a route with no endpoint behind it would only draw
+    traffic to drop, as MetalLB and the speaker (lbctl.forwarder.bgp_decide) hold — and with
+    externalTrafficPolicy Local (`local_traffic`) only the nodes with a ready local endpoint.
+    `candidates`: candidate_nodes already computed for the pool (one per pass, not per Service)."""
+    if not ready_nodes:
+        return ()
     if candidates is None:
         candidates = candidate_nodes(advertisement, nodes, peers)
     return tuple(n for n in candidates if not local_traffic or n in ready_nodes)

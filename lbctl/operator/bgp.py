@@ -27,8 +27,14 @@ from lbctl.model.bgp import (
     format_nodes,
     parse_peer,
 )
-from lbctl.model.meta import BGP_ANNOUNCING_NODES_ANNOTATION, SERVICE_NAME_LABEL, key, object_key, split_key
-from lbctl.model.nodes import ineligibility
+from lbctl.model.meta import (
+    BGP_ANNOUNCING_NODES_ANNOTATION,
+    EXCLUDE_LABEL,
+    SERVICE_NAME_LABEL,
+    key,
+    object_key,
+    split_key,
+)
 from lbctl.model.scope import Scope
 from providers.local_pools import Pool
 
@@ -42,7 +48,7 @@ PoolAdvertisement = tuple[Pool, Advertisement | BgpConfigError]
 
 def ready_nodes_by_service(slices: Iterable[Mapping[str, Any]]) -> dict[str, set[str]]:
     """"namespace/service" → the nodes with at least one ready endpoint (ready unset counts as
-    ready, as in EndpointSlice's API)."""
+    ready, as in EndpointSlice's API; "" for a ready endpoint without nodeName)."""
     found: dict[str, set[str]] = {}
     for endpoint_slice in slices:
         meta = endpoint_slice.get("metadata") or {}
@@ -51,18 +57,31 @@ def ready_nodes_by_service(slices: Iterable[Mapping[str, Any]]) -> dict[str, set
             continue
         nodes = found.setdefault(key(meta.get("namespace"), service), set())
         for endpoint in endpoint_slice.get("endpoints") or ():
-            if (endpoint.get("conditions") or {}).get("ready") is False or not endpoint.get("nodeName"):
+            if (endpoint.get("conditions") or {}).get("ready") is False:
                 continue
-            nodes.add(str(endpoint["nodeName"]))
+            nodes.add(str(endpoint.get("nodeName") or ""))
     return found
+
+
+def may_announce(node: Mapping[str, Any]) -> bool:
+    """Whether a node's reported sessions count: it is not excluded from load balancers nor being
+    deleted (the speaker's own rule, lbctl.forwarder.ownership.excluded_nodes) and it is Ready. A
+    speaker keeps announcing while its node is NotReady (static stability), but a node that died
+    cannot take back the Established it last wrote: NotReady is the operator's sign that the entry
+    may be stale. (The autoscaler's taint, which the balancers of other providers honour, is not
+    the speaker's rule, so it is not this one either.)"""
+    meta = node.get("metadata") or {}
+    if meta.get("deletionTimestamp") or EXCLUDE_LABEL in (meta.get("labels") or {}):
+        return False
+    conditions = (node.get("status") or {}).get("conditions") or ()
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
 
 def node_infos(nodes: Iterable[Mapping[str, Any]]) -> list[NodeInfo]:
     infos = []
     for node in nodes:
         meta = node.get("metadata") or {}
-        infos.append(NodeInfo(str(meta.get("name") or ""), dict(meta.get("labels") or {}),
-                              eligible=ineligibility(node) is None))
+        infos.append(NodeInfo(str(meta.get("name") or ""), dict(meta.get("labels") or {}), eligible=may_announce(node)))
     return infos
 
 

@@ -86,6 +86,21 @@ def bgp_pool(pools: Pools, tag: str, **bgp: Any) -> dict[str, Any]:
         "mode": "bgp", "bgp": {"peerSelector": {"matchLabels": {"test": tag}}, **bgp}})
 
 
+def endpoints(ready: dict[str, bool]) -> list[dict[str, Any]]:
+    return [{"addresses": [f"10.244.{i}.5"], "nodeName": node, "conditions": {"ready": ok}}
+            for i, (node, ok) in enumerate(ready.items())]
+
+
+def create_slice(api_client: client.ApiClient, namespace: str, service: str, ready: dict[str, bool]) -> str:
+    """An EndpointSlice of `service` with endpoints on these nodes (ready or not); its resourceVersion."""
+    made = client.DiscoveryV1Api(api_client).create_namespaced_endpoint_slice(namespace, {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": f"{service}-1", "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4", "ports": [{"name": "p0", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints(ready)})
+    return str(made.metadata.resource_version)
+
+
 def pool_condition(pools: Pools, name: str, kind: str = "Advertised") -> dict[str, Any] | None:
     conditions = pools.get(name).get("status", {}).get("conditions") or ()
     return next((c for c in conditions if c.get("type") == kind), None)
@@ -112,7 +127,13 @@ def test_the_annotation_follows_the_sessions_with_externaltrafficpolicy_cluster(
     apply_peer_status(api_client, peer, names[0], "Established", routes=1)
     apply_peer_status(api_client, peer, names[1], "Established", routes=1)
     apply_peer_status(api_client, peer, names[2], "Active")
+    # Established sessions but no endpoint anywhere: no route (it would only draw traffic to drop);
+    # one ready endpoint, on a node that does not even peer: ETP=Cluster announces from every node
+    created = create_slice(api_client, namespace, "web", {"elsewhere": True})
     wait_announcing(core, namespace, "web", f"{names[0]},{names[1]}")
+    announced = [int(e.metadata.resource_version) for e in core.list_namespaced_event(
+        namespace, field_selector="involvedObject.name=web,reason=BGPAnnouncingNodes").items]
+    assert announced and min(announced) > int(created), "announced before the Service had an endpoint"
     # (the two entries are two writes: the operator may see the first alone, then both)
     wait_for_event(core, namespace, "web", "BGPAnnouncingNodes", f"from {names[0]}, {names[1]} (before: ")
 
@@ -167,16 +188,7 @@ def test_externaltrafficpolicy_local_announces_from_nodes_with_a_ready_endpoint(
     wait_announcing(core, namespace, "local", "")  # no endpoint anywhere yet
 
     discovery = client.DiscoveryV1Api(api_client)
-
-    def endpoints(ready: dict[str, bool]) -> list[dict[str, Any]]:
-        return [{"addresses": [f"10.244.{i}.5"], "nodeName": node, "conditions": {"ready": ok}}
-                for i, (node, ok) in enumerate(ready.items())]
-
-    slice_body = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                  "metadata": {"name": "local-1", "labels": {"kubernetes.io/service-name": "local"}},
-                  "addressType": "IPv4", "ports": [{"name": "p0", "port": 8080, "protocol": "TCP"}],
-                  "endpoints": endpoints({names[1]: True, names[2]: False})}
-    discovery.create_namespaced_endpoint_slice(namespace, slice_body)
+    create_slice(api_client, namespace, "local", {names[1]: True, names[2]: False})
     wait_announcing(core, namespace, "local", names[1])
     wait_for_event(core, namespace, "local", "BGPAnnouncingNodes", f"from {names[1]}")
 

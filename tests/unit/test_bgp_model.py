@@ -227,6 +227,7 @@ def test_aggregation_v6_and_l2_pools() -> None:
 NODES = (NodeInfo("n1", {"rack": "r1"}), NodeInfo("n2", {"rack": "r1"}), NodeInfo("n3", {"rack": "r2"}),
          NodeInfo("n4", {"rack": "r2"}, eligible=False))
 BGP = Advertisement(mode=Mode.BGP)
+ANY = ("",)  # a ready endpoint on no named node: the Service has somewhere to send traffic
 
 
 def peers(*specs: tuple[str, dict[str, str], dict[str, str] | None, list[tuple[str, str]]]) -> list[Any]:
@@ -241,27 +242,30 @@ ALL_UP = peers(("tor", {}, None, [("n1", "Established"), ("n2", "Established"), 
 
 
 @pytest.mark.parametrize(("adv", "local", "ready", "peer_list", "expected"), [
-    # ETP=Cluster: every eligible node with an Established session (n4 is not eligible)
-    (BGP, False, (), ALL_UP, ("n1", "n2", "n3")),
+    # ETP=Cluster: every eligible node with an Established session (n4 is not eligible), once the
+    # Service has an endpoint somewhere (here on a node without a name)
+    (BGP, False, ANY, ALL_UP, ("n1", "n2", "n3")),
+    # ETP=Cluster without any ready endpoint: nobody (a route would only draw traffic to drop)
+    (BGP, False, (), ALL_UP, ()),
     # l2 only: nobody announces by BGP
-    (L2_ONLY, False, (), ALL_UP, ()),
+    (L2_ONLY, False, ANY, ALL_UP, ()),
     # ETP=Local: only nodes with a ready endpoint
     (BGP, True, ("n2", "n4"), ALL_UP, ("n2",)),
     (BGP, True, (), ALL_UP, ()),
     # a session that is not Established does not count
-    (BGP, False, (), peers(("tor", {}, None, [("n1", "Established"), ("n2", "Active"), ("n3", "Idle")])), ("n1",)),
+    (BGP, False, ANY, peers(("tor", {}, None, [("n1", "Established"), ("n2", "Active"), ("n3", "Idle")])), ("n1",)),
     # no peers: nobody
-    (BGP, False, (), [], ()),
+    (BGP, False, ANY, [], ()),
     # the pool's nodeSelector
-    (Advertisement(mode=Mode.BOTH, node_selector=LabelSelector((("rack", "r2"),))), False, (), ALL_UP, ("n3",)),
+    (Advertisement(mode=Mode.BOTH, node_selector=LabelSelector((("rack", "r2"),))), False, ANY, ALL_UP, ("n3",)),
     # the pool's peerSelector: only sessions with selected peers count
-    (Advertisement(mode=Mode.BGP, peer_selector=LabelSelector((("rack", "r2"),))), False, (),
+    (Advertisement(mode=Mode.BGP, peer_selector=LabelSelector((("rack", "r2"),))), False, ANY,
      peers(("tor1", {"rack": "r1"}, None, [("n1", "Established"), ("n2", "Established")]),
            ("tor2", {"rack": "r2"}, None, [("n3", "Established")])), ("n3",)),
     # the peer's nodeSelector: a session reported by a node the peer does not select does not count
-    (BGP, False, (), peers(("tor1", {}, {"rack": "r1"}, [("n1", "Established"), ("n3", "Established")])), ("n1",)),
+    (BGP, False, ANY, peers(("tor1", {}, {"rack": "r1"}, [("n1", "Established"), ("n3", "Established")])), ("n1",)),
     # one Established session among several peers is enough
-    (BGP, False, (), peers(("a", {}, None, [("n1", "Active")]), ("b", {}, None, [("n1", "Established")])), ("n1",)),
+    (BGP, False, ANY, peers(("a", {}, None, [("n1", "Active")]), ("b", {}, None, [("n1", "Established")])), ("n1",)),
 ])
 def test_announcing_nodes(adv: Advertisement, local: bool, ready: tuple[str, ...], peer_list: list[Any],
                           expected: tuple[str, ...]) -> None:

@@ -35,7 +35,8 @@ UP = [parse_peer(peer([("n1", "Established", ""), ("n2", "Established", "")]))]
 
 
 @pytest.mark.parametrize(("svc", "advertisement", "ready", "expected"), [
-    (service(), BGP, (), "n1,n2"),
+    (service(), BGP, ("n9",), "n1,n2"),
+    (service(), BGP, (), ""),  # no endpoint anywhere: no route
     (service(etp="Local"), BGP, ("n2",), "n2"),
     (service(ip=None), BGP, (), None),  # no address yet
     (service(ip="10.9.9.9"), BGP, (), None),  # not from a pool known here
@@ -52,7 +53,8 @@ def test_desired_annotations_lists_only_differences_of_our_services() -> None:
     current = service(annotations={"lbctl.io/bgp-announcing-nodes": "n1,n2"}, name="same")
     stale = service(annotations={"lbctl.io/bgp-announcing-nodes": "n1"}, name="stale")
     other = {**service(name="other"), "spec": {"type": "LoadBalancer", "loadBalancerClass": "example.com/x"}}
-    changes = desired_annotations([current, stale, other], scope, [(POOL, BGP)], UP, NODES, {})
+    ready = {"shop/same": {"n1"}, "shop/stale": {"n1"}}
+    changes = desired_annotations([current, stale, other], scope, [(POOL, BGP)], UP, NODES, ready)
     assert changes == {"shop/stale": ("n1", "n1,n2")}
 
 
@@ -61,7 +63,7 @@ def test_ready_nodes_by_service() -> None:
                "endpoints": [{"nodeName": "n1", "conditions": {"ready": True}}, {"nodeName": "n2", "conditions": {}},
                              {"nodeName": "n3", "conditions": {"ready": False}}, {"conditions": {}}]},
               {"metadata": {"namespace": "shop"}, "endpoints": [{"nodeName": "n9"}]}]
-    assert ready_nodes_by_service(slices) == {"shop/web": {"n1", "n2"}}
+    assert ready_nodes_by_service(slices) == {"shop/web": {"n1", "n2", ""}}
 
 
 @pytest.mark.parametrize(("before", "after", "event"), [
