@@ -182,50 +182,14 @@ def start_router(lab: Lab, asn: int = 64500, node_asn: int = 64512, hold_s: int 
     return result
 
 
-# Stand-ins while the BGP API (CRD, RBAC: issue 10's other half) is not in examples/deploy yet.
-_PEER_CRD: dict[str, Any] = {
-    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-    "metadata": {"name": "bgppeers.lbctl.io"},
-    "spec": {"group": "lbctl.io", "scope": "Cluster",
-             "names": {"kind": "BGPPeer", "plural": "bgppeers", "singular": "bgppeer", "listKind": "BGPPeerList"},
-             "versions": [{"name": "v1alpha1", "served": True, "storage": True, "subresources": {"status": {}},
-                           "schema": {"openAPIV3Schema": {"type": "object", "properties": {
-                               "spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-                               "status": {"type": "object", "properties": {"nodes": {
-                                   "type": "array", "x-kubernetes-list-type": "map",
-                                   "x-kubernetes-list-map-keys": ["node"],
-                                   "items": {"type": "object", "required": ["node"],
-                                             "x-kubernetes-preserve-unknown-fields": True,
-                                             "properties": {"node": {"type": "string"}}}}}}}}}}]}}
-_RBAC: list[dict[str, Any]] = [
-    {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "lbctl-forwarder-bgp"},
-     "rules": [{"apiGroups": ["lbctl.io"], "resources": ["bgppeers", "loadbalancerpools"],
-                "verbs": ["get", "list", "watch"]},
-               {"apiGroups": ["lbctl.io"], "resources": ["bgppeers/status"], "verbs": ["patch"]}]},
-    {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-     "metadata": {"name": "lbctl-forwarder-bgp"},
-     "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "lbctl-forwarder-bgp"},
-     "subjects": [{"kind": "ServiceAccount", "name": "lbctl-forwarder", "namespace": "lbctl-system"}]},
-]
-
-
 def install_bgp_api(kube: LabKube) -> None:
-    """The BGPPeer CRD, the pool CRD's advertisement field and the forwarder's RBAC for them:
-    from examples/deploy where they are, stand-ins where they are not yet."""
-    crd_file = _DEPLOY / "crd-bgppeer.yaml"
-    docs = [yaml.safe_load(crd_file.read_text())] if crd_file.exists() else [_PEER_CRD]
-    if "bgppeers" not in (_DEPLOY / "forwarder-daemonset.yaml").read_text():
-        docs += _RBAC
-    for doc in docs:
-        try:
-            utils.create_from_dict(kube.api, doc)
-        except utils.FailToCreateError as exc:
-            if any(getattr(e, "status", None) != 409 for e in exc.api_exceptions):
-                raise
-    if "advertisement:" not in (_DEPLOY / "crd-loadbalancerpool.yaml").read_text():
-        kube.extensions.patch_custom_resource_definition("loadbalancerpools.lbctl.io", [
-            {"op": "add", "path": "/spec/versions/0/schema/openAPIV3Schema/properties/spec/properties/advertisement",
-             "value": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}])
+    """The BGPPeer CRD (examples/deploy/crd-bgppeer.yaml); the forwarder's RBAC for it comes with
+    `LabKube.install_forwarder_rbac`, the pool CRD's advertisement with `install_pool_crd`."""
+    try:
+        utils.create_from_dict(kube.api, yaml.safe_load((_DEPLOY / "crd-bgppeer.yaml").read_text()))
+    except utils.FailToCreateError as exc:
+        if any(getattr(e, "status", None) != 409 for e in exc.api_exceptions):
+            raise
 
     def established() -> bool:
         crd: Any = kube.api.sanitize_for_serialization(

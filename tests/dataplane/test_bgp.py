@@ -20,6 +20,7 @@ from lbctl.lab.kube import holds_for, wait_for
 from lbctl.lab.netns import http_get
 from lbctl.lab.router import Router, install_bgp_api, start_router
 from lbctl.lab.server import parse_answer
+from lbctl.model.meta import BGP_ANNOUNCING_NODES_ANNOTATION
 from tests.dataplane.harness import NODES, DataplaneEnv, Pod
 from tests.dataplane.test_static_stability import apiserver_away
 
@@ -126,6 +127,9 @@ def test_every_node_announces_and_the_router_spreads_flows_over_them(dp: Datapla
         return all(status.get(f"node-{i}", {}).get("state") == "Established"
                    and status[f"node-{i}"].get("routesAnnounced", 0) >= 1 for i in NODES)
     wait_for(reported, 20, "status.nodes[] Established with routes from every node", interval=0.2)
+    # the operator names the announcing nodes from those entries
+    wait_for(lambda: dp.kube.annotation(bgp_namespace, "web", BGP_ANNOUNCING_NODES_ANNOTATION)
+             == "node-1,node-2,node-3", 20, "the Service's bgp-announcing-nodes annotation")
 
 
 def test_etp_local_announces_only_from_nodes_with_an_endpoint(dp: DataplaneEnv, router: Router,
@@ -216,3 +220,57 @@ def test_a_killed_forwarder_and_a_cut_link_lose_their_routes(dp: DataplaneEnv, r
     dp.ensure_forwarders()
     wait_for(lambda: router.next_hops(prefix) == hops_of(dp, NODES), 60, "every node announcing again",
              interval=0.2)
+
+
+def test_deleting_the_pool_or_the_peer_withdraws(dp: DataplaneEnv, router: Router, bgp_namespace: str) -> None:
+    vip, _pods = web(dp, bgp_namespace, NODES)
+    prefix = f"{vip}/32"
+    wait_for(lambda: router.next_hops(prefix) == hops_of(dp, NODES), 20, f"{prefix} from every node", interval=0.1)
+    # the peer goes: every node closes its session (ExaBGP reloads without it), the router drops the routes
+    peer = dp.kube.custom.get_cluster_custom_object("lbctl.io", "v1alpha1", "bgppeers", PEER)
+    dp.kube.custom.delete_cluster_custom_object("lbctl.io", "v1alpha1", "bgppeers", PEER)
+    try:
+        wait_for(lambda: not router.next_hops(prefix), 20, f"{prefix} withdrawn by every node", interval=0.1)
+        wait_for(lambda: not router.established(), 20, "no session left")
+    finally:
+        dp.kube.custom.create_cluster_custom_object("lbctl.io", "v1alpha1", "bgppeers", {
+            "apiVersion": "lbctl.io/v1alpha1", "kind": "BGPPeer", "metadata": {"name": PEER}, "spec": peer["spec"]})
+    wait_for(lambda: router.next_hops(prefix) == hops_of(dp, NODES), 30, f"{prefix} from every node again",
+             interval=0.1)
+    # the pool goes: its addresses are no longer announced (sessions stay)
+    dp.kube.delete_pool(bgp_namespace)
+    wait_for(lambda: not router.next_hops(prefix), 20, f"{prefix} withdrawn", interval=0.1)
+    assert router.established() >= hops_of(dp, NODES)
+
+
+def test_graceful_restart_keeps_a_killed_forwarders_routes_until_it_is_back(
+        dp: DataplaneEnv, router: Router, bgp_namespace: str) -> None:
+    """gracefulRestart: true — ExaBGP offers the capability (restart time 120 s); FRR, a helper by
+    default, keeps the routes of a speaker whose session dropped without a NOTIFICATION (kill -9)
+    as stale, and the node's kernel rules keep serving; the restarted forwarder announces them again."""
+    vip, _pods = web(dp, bgp_namespace, (1, 2))
+    prefix = f"{vip}/32"
+    patch = {"spec": {"gracefulRestart": True}}
+    dp.kube.custom.patch_cluster_custom_object("lbctl.io", "v1alpha1", "bgppeers", PEER, patch)
+    try:
+        def gr_negotiated() -> bool:
+            neighbors = router.bgp_json("show bgp neighbors json")
+            return all("gracefulRestartInfo" in neighbors.get(hop, {}) and
+                       neighbors[hop].get("bgpState") == "Established" and
+                       (neighbors[hop].get("neighborCapabilities") or {}).get("gracefulRestart")
+                       for hop in hops_of(dp, NODES))
+        wait_for(gr_negotiated, 30, "sessions with graceful restart negotiated", interval=0.2)
+        wait_for(lambda: router.next_hops(prefix) == hops_of(dp, NODES), 20, f"{prefix} from every node",
+                 interval=0.1)
+        dp.kill_forwarder(2)
+        holds_for(lambda: router.next_hops(prefix) == hops_of(dp, NODES), HOLD_S + 2.0,
+                  "node-2's route kept (stale) past the hold time")
+        assert any(p.get("stale") for p in router.route_attributes(prefix)), router.route_attributes(prefix)
+        assert all(through(dp, router, vip, port) is not None for port in range(41600, 41610))
+        dp.start_forwarder(2)
+        wait_for(lambda: router.next_hops(prefix) == hops_of(dp, NODES)
+                 and not any(p.get("stale") for p in router.route_attributes(prefix)), 30,
+                 "node-2's route fresh again")
+    finally:
+        dp.kube.custom.patch_cluster_custom_object("lbctl.io", "v1alpha1", "bgppeers", PEER,
+                                                   {"spec": {"gracefulRestart": False}})
