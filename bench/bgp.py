@@ -9,8 +9,12 @@ top-of-rack router with `maximum-paths`, hold time 3 s:
 - withdraw_kill9_s: a forwarder is killed with -9 → its next hop gone (ExaBGP dies with it; the
   session closes).
 - withdraw_link_cut_s: a node's link is cut → its next hop gone (the router's hold timer, 3 s).
+- scale (--services N, default 1000): N more Services in the pool → routes_per_node (prefixes the
+  router received from each node), scale_total_s (first Service created → every route on the
+  router; the apiserver and the operator set the pace), scale_converge_s (from the last one created),
+  forwarder_rss_mb and exabgp_rss_mb (the largest node's, with N+1 addresses announced).
 
-    python3 bench/bgp.py [--rounds 20] [--withdraw-rounds 3]
+    python3 bench/bgp.py [--rounds 20] [--withdraw-rounds 3] [--services 1000]
 
 Prints one JSON object.
 """
@@ -86,7 +90,7 @@ class Bench:
         for index in NODES:
             self.start_forwarder(index)
         kube.create_namespace("bench")
-        kube.create_pool("bench", ["198.19.240.0/24"], advertisement={"mode": "bgp"})
+        kube.create_pool("bench", ["198.19.240.0/20"], advertisement={"mode": "bgp"})
         for index in NODES:
             pod_ns, address = lab.add_pod(index)
             lab.start(pod_ns, [sys.executable, "-m", "lbctl.lab.server", "--name", f"web-{index}",
@@ -136,6 +140,31 @@ class Bench:
             self.start_forwarder(index)
         return elapsed
 
+    def scale(self, services: int) -> dict[str, Any]:
+        kube, router = self.kube, self.router
+        assert kube is not None and router is not None
+        port = [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080}]
+        first = time.monotonic()
+        for index in range(services):
+            kube.create_service("bench", f"s{index}", {"app": "web"}, port)
+        created = time.monotonic()
+        want = services + 1  # and the steady one
+
+        def received() -> dict[str, int]:
+            summary = router.bgp_json("show bgp ipv4 unicast summary json")
+            return {address: int(peer.get("pfxRcd", 0)) for address, peer in (summary.get("peers") or {}).items()}
+        def complete() -> dict[str, int] | None:
+            counts = received()
+            return counts if len(counts) == len(NODES) and all(v >= want for v in counts.values()) else None
+        counts = wait_for(complete, 600, f"{want} routes from every node", interval=0.5)
+        converge, total = time.monotonic() - created, time.monotonic() - first
+        rss = [_rss(proc.pid) for proc in self.forwarders.values()]
+        speakers = [_rss(child) for proc in self.forwarders.values() for child in _children(proc.pid)]
+        return {"services": services, "routes_per_node": min(counts.values()),
+                "scale_converge_s": round(converge, 1), "scale_total_s": round(total, 1),
+                "forwarder_rss_mb": round(max(rss) / 1024, 1),
+                "exabgp_rss_mb": round(max(speakers, default=0) / 1024, 1)}
+
     def close(self) -> list[str]:
         problems = self.lab.stop_processes()
         if self.kube is not None:
@@ -144,7 +173,22 @@ class Bench:
         return problems + self.lab.close()
 
 
-def run(rounds: int, withdraw_rounds: int) -> dict[str, Any]:
+def _rss(pid: int) -> int:
+    """VmRSS in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def run(rounds: int, withdraw_rounds: int, services: int) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="lbctl-bench-bgp-"))
     bench = Bench(workdir)
     try:
@@ -164,6 +208,8 @@ def run(rounds: int, withdraw_rounds: int) -> dict[str, Any]:
             times = [bench.withdraw(how, NODES[r % len(NODES)]) for r in range(withdraw_rounds)]
             key = {"sigterm": "withdraw_sigterm_s", "kill9": "withdraw_kill9_s", "link": "withdraw_link_cut_s"}[how]
             result[key] = round(statistics.median(times), 3)
+        if services:
+            result.update(bench.scale(services))
         return result
     finally:
         problems = bench.close()
@@ -176,11 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--withdraw-rounds", type=int, default=3)
+    parser.add_argument("--services", type=int, default=1000, help="the scale phase (0: skip it)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("bgp: needs root (network namespaces, nftables)", file=sys.stderr)
         return 1
-    print(json.dumps(run(args.rounds, args.withdraw_rounds)))
+    print(json.dumps(run(args.rounds, args.withdraw_rounds, args.services)))
     return 0
 
 

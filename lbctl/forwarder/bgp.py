@@ -32,6 +32,7 @@ from lbctl.forwarder.bgp_exabgp import (
     StateEvent,
     announce_command,
     remove_workdir,
+    render_neighbor,
     stop_leftover,
     withdraw_command,
 )
@@ -58,6 +59,16 @@ log = logging.getLogger(__name__)
 WORKDIR_PREFIX = "lbctl-bgp-"
 OWNER_FILE = "forwarder.pid"
 _TICK_S = 0.2
+_NO_SESSION_S = 10.0  # a session not up this long gets a message saying what to check
+
+
+def no_session_message(peer: Peer, node: str) -> str:
+    """What to check when a session does not come up (ExaBGP reports no reason while the TCP
+    connection itself fails: refused, unreachable, or dropped for a TCP-MD5 password mismatch)."""
+    password = "the same TCP-MD5 password (spec.passwordSecretRef)" if peer.password_secret else "no password"
+    return (f"no BGP session with {peer.address}:{peer.port}: check that the router has node {node} as a neighbor "
+            f"with remote AS {peer.my_asn} and {password}, that it runs AS {peer.asn} (spec.peerASN), and that "
+            f"{peer.address} is reachable from the node")
 
 
 def workdir_pattern(base: str, node: str) -> str:
@@ -94,6 +105,7 @@ class Session:
     state: str = "Connect"
     since: str = ""
     message: str = ""
+    changed_at: float = dataclasses.field(default_factory=time.monotonic)
 
 
 class BgpSpeaker:
@@ -124,6 +136,8 @@ class BgpSpeaker:
         self.sessions: dict[str, Session] = {}  # peer address → its session
         self._resend: set[str] = set()  # peer addresses whose routes are sent again
         self._passwords: dict[tuple[str, str], str] = {}
+        self._skipped_since: dict[str, str] = {}
+        self._password_retry = 0.0  # when to read a password Secret that could not be read again
         self._objects_version = 0
         self._inputs: tuple[object, ...] | None = None
         self._wake = asyncio.Event()
@@ -142,7 +156,7 @@ class BgpSpeaker:
         if event.state == "Established" and session.state != "Established":
             self._resend.add(event.peer_address)  # a new session: the peer has none of our routes
         if event.state != session.state:
-            session.since = timestamp()
+            session.since, session.changed_at = timestamp(), time.monotonic()
         session.state = event.state
         session.message = event.message if event.state != "Established" else ""
         log.info("BGP session with %s: %s%s", event.peer_address, event.state,
@@ -154,6 +168,7 @@ class BgpSpeaker:
             self.announced.clear()
             for session in self.sessions.values():
                 session.state, session.since, session.message = "Connect", timestamp(), ""
+                session.changed_at = time.monotonic()
         self._resend |= set(self.announced) | {str(p.address) for p in self.peers}
         self._wake.set()
 
@@ -198,7 +213,13 @@ class BgpSpeaker:
                 password = await self._password(peer)
                 if password is None:
                     continue
-            neighbors.append(Neighbor(peer, local, router_id, password))
+            neighbor = Neighbor(peer, local, router_id, password)
+            try:
+                render_neighbor(neighbor)
+            except ValueError as exc:  # a password ExaBGP's configuration cannot carry
+                self.skipped[peer.name] = f"spec.passwordSecretRef: {exc}; this peer is not configured"
+                continue
+            neighbors.append(neighbor)
         return neighbors
 
     async def _password(self, peer: Peer) -> str | None:
@@ -212,11 +233,13 @@ class BgpSpeaker:
                 if not isinstance(raw, str):
                     self.skipped[peer.name] = (f"spec.passwordSecretRef: Secret {self._namespace}/{name} has no key "
                                                f"{key!r}")
+                    self._password_retry = time.monotonic() + 10.0
                     return None
                 self._passwords[(name, key)] = base64.b64decode(raw).decode().strip()
             except Exception as exc:
                 self.skipped[peer.name] = (f"spec.passwordSecretRef: cannot read Secret {self._namespace}/{name} "
                                            f"({exc})")
+                self._password_retry = time.monotonic() + 10.0  # Secrets are not watched: look again later
                 return None
         return self._passwords[(name, key)]
 
@@ -224,6 +247,9 @@ class BgpSpeaker:
         if self._stopped or not (self.peers_cache.synced.is_set() and self.pools_cache.synced.is_set()):
             return  # nothing known yet: change nothing (an earlier run's routes went with its ExaBGP)
         node = self.node_view()
+        if self._password_retry and time.monotonic() >= self._password_retry:
+            self._password_retry = 0.0
+            self._inputs = None
         inputs = (self._objects_version, self._states_version(), node)
         if inputs != self._inputs:
             if self._objects_version != (self._inputs or (None,))[0]:
@@ -289,12 +315,18 @@ class BgpSpeaker:
 
     def _report(self) -> None:
         entries: dict[str, NodeEntry] = {}
+        now = time.monotonic()
         for peer in self.peers:
             session = self.sessions.setdefault(str(peer.address), Session(since=timestamp()))
             routes = len(self.announced.get(str(peer.address), {})) if session.state == "Established" else 0
-            entries[peer.name] = NodeEntry(session.state, session.since or timestamp(), routes, session.message)
+            message = session.message
+            if session.state != "Established" and now - session.changed_at > _NO_SESSION_S:
+                message = no_session_message(peer, self.node) + (f" (last: {message})" if message else "")
+            entries[peer.name] = NodeEntry(session.state, session.since or timestamp(), routes, message)
+        for name in set(self._skipped_since) - set(self.skipped):
+            self._skipped_since.pop(name)
         for name, why in self.skipped.items():
-            entries[name] = NodeEntry("Idle", timestamp(), 0, why)
+            entries[name] = NodeEntry("Idle", self._skipped_since.setdefault(name, timestamp()), 0, why)
         self.status.update(entries)
 
     def report(self) -> dict[str, Any]:
