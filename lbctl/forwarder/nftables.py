@@ -114,6 +114,12 @@ class L4Proto(NamedTuple):
     protocol: str
 
 
+class NfProto(NamedTuple):
+    """`meta nfproto ipv4`: the packet is of this family (in an inet table)."""
+
+    family: int
+
+
 class LocalDestination(NamedTuple):
     """`fib daddr type local`: addressed to this host."""
 
@@ -190,7 +196,7 @@ class RecordSource(NamedTuple):
     family: int
 
 
-Statement: TypeAlias = (Jump | Goto | Drop | Masquerade | L4Proto | LocalDestination | DaddrNot | SaddrIn
+Statement: TypeAlias = (Jump | Goto | Drop | Masquerade | L4Proto | NfProto | LocalDestination | DaddrNot | SaddrIn
                         | SaddrInSet | DaddrInSet | MarkAny | SetMarkBits | VerdictLookup | RandomVerdict
                         | DnatTo | DnatRandom | RecordSource)
 
@@ -251,6 +257,8 @@ def _statement(stmt: Statement, inet: bool) -> str:
             return "masquerade"
         case L4Proto(protocol):
             return f"meta l4proto {protocol}"
+        case NfProto(family):
+            return f"meta nfproto ipv{family}"
         case LocalDestination():
             return "fib daddr type local"
         case DaddrNot(cidr):

@@ -9,22 +9,26 @@ lists, so the cost per packet does not grow with the number of Services:
       ip daddr . meta l4proto . th dport vmap @service-ips       (IPv4 LB ingress IPs)
       ip6 daddr . meta l4proto . th dport vmap @service-ips6     (IPv6 LB ingress IPs)
       fib daddr type local … meta l4proto . th dport vmap @node-ports / @node-ports6
-  svc/<ns>/<name>/<proto>/<port>[/ipv6]:   [mark for masquerade]
-      meta l4proto tcp dnat ip[6] to numgen random mod N offset B map @endpoints[6]-tcp/<shard>
-  lb/<ns>/<name>/<proto>/<port>[/ipv6]:    ip[6] saddr <cidr> goto svc/…  …  drop   (loadBalancerSourceRanges)
+  svc/<ns>/<name>/<proto>/<port>:   [mark for masquerade]
+      [meta nfproto ipv6] meta l4proto tcp dnat ip6 to numgen random mod N offset B map @endpoints6-tcp/<shard>
+  lb/<ns>/<name>/<proto>/<port>:    ip[6] saddr <cidr> goto svc/…  …  drop   (loadBalancerSourceRanges)
   postrouting (nat): marked → masquerade (externalTrafficPolicy Cluster only)
   input (filter): an LB IP on a port no Service claims is dropped: the address sits on a local
       interface, and the node's own listeners must not answer on it.
 
 Why one `inet` table rather than an `ip` and an `ip6` one (kube-proxy's choice): a dual-stack
-Service is then one program in one table (its IPv6 half is the same chains with `/ipv6` added to
-the port id), the hooks, the masquerade rule and the endpoint-chain maps (verdicts, no address)
-exist once, and a node has one table to list and to remove. What must differ per family differs
-anyway in both layouts: maps keyed or valued by addresses (`service-ips6`, `node-ports6`,
-`lb-ips6`, `endpoints6-<proto>/<shard>`), and statements that name the family (`ip6 saddr`,
-`dnat ip6 to`), which lbctl.forwarder.nftables writes from the address itself. Traffic of each
-family goes only to endpoints of that family (no NAT between families). Earlier versions had an
-`ip lbctl` table: the start-up sync removes it in the same transaction (LEGACY_TABLES).
+Service is then one program in one table, the hooks, the masquerade rule and the endpoint-chain
+maps (verdicts, no address) exist once, and a node has one table to list and to remove. A
+dual-stack port is one chain for both families, each family's rules behind `meta nfproto`: nft
+1.0.6 reads every chain of the ruleset before any element command, so a chain per family would
+double the cost of every endpoint change (measured: ~3.5 ms per 1,000 chains; separate tables
+would not help, that read is not filtered by table). What must differ per family differs in both
+layouts: maps keyed or valued by addresses (`service-ips6`, `node-ports6`, `lb-ips6`,
+`endpoints6-<proto>/<shard>`), and statements that name the family (`ip6 saddr`, `dnat ip6 to`),
+which lbctl.forwarder.nftables writes from the address itself. Traffic of each family goes only to
+endpoints of that family (no NAT between families); slot ranges, endpoint chains and affinity
+sets of the IPv6 half carry `/ipv6` after the port. Earlier versions had an `ip lbctl` table: the
+start-up sync removes it in the same transaction (LEGACY_TABLES).
 
 Endpoints live in named maps keyed by an integer slot; each service port owns a slot range and
 picks `numgen random mod N offset B`. Anonymous maps (one per rule, `numgen … vmap { 0 : …, 1 :
@@ -71,6 +75,7 @@ from lbctl.forwarder.nftables import (
     Map,
     MarkAny,
     Masquerade,
+    NfProto,
     RandomVerdict,
     RecordSource,
     Rule,
@@ -317,60 +322,66 @@ def render_program(state: ServiceState, slots: Mapping[str, SlotRange]) -> Progr
     elements: list[Element] = []
     udp: set[tuple[str, int]] = set()
     families = _families(state)
-    for family in families:
-        version = family.version
-        lb_ips = [ip for ip in state.lb_ips if family_of(ip) == version]
-        for port in state.ports:
+    # A dual-stack Service's port is one chain for both families, each family's rules behind a
+    # `meta nfproto` match: nft reads every chain before any element command, so a chain per
+    # family would double the cost of each endpoint change.
+    guards = {f.version: ((NfProto(f.version),) if len(families) > 1 else ()) for f in families}
+    lb_ips = {f.version: [ip for ip in state.lb_ips if family_of(ip) == f.version] for f in families}
+    for port in state.ports:
+        svc = f"svc/{port_id(state, port)}"
+        proto = port.protocol
+        rules: list[Body] = []
+        picks: list[Body] = []
+        for family in families:
+            version, guard = family.version, guards[family.version]
             pid = port_id(state, port, family)
-            svc = f"svc/{pid}"
-            rules: list[Body] = []
             backends = _backends(port, family)
-            proto = port.protocol
             if proto == UDP:
                 udp.update((b.ip, b.port) for b in backends)
             if not backends:
-                rules.append(_DROP)  # no endpoint (for ETP=Local: none on this node)
-            else:
-                if state.masquerade:
-                    rules.append(_MARK)
-                if state.affinity_timeout is not None:
-                    timeout = state.affinity_timeout
-                    for b in backends:
-                        ep = _endpoint_chain(pid, b.ip, b.port)
-                        aff = _affinity_set(pid, b.ip, b.port, timeout)
-                        sets[aff] = Set(aff, family.address, timeout)
-                        chains[ep] = ((RecordSource(aff, version),), (_L4[proto], DnatTo(b.ip, b.port)))
-                        rules.append((SaddrInSet(aff, version), Goto(ep)))
-                    if len(backends) == 1:
-                        rules.append((Goto(_endpoint_chain(pid, backends[0].ip, backends[0].port)),))
-                    else:
-                        base = slots[pid].base
-                        vmap = ENDPOINT_CHAIN_MAPS[shard(pid)]
-                        rules.append((RandomVerdict(len(backends), base, vmap),))
-                        elements.extend(Element(vmap, base + i, Goto(_endpoint_chain(pid, b.ip, b.port)))
-                                        for i, b in enumerate(backends))
-                elif len(backends) == 1:
-                    rules.append((_L4[proto], DnatTo(backends[0].ip, backends[0].port)))
+                picks.append((*guard, Drop()))  # no endpoint (for ETP=Local: none on this node)
+            elif state.affinity_timeout is not None:
+                timeout = state.affinity_timeout
+                for b in backends:
+                    ep = _endpoint_chain(pid, b.ip, b.port)
+                    aff = _affinity_set(pid, b.ip, b.port, timeout)
+                    sets[aff] = Set(aff, family.address, timeout)
+                    chains[ep] = ((RecordSource(aff, version),), (_L4[proto], DnatTo(b.ip, b.port)))
+                    picks.append((SaddrInSet(aff, version), Goto(ep)))
+                if len(backends) == 1:
+                    picks.append((*guard, Goto(_endpoint_chain(pid, backends[0].ip, backends[0].port))))
                 else:
                     base = slots[pid].base
-                    dmap = family.endpoint_maps[proto][shard(pid)]
-                    rules.append((_L4[proto], DnatRandom(version, len(backends), base, dmap)))
-                    elements.extend(Element(dmap, base + i, (b.ip, b.port)) for i, b in enumerate(backends))
-            chains[svc] = tuple(rules)
+                    vmap = ENDPOINT_CHAIN_MAPS[shard(pid)]
+                    picks.append((*guard, RandomVerdict(len(backends), base, vmap)))
+                    elements.extend(Element(vmap, base + i, Goto(_endpoint_chain(pid, b.ip, b.port)))
+                                    for i, b in enumerate(backends))
+            elif len(backends) == 1:
+                picks.append((*guard, _L4[proto], DnatTo(backends[0].ip, backends[0].port)))
+            else:
+                base = slots[pid].base
+                dmap = family.endpoint_maps[proto][shard(pid)]
+                picks.append((*guard, _L4[proto], DnatRandom(version, len(backends), base, dmap)))
+                elements.extend(Element(dmap, base + i, (b.ip, b.port)) for i, b in enumerate(backends))
+        if state.masquerade and any(_backends(port, f) for f in families):
+            rules.append(_MARK)
+        chains[svc] = (*rules, *picks)
 
-            entry = svc
-            if state.source_ranges is not None:
-                # a family none of whose ranges is listed admits no one (fails closed)
-                entry = f"lb/{pid}"
-                chains[entry] = (*((SaddrIn(cidr), Goto(svc)) for cidr in state.source_ranges
-                                   if family_of(cidr) == version), _DROP)
-            target = Goto(entry)
-            for ip in lb_ips:
+        entry = svc
+        if state.source_ranges is not None:
+            # a family none of whose ranges is listed admits no one (fails closed)
+            entry = f"lb/{port_id(state, port)}"
+            chains[entry] = (*((SaddrIn(cidr), Goto(svc)) for family in families for cidr in state.source_ranges
+                               if family_of(cidr) == family.version), _DROP)
+        target = Goto(entry)
+        for family in families:
+            for ip in lb_ips[family.version]:
                 elements.append(Element(family.service_ips, (ip, proto, port.port), target))
             if port.node_port is not None:
                 elements.append(Element(family.node_ports, (proto, port.node_port), Goto(svc)))
-        if state.ports:
-            elements.extend(Element(family.lb_ips, ip) for ip in lb_ips)
+    if state.ports:
+        for family in families:
+            elements.extend(Element(family.lb_ips, ip) for ip in lb_ips[family.version])
     return Program(key=state.key, priority=(state.created, state.key), chains=chains, sets=sets,
                    elements=tuple(elements), slots=dict(slots), udp_backends=frozenset(udp))
 

@@ -252,31 +252,33 @@ def test_dual_stack_ruleset_golden() -> None:
 
 def test_each_family_goes_to_endpoints_of_its_own_family() -> None:
     text = Planner().plan_full([dual()]).text
-    assert re.search(r"svc/prod/dual/tcp/80 meta l4proto tcp dnat ip to numgen random mod 2 offset \d+ "
-                     r"map @endpoints-tcp/\d+", text)
-    match = re.search(r"svc/prod/dual/tcp/80/ipv6 meta l4proto tcp dnat ip6 to numgen random mod 2 offset (\d+) "
-                      r"map @(endpoints6-tcp/\d+)", text)
+    assert re.search(r"svc/prod/dual/tcp/80 meta nfproto ipv4 meta l4proto tcp dnat ip to numgen random mod 2 "
+                     r"offset \d+ map @endpoints-tcp/\d+\n", text)
+    match = re.search(r"svc/prod/dual/tcp/80 meta nfproto ipv6 meta l4proto tcp dnat ip6 to numgen random mod 2 "
+                      r"offset (\d+) map @(endpoints6-tcp/\d+)\n", text)
     assert match, text
     base, shard = int(match.group(1)), match.group(2)
     assert f"add element inet lbctl {shard} {{\n\t{base} : 2001:db8:1:1::7 . 8080,\n\t{base + 1} : " \
            "2001:db8:1:2::7 . 8080,\n}" in text
-    assert "svc/prod/dual/udp/53/ipv6 meta l4proto udp dnat ip6 to [2001:db8:1:1::7]:5353" in text
-    assert "add rule inet lbctl svc/prod/dual/udp/53 drop" in text  # no IPv4 endpoint for dns
-    # each address to its family's chain, each family's ranges on its own chain, NodePorts in both maps
+    assert "svc/prod/dual/udp/53 meta nfproto ipv6 meta l4proto udp dnat ip6 to [2001:db8:1:1::7]:5353" in text
+    assert "add rule inet lbctl svc/prod/dual/udp/53 meta nfproto ipv4 drop" in text  # no IPv4 endpoint for dns
+    # one chain per port for both families: both addresses and both NodePort maps lead to it
     assert "\t192.0.2.20 . tcp . 80 : goto lb/prod/dual/tcp/80," in text
-    assert "\t2001:db8::20 . tcp . 80 : goto lb/prod/dual/tcp/80/ipv6," in text
+    assert "\t2001:db8::20 . tcp . 80 : goto lb/prod/dual/tcp/80," in text
     assert "lb/prod/dual/tcp/80 ip saddr 203.0.113.0/24 goto svc/prod/dual/tcp/80\n" in text
-    assert "lb/prod/dual/tcp/80/ipv6 ip6 saddr 2001:db8:ff::/48 goto svc/prod/dual/tcp/80/ipv6\n" in text
+    assert "lb/prod/dual/tcp/80 ip6 saddr 2001:db8:ff::/48 goto svc/prod/dual/tcp/80\n" in text
     assert "ip saddr 2001" not in text and "ip6 saddr 203" not in text
-    assert "add element inet lbctl node-ports6 {\n\ttcp . 30090 : goto svc/prod/dual/tcp/80/ipv6," in text
+    assert "add element inet lbctl node-ports6 {\n\ttcp . 30090 : goto svc/prod/dual/tcp/80," in text
     assert "add element inet lbctl node-ports {\n\ttcp . 30090 : goto svc/prod/dual/tcp/80," in text
     assert "add element inet lbctl lb-ips6 {\n\t2001:db8::20,\n}" in text
+    assert text.count("add chain inet lbctl svc/") == 2
 
 
 def test_a_family_without_listed_ranges_admits_no_one() -> None:
     text = Planner().plan_full([dual(source_ranges=("203.0.113.0/24",))]).text
-    rules = [line for line in text.splitlines() if line.startswith("add rule inet lbctl lb/prod/dual/tcp/80/ipv6 ")]
-    assert rules == ["add rule inet lbctl lb/prod/dual/tcp/80/ipv6 drop"]
+    rules = [line for line in text.splitlines() if line.startswith("add rule inet lbctl lb/prod/dual/tcp/80 ")]
+    assert rules == ["add rule inet lbctl lb/prod/dual/tcp/80 ip saddr 203.0.113.0/24 goto svc/prod/dual/tcp/80",
+                     "add rule inet lbctl lb/prod/dual/tcp/80 drop"]
 
 
 def test_ipv6_affinity_records_the_ipv6_client_in_names_without_colons() -> None:
@@ -286,7 +288,10 @@ def test_ipv6_affinity_records_the_ipv6_client_in_names_without_colons() -> None
     assert "add rule inet lbctl ep/prod/dual/tcp/80/ipv6/2001-db8-1-1--7/8080 " \
            "update @aff/prod/dual/tcp/80/ipv6/2001-db8-1-1--7/8080/60 { ip6 saddr }" in text
     assert "ep/prod/dual/tcp/80/ipv6/2001-db8-1-1--7/8080 meta l4proto tcp dnat ip6 to [2001:db8:1:1::7]:8080" in text
-    assert "svc/prod/dual/tcp/80/ipv6 ip6 saddr @aff/prod/dual/tcp/80/ipv6/2001-db8-1-1--7/8080/60 goto" in text
+    assert "svc/prod/dual/tcp/80 ip6 saddr @aff/prod/dual/tcp/80/ipv6/2001-db8-1-1--7/8080/60 goto" in text
+    # the random pick among endpoint chains is guarded by family: a chain of the other family would not NAT
+    assert re.search(r"svc/prod/dual/tcp/80 meta nfproto ipv6 numgen random mod 2 offset \d+ vmap", text)
+    assert re.search(r"svc/prod/dual/udp/53 meta nfproto ipv6 goto ep/prod/dual/udp/53/ipv6/", text)
 
 
 def test_start_up_removes_the_table_of_earlier_versions() -> None:
