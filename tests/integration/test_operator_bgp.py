@@ -131,11 +131,11 @@ def test_the_annotation_follows_the_sessions_with_externaltrafficpolicy_cluster(
     # one ready endpoint, on a node that does not even peer: ETP=Cluster announces from every node
     created = create_slice(api_client, namespace, "web", {"elsewhere": True})
     wait_announcing(core, namespace, "web", f"{names[0]},{names[1]}")
+    # the Event follows the annotation's write
+    wait_for_event(core, namespace, "web", "BGPAnnouncingNodes", f"from {names[0]}, {names[1]} (before: ")
     announced = [int(e.metadata.resource_version) for e in core.list_namespaced_event(
         namespace, field_selector="involvedObject.name=web,reason=BGPAnnouncingNodes").items]
     assert announced and min(announced) > int(created), "announced before the Service had an endpoint"
-    # (the two entries are two writes: the operator may see the first alone, then both)
-    wait_for_event(core, namespace, "web", "BGPAnnouncingNodes", f"from {names[0]}, {names[1]} (before: ")
 
     # a session going down takes its node out; the third coming up adds it
     apply_peer_status(api_client, peer, names[1], "Idle", message="hold timer expired")
