@@ -50,7 +50,7 @@ from lbctl.forwarder.bgp_model import (
 from lbctl.forwarder.bgp_status import NodeEntry, PeerStatus
 from lbctl.forwarder.ownership import excluded_nodes
 from lbctl.forwarder.state import ServiceState
-from lbctl.kube.client import KubeClient
+from lbctl.kube.client import ApiError, KubeClient
 from lbctl.kube.reflector import Reflector
 from lbctl.model.meta import timestamp
 
@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 WORKDIR_PREFIX = "lbctl-bgp-"
 OWNER_FILE = "forwarder.pid"
 _TICK_S = 0.2
+_SERVED_RECHECK_S = 30.0
 _NO_SESSION_S = 10.0  # a session not up this long gets a message saying what to check
 
 
@@ -181,7 +182,32 @@ class BgpSpeaker:
         return l2_states(states, self.bgp_only)
 
     # -- run ------------------------------------------------------------------------------------
+    async def _served(self) -> bool:
+        """Whether the cluster serves BGPPeers (their CRD is installed)."""
+        try:
+            group = await self._client.request("GET", PEERS_PATH.rsplit("/", 1)[0], timeout_s=10.0)
+        except ApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return any(r.get("name") == "bgppeers" for r in group.get("resources") or ())
+
+    async def _wait_until_served(self) -> None:
+        said = False
+        while True:
+            try:
+                if await self._served():
+                    return
+                if not said:
+                    log.info("BGP off: this cluster does not serve BGPPeers (their CRD is not installed); "
+                             "looking again every %.0fs", _SERVED_RECHECK_S)
+                    said = True
+            except Exception as exc:  # the apiserver is away: the next look decides
+                log.debug("BGP: cannot tell whether BGPPeers are served: %s", exc)
+            await asyncio.sleep(_SERVED_RECHECK_S)
+
     async def run(self) -> None:
+        await self._wait_until_served()
         tasks = [asyncio.create_task(r.run(), name=r.name) for r in (self.peers_cache, self.pools_cache)]
         tasks.append(asyncio.create_task(self.status.run(), name="bgp-status"))
         try:
