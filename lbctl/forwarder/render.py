@@ -15,6 +15,8 @@ lists, so the cost per packet does not grow with the number of Services:
   postrouting (nat): marked → masquerade (externalTrafficPolicy Cluster only)
   input (filter): an LB IP on a port no Service claims is dropped: the address sits on a local
       interface, and the node's own listeners must not answer on it.
+  forward (filter): the same for an LB IP that is not local (BGP mode: the router sends it here);
+      DNATed packets have the endpoint as destination by then and pass.
 
 Why one `inet` table rather than an `ip` and an `ip6` one (kube-proxy's choice): a dual-stack
 Service is then one program in one table, the hooks, the masquerade rule and the endpoint-chain
@@ -151,6 +153,7 @@ BASE_OBJECTS: tuple[nft.Object, ...] = (
     Chain("output", Hook("nat", "output", "-100")),
     Chain("postrouting", Hook("nat", "postrouting", "srcnat")),
     Chain("input", Hook("filter", "input", "filter")),
+    Chain("forward", Hook("filter", "forward", "filter")),
 )
 BASE_RULES = (
     Rule("prerouting", (Jump("services"),)),
@@ -161,6 +164,10 @@ BASE_RULES = (
                         VerdictLookup((Field.L4PROTO, Field.DPORT), f.node_ports))) for f in (V4, V6)),
     Rule("postrouting", (MarkAny(MASQUERADE_MARK), Masquerade())),
     *(Rule("input", (L4Proto(proto), DaddrInSet(f.lb_ips, f.version), Drop()))
+      for f in (V4, V6) for proto in PROTOCOLS),
+    # An LB address that is not local (announced by BGP) on a port no Service claims is not DNATed:
+    # forwarded, it would go back to the router by the default route and loop until its TTL ran out.
+    *(Rule("forward", (L4Proto(proto), DaddrInSet(f.lb_ips, f.version), Drop()))
       for f in (V4, V6) for proto in PROTOCOLS),
 )
 

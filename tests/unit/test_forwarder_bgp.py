@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 
-from lbctl.forwarder.bgp import l2_states, unique_peers
+from lbctl.forwarder.bgp import OWNER_FILE, l2_states, remove_stale, unique_peers
 from lbctl.forwarder.bgp_decide import NodeView, Route, announcements, bgp_only_addresses
 from lbctl.forwarder.bgp_exabgp import (
     Neighbor,
@@ -263,3 +266,16 @@ def test_status_entry_and_throttle() -> None:
 
 def test_peer_is_hashable_plain_data() -> None:
     assert isinstance(hash(PEER), int) and isinstance(PEER, Peer) and isinstance(BGP_POOL, PoolAdvert)
+
+
+def test_stale_speaker_directories_go_and_live_ones_stay(tmp_path: Any) -> None:
+    """A forwarder killed with -9 leaves its ExaBGP directory (ExaBGP died with it); the next start
+    removes it, and leaves a directory whose forwarder still runs (another lab's node of that name)."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    dead, alive = tmp_path / "lbctl-bgp-n1-dead", tmp_path / "lbctl-bgp-n1-alive"
+    for path, pid in ((dead, gone.stdout.strip()), (alive, str(os.getpid()))):
+        path.mkdir()
+        (path / OWNER_FILE).write_text(pid + "\n")
+    remove_stale(str(tmp_path), "n1")
+    assert not dead.exists() and alive.exists()
