@@ -431,8 +431,3 @@ class Transaction:
 
     def text(self) -> str:
         return "".join(text + "\n" for _, text in self.lines())
-
-
-def written(ops: Sequence[Op], table: Table) -> list[str]:
-    """Operations one per line (no batching)."""
-    return [write(table, op.verb, op.object) for op in ops]
