@@ -174,9 +174,10 @@ class Lab:
         """Register how to undo something made outside this class (lab extensions: the BGP router)."""
         self._on_close(what, undo)
 
-    def attach(self, namespace: str, short: str, address: str) -> None:
-        """Put `namespace` on the LAN bridge at `address` (its eth0; the root end is <prefix><short>)."""
-        self._attach(namespace, short, address)
+    def attach(self, namespace: str, short: str, address: str, address6: str | None = None) -> None:
+        """Put `namespace` on the LAN bridge at `address` (and `address6`; its eth0; the root end is
+        <prefix><short>)."""
+        self._attach(namespace, short, address, address6)
 
     def name(self, suffix: str) -> str:
         return f"{self.prefix}-{suffix}"

@@ -1,7 +1,9 @@
 """A top-of-rack router for the lab: FRR's zebra and bgpd in a router namespace on the lab's LAN,
 with a client network behind it.
 
-    client (198.19.250.2/24) ── router (198.19.250.1 | LAN .2) ── LAN bridge ── nodes (.11, .12, …)
+    client (198.19.250.2/24, 2001:db8:2::2/64) ── router (.1, ::1 | LAN .2, LAN6 ::2) ── LAN bridge ── nodes
+
+The nodes' sessions are IPv4; they carry IPv6 unicast too (MP-BGP, next hop the node's IPv6 address).
 
 bgpd accepts sessions from any node of the LAN (`bgp listen range`, one peer group), installs up
 to 8 equal paths per prefix (`maximum-paths`, multipath over the nodes) into the router's kernel
@@ -29,6 +31,7 @@ from lbctl.lab.netns import Lab, LabError
 
 FRR_DIR = Path("/usr/lib/frr")
 CLIENT_NET = "198.19.250"  # the network behind the router (not routed anywhere but inside the lab)
+CLIENT_NET6 = "2001:db8:2:"  # its IPv6 twin, 2001:db8:2::/64
 ROUTER_HOST = 2  # the router's host number on the LAN
 _DEPLOY = Path(__file__).resolve().parents[2] / "examples" / "deploy"
 
@@ -66,6 +69,10 @@ def bgpd_config(asn: int, router_id: str, lan_cidr: str, node_asn: int, hold_s: 
         "  neighbor NODES activate",
         "  maximum-paths 8",
         " exit-address-family",
+        " address-family ipv6 unicast",
+        "  neighbor NODES activate",
+        "  maximum-paths 8",
+        " exit-address-family",
         "exit",
     ]
     return "\n".join(lines) + "\n"
@@ -87,6 +94,10 @@ class Router:
     def client_address(self) -> str:
         return f"{CLIENT_NET}.2"
 
+    @property
+    def client_address6(self) -> str:
+        return f"{CLIENT_NET6}:2"
+
     def vtysh(self, command: str) -> str:
         return self.lab.run_in(self.namespace, "vtysh", "--vty_socket", str(self.workdir), "-c", command).stdout
 
@@ -105,18 +116,22 @@ class Router:
         return {address for address, p in peers.items() if p.get("state") == "Established"}
 
     def next_hops(self, prefix: str) -> set[str]:
-        """The next hops bgpd has for `prefix` (every path, best and multipath)."""
-        route = self.bgp_json(f"show bgp ipv4 unicast {prefix} json")
+        """The next hops bgpd has for `prefix` (every path, best and multipath; for IPv6 the
+        global next hops)."""
+        afi = "ipv6" if ":" in prefix else "ipv4"
+        route = self.bgp_json(f"show bgp {afi} unicast {prefix} json")
         hops = set()
         for path in route.get("paths") or ():
             for hop in path.get("nexthops") or ():
-                if hop.get("ip"):
+                if hop.get("ip") and hop.get("scope", "global") == "global":
                     hops.add(hop["ip"])
         return hops
 
     def kernel_next_hops(self, address: str) -> set[str]:
         """The next hops of the kernel route to `address` in the router (what zebra installed)."""
-        out = self.lab.run_in(self.namespace, "ip", "-j", "route", "show", f"{address}/32", check=False).stdout
+        six = ":" in address
+        out = self.lab.run_in(self.namespace, "ip", "-j", "-6" if six else "-4", "route", "show",
+                              f"{address}/{128 if six else 32}", check=False).stdout
         hops = set()
         for route in json.loads(out or "[]"):
             if route.get("gateway"):
@@ -127,7 +142,7 @@ class Router:
         return hops
 
     def route_attributes(self, prefix: str) -> list[dict[str, Any]]:
-        route = self.bgp_json(f"show bgp ipv4 unicast {prefix} json")
+        route = self.bgp_json(f"show bgp {'ipv6' if ':' in prefix else 'ipv4'} unicast {prefix} json")
         return list(route.get("paths") or ())
 
 
@@ -139,7 +154,7 @@ def start_router(lab: Lab, asn: int = 64500, node_asn: int = 64512, hold_s: int 
     if problem:
         raise LabError(problem)
     router = lab.add_namespace("router")
-    lab.attach(router, "rt", lab.lan_address(ROUTER_HOST))
+    lab.attach(router, "rt", lab.lan_address(ROUTER_HOST), lab.lan6_address(ROUTER_HOST))
     client = lab.add_namespace("bgpclient")
     lab.run_in(router, "ip", "link", "add", "c0", "type", "veth", "peer", "name", "eth0", "netns", client)
     lab.run_in(router, "ip", "addr", "add", f"{CLIENT_NET}.1/24", "dev", "c0")
@@ -147,12 +162,20 @@ def start_router(lab: Lab, asn: int = 64500, node_asn: int = 64512, hold_s: int 
     lab.run_in(client, "ip", "addr", "add", f"{CLIENT_NET}.2/24", "dev", "eth0")
     lab.run_in(client, "ip", "link", "set", "eth0", "up")
     lab.run_in(client, "ip", "route", "add", "default", "via", f"{CLIENT_NET}.1")
+    lab.run_in(router, "ip", "addr", "add", f"{CLIENT_NET6}:1/64", "dev", "c0", "nodad")
+    lab.run_in(client, "ip", "addr", "add", f"{CLIENT_NET6}:2/64", "dev", "eth0", "nodad")
+    lab.run_in(client, "ip", "-6", "route", "add", "default", "via", f"{CLIENT_NET6}:1")
     lab.sysctl(router, "net.ipv4.ip_forward", "1")
+    lab.sysctl(router, "net.ipv6.conf.all.forwarding", "1")
     lab.sysctl(router, "net.ipv4.fib_multipath_hash_policy", "1")  # L4: flows spread by ports too
+    lab.sysctl(router, "net.ipv6.fib_multipath_hash_policy", "1")
     for index, node in lab.nodes.items():
         lab.run_in(node, "ip", "route", "replace", f"{CLIENT_NET}.0/24", "via", lab.lan_address(ROUTER_HOST))
         lab.on_close(f"route to {CLIENT_NET}.0/24 in node-{index}", functools.partial(
             lab.run_in, node, "ip", "route", "del", f"{CLIENT_NET}.0/24", check=False))
+        lab.run_in(node, "ip", "-6", "route", "replace", f"{CLIENT_NET6}:/64", "via", lab.lan6_address(ROUTER_HOST))
+        lab.on_close(f"route to {CLIENT_NET6}:/64 in node-{index}", functools.partial(
+            lab.run_in, node, "ip", "-6", "route", "del", f"{CLIENT_NET6}:/64", check=False))
 
     # FRR drops to the frr user: its directory must be reachable by it (the lab's log directory is not)
     workdir = Path(tempfile.mkdtemp(prefix=f"{lab.prefix}-frr-"))

@@ -42,6 +42,12 @@ def router(dp: DataplaneEnv) -> Iterator[Router]:
             "spec": {"peerAddress": result.lan_address, "peerASN": ROUTER_ASN, "myASN": NODE_ASN,
                      "holdTime": f"{HOLD_S}s"}}
     dp.kube.custom.create_cluster_custom_object("lbctl.io", "v1alpha1", "bgppeers", peer)
+    for index in NODES:  # dual-stack Nodes: the IPv6 routes' next hop is the node's IPv6 InternalIP
+        # a JSON patch: a strategic merge would merge the two InternalIPs by their type into one
+        dp.kube.core.patch_node_status(f"node-{index}", [{"op": "replace", "path": "/status/addresses", "value": [
+            {"type": "InternalIP", "address": dp.lab.node_address(index)},
+            {"type": "InternalIP", "address": dp.lab.node6_address(index)},
+            {"type": "Hostname", "address": f"node-{index}"}]}])
     try:
         nodes = {dp.lab.node_address(i) for i in NODES}
         # generous: on a loaded machine a forwarder's first list can take until its client's timeout (60 s)
@@ -63,7 +69,7 @@ def bgp_namespace(dp: DataplaneEnv, router: Router) -> Iterator[str]:
         undo.callback(dp.kube.delete_pool, name)
         undo.callback(dp.kube.delete_namespace, name)
         undo.callback(dp.ensure_forwarders)
-        dp.kube.create_pool(name, [f"198.19.240.{block}/28"], namespaces=[name],
+        dp.kube.create_pool(name, [f"198.19.240.{block}/28", f"2001:db8:3:{block:x}::/124"], namespaces=[name],
                             advertisement={"mode": "bgp", "bgp": {"communities": ["64512:100"]}})
         yield name
 
@@ -300,3 +306,33 @@ def test_a_password_the_router_does_not_have_keeps_the_session_down_with_a_clear
                                                    {"spec": {"passwordSecretRef": None}})
         dp.kube.core.delete_namespaced_secret("bgp-tor-password", "lbctl-system")
     wait_for(lambda: router.established() >= hops_of(dp, NODES), 30, "sessions back without the password")
+
+
+def test_ipv6_addresses_go_out_as_128_with_the_nodes_ipv6_next_hops(dp: DataplaneEnv, router: Router,
+                                                                    bgp_namespace: str) -> None:
+    """An IPv6-only Service: its /128 rides the IPv4 sessions (MP-BGP) with each node's IPv6 address
+    as next hop; the router installs a multipath IPv6 route and IPv6 flows spread over the nodes."""
+    pods = [dp.add_pod(bgp_namespace, "web", node) for node in NODES]
+    dp.kube.create_service(bgp_namespace, "web", {"app": "web"}, [HTTP], ipFamilies=["IPv6"],
+                           ipFamilyPolicy="SingleStack")
+    vip = dp.kube.wait_external_ip(bgp_namespace, "web")
+    assert vip.startswith("2001:db8:3:"), vip
+    prefix = f"{vip}/128"
+    hops6 = {dp.lab.node6_address(i) for i in NODES}
+    wait_for(lambda: router.next_hops(prefix) == hops6, 30, f"{prefix} from every node", interval=0.1)
+    wait_for(lambda: router.kernel_next_hops(vip) == hops6, 10, "a multipath IPv6 route in the kernel")
+    assert all(vip not in dp.vips_on(i) for i in NODES)
+    dp.wait_rules(present={p.address6 for p in pods})
+
+    def through6(port: int) -> int | None:
+        try:
+            _pod, peer = parse_answer(http_get(router.client, vip, 80, timeout=1.0,
+                                               source=(router.client_address6, port)))
+        except OSError:
+            return None
+        return dp.node_of(peer)
+    wait_for(lambda: through6(41700) is not None, 20, "an IPv6 answer through the router")
+    seen = [through6(port) for port in range(41700, 41730)]
+    assert None not in seen, seen
+    print(f"\n30 IPv6 flows through nodes: { {n: seen.count(n) for n in set(seen)} }")
+    assert len(set(seen)) >= 2, seen
