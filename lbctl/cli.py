@@ -276,13 +276,15 @@ def _add_forwarder(commands: argparse._SubParsersAction[argparse.ArgumentParser]
 def _demo(args: argparse.Namespace) -> int:
     from lbctl.demo import run_demo
 
-    return run_demo(keep_seconds=args.keep)
+    return run_demo(keep_seconds=args.keep, bgp=args.bgp)
 
 
 def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = commands.add_parser("demo", help="a whole cluster in network namespaces: operator, two forwarders, a "
                                "Service; fetches a page through its VIP, then removes everything (root)")
     demo.add_argument("--keep", type=float, default=0.0, help="seconds to leave it running before tearing down")
+    demo.add_argument("--bgp", action="store_true",
+                      help="advertise the pool by BGP to an FRR router (with ECMP) in front of the nodes")
     demo.set_defaults(func=_demo)
 
 

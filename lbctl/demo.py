@@ -5,6 +5,11 @@ provider, two "nodes" (network namespaces on a bridge) each running the forwarde
 with a real HTTP server, a LoadBalancerPool and a Service; prints the Service as `kubectl get svc`
 would, fetches a page through its VIP from a client namespace and prints it. Everything it made
 (namespaces, links, processes, files) is removed at the end — also on Ctrl-C or SIGTERM.
+
+`lbctl demo --bgp`: the pool is advertised by BGP instead. A router namespace runs FRR (zebra and
+bgpd) between a client and the nodes; every node's forwarder peers with it (a BGPPeer), the router
+shows one route to the address with a next hop per node, and pages fetched from the client behind
+the router come through both nodes (ECMP).
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ from typing import Any
 
 from lbctl.dev import controlplane
 from lbctl.lab.kube import LabKube, wait_for
-from lbctl.lab.netns import Lab, http_get
-from lbctl.model.meta import ANNOUNCING_NODE_ANNOTATION
+from lbctl.lab.netns import Lab, http_get, pod_gateway
+from lbctl.lab.router import Router, frr_missing, install_bgp_api, start_router
+from lbctl.lab.server import parse_answer
+from lbctl.model.meta import ANNOUNCING_NODE_ANNOTATION, BGP_ANNOUNCING_NODES_ANNOTATION
 
 NODES = (1, 2)
 FORWARDER_STATUS_PORT = 7476
@@ -41,12 +48,15 @@ def _say(message: str) -> None:
     print(f"[demo] {message}", file=sys.stderr, flush=True)
 
 
-def _preflight() -> None:
+def _preflight(bgp: bool = False) -> None:
     if os.geteuid() != 0:
         raise DemoError("the demo makes network namespaces and nftables rules: run it as root (sudo lbctl demo)")
     for tool, package in (("ip", "iproute2"), ("nft", "nftables"), ("conntrack", "conntrack")):
         if shutil.which(tool) is None:
             raise DemoError(f"{tool} is missing: run `bash .ci/setup` (or apt-get install {package})")
+    problem = frr_missing() if bgp else None
+    if problem:
+        raise DemoError(f"--bgp needs FRR as the router: {problem}")
 
 
 def kubectl_get_svc(service: dict[str, Any], now: float) -> str:
@@ -76,7 +86,7 @@ class Demo:
         self.kube: LabKube | None = None
         self._closed = False
 
-    def run(self, keep_seconds: float) -> None:
+    def run(self, keep_seconds: float, bgp: bool = False) -> None:
         lab = self.lab
         _say(f"building the network (namespaces and links named {lab.prefix}-*) in {self.workdir}")
         lab.add_bridge()
@@ -90,6 +100,8 @@ class Demo:
         kubeconfig = str(self.cp_dir / "kubeconfig")
         self.kube = kube = LabKube(kubeconfig)
         kube.install_pool_crd()
+        if bgp:
+            install_bgp_api(kube)
         # the forwarders run as the DaemonSet's ServiceAccount, with its RBAC, and reach the
         # apiserver through the bridge (a node namespace cannot reach the root's 127.0.0.1)
         kube.install_forwarder_rbac()
@@ -98,6 +110,14 @@ class Demo:
             info.ca_file, self.workdir / "kubeconfig-forwarder")
         for index in NODES:
             kube.create_node(f"node-{index}", lab.node_address(index))
+        router: Router | None = None
+        if bgp:
+            _say("starting the router: FRR (zebra + bgpd) in a namespace, a client behind it; one BGPPeer for it")
+            router = start_router(lab)
+            kube.custom.create_cluster_custom_object("lbctl.io", "v1alpha1", "bgppeers", {
+                "apiVersion": "lbctl.io/v1alpha1", "kind": "BGPPeer", "metadata": {"name": "tor"},
+                "spec": {"peerAddress": router.lan_address, "peerASN": router.asn, "myASN": 64512,
+                         "holdTime": "3s"}})
 
         env = {**os.environ, "KUBECONFIG": kubeconfig}
         _say("starting the operator (local provider) and a forwarder on each node")
@@ -120,7 +140,10 @@ class Demo:
                                "--tcp", "8080", "--greeting", greeting], f"pod-{index}.log")
 
         kube.create_namespace(NAMESPACE)
-        kube.create_pool("demo", [f"{lab.lan_address(200)}-{lab.lan_address(220)}"])
+        if router is not None:  # addresses no LAN has: only the router's routes lead to them
+            kube.create_pool("demo", ["198.19.240.10-198.19.240.20"], advertisement={"mode": "bgp"})
+        else:
+            kube.create_pool("demo", [f"{lab.lan_address(200)}-{lab.lan_address(220)}"])
         for index, (_pod_ns, address) in pods.items():
             kube.create_pod(NAMESPACE, f"hello-{index}", f"node-{index}", address, {"app": "hello"},
                             {"http": ("TCP", 8080)})
@@ -135,6 +158,10 @@ class Demo:
         print("$ kubectl get svc -n demo")
         print(kubectl_get_svc(kube.service(NAMESPACE, SERVICE), time.time()))
         print()
+        if router is not None:
+            self._show_bgp(kube, router, vip)
+            self._keep(keep_seconds, kubeconfig, metrics_port)
+            return
         _say(f"fetching http://{vip}/ from the client namespace {client}")
 
         def fetch() -> str | None:
@@ -147,6 +174,42 @@ class Demo:
                          f"the {ANNOUNCING_NODE_ANNOTATION} annotation")
         print(f"$ curl http://{vip}/      # {vip} is announced by {owner}")
         print(page.rstrip())
+        self._keep(keep_seconds, kubeconfig, metrics_port)
+
+    def _show_bgp(self, kube: LabKube, router: Router, vip: str) -> None:
+        lab = self.lab
+        hops = {lab.node_address(i) for i in NODES}
+        _say("waiting for the router to learn the address from every node")
+        wait_for(lambda: router.next_hops(f"{vip}/32") == hops, 60, f"{vip}/32 with a next hop per node",
+                 interval=0.2)
+        print(f"$ vtysh -c 'show bgp ipv4 unicast {vip}/32'      # in the router namespace")
+        print(router.vtysh(f"show bgp ipv4 unicast {vip}/32").rstrip())
+        print()
+        print(f"$ ip route show {vip}      # in the router namespace: one route, a next hop per node")
+        print(lab.run_in(router.namespace, "ip", "route", "show", f"{vip}/32").stdout.rstrip())
+        print()
+        # masqueraded by the node it came through: its LAN address, or its pod gateway for its own pod
+        nodes = {address: f"node-{i}" for i in NODES for address in (lab.node_address(i), pod_gateway(i))}
+
+        def through(port: int) -> str | None:
+            try:
+                body = http_get(router.client, vip, 80, timeout=1.0, source=(router.client_address, port))
+            except OSError:
+                return None
+            peer = parse_answer(body)[1]
+            return nodes.get(peer, peer)
+        wait_for(lambda: through(42000), 30, f"an answer from http://{vip}/ behind the router", interval=0.2)
+        seen = [through(port) for port in range(42000, 42020)]
+        counts = {name: seen.count(name) for name in sorted({s for s in seen if s})}
+        print(f"$ for port in 42000..42019: curl --local-port $port http://{vip}/      # from behind the router")
+        print("pages through " + ", ".join(f"{name}: {count}" for name, count in counts.items())
+              + (f", failed: {seen.count(None)}" if None in seen else ""))
+        announcing = wait_for(lambda: kube.annotation(NAMESPACE, SERVICE, BGP_ANNOUNCING_NODES_ANNOTATION), 20,
+                              f"the {BGP_ANNOUNCING_NODES_ANNOTATION} annotation")
+        print(f"{BGP_ANNOUNCING_NODES_ANNOTATION}: {announcing}")
+
+    def _keep(self, keep_seconds: float, kubeconfig: str, metrics_port: int) -> None:
+        lab = self.lab
         if keep_seconds > 0:
             _say(f"export KUBECONFIG={kubeconfig}")
             _say(f"metrics: operator http://127.0.0.1:{metrics_port}/metrics, forwarders " + ", ".join(
@@ -172,9 +235,9 @@ class Demo:
             _say(f"could not remove: {problem}")
 
 
-def run_demo(keep_seconds: float = 0.0) -> int:
+def run_demo(keep_seconds: float = 0.0, bgp: bool = False) -> int:
     try:
-        _preflight()
+        _preflight(bgp)
     except DemoError as exc:
         print(f"lbctl demo: {exc}", file=sys.stderr)
         return 1
@@ -191,7 +254,7 @@ def run_demo(keep_seconds: float = 0.0) -> int:
     previous = {sig: signal.signal(sig, handler) for sig, handler in
                 ((signal.SIGTERM, terminate), (signal.SIGHUP, terminate), (signal.SIGINT, interrupt))}
     try:
-        demo.run(keep_seconds)
+        demo.run(keep_seconds, bgp)
         return 0
     except KeyboardInterrupt:
         print("lbctl demo: interrupted", file=sys.stderr)

@@ -49,6 +49,21 @@ def test_demo_fetches_a_page_through_the_vip_and_cleans_up() -> None:
     assert lab_things() <= before
 
 
+def test_demo_with_bgp_shows_the_routers_multipath_route_and_pages_through_both_nodes() -> None:
+    require_root_tools()
+    before = lab_things()
+    proc = subprocess.run([sys.executable, "-m", "lbctl", "demo", "--bgp"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    vip = re.search(r"^hello\s+LoadBalancer\s+\S+\s+(198\.19\.240\.\d+)\s+80:\d+/TCP", proc.stdout, re.MULTILINE)
+    assert vip, proc.stdout
+    assert re.search(r"Paths: \(2 available", proc.stdout), proc.stdout  # one path per node
+    assert len(re.findall(r"^\s+nexthop via 198\.18\.\d+\.1[12] dev eth0", proc.stdout, re.MULTILINE)) == 2, proc.stdout
+    assert re.search(r"^pages through node-1: \d+, node-2: \d+$", proc.stdout, re.MULTILINE), proc.stdout
+    assert "lbctl.io/bgp-announcing-nodes: node-1,node-2" in proc.stdout
+    assert lab_things() <= before
+
+
 def test_interrupted_demo_cleans_up(request: pytest.FixtureRequest) -> None:
     require_root_tools()
     before = lab_things()
