@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import shutil
+import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,6 +204,71 @@ def start_router(lab: Lab, asn: int = 64500, node_asn: int = 64512, hold_s: int 
                           check=False)
         return proc.returncode == 0 and proc.stdout.strip().startswith("{")
     wait_for(answers, 20, "bgpd answering vtysh")
+    return result
+
+
+BIRD_HOST = 3  # a second router, BIRD, on the LAN
+
+
+def bird_config(router_id: str, asn: int, neighbors: dict[str, str], node_asn: int, hold_s: int = 3) -> str:
+    """BIRD 2: one passive BGP protocol per node (name → address), IPv4 routes in, nothing out."""
+    lines = [f"router id {router_id};", "protocol device {}"]
+    for name, address in sorted(neighbors.items()):
+        lines += [
+            f"protocol bgp {name} {{",
+            f"  local as {asn};",
+            f"  neighbor {address} as {node_asn};",
+            "  passive on;",
+            f"  hold time {hold_s};",
+            "  ipv4 { import all; export none; };",
+            "  ipv6 { import all; export none; };",
+            "}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Bird:
+    lab: Lab
+    namespace: str
+    socket: Path
+    asn: int
+    process: subprocess.Popen[bytes]
+
+    @property
+    def lan_address(self) -> str:
+        return self.lab.lan_address(BIRD_HOST)
+
+    def birdc(self, command: str) -> str:
+        return self.lab.run_in(self.namespace, "birdc", "-s", str(self.socket), command, check=False).stdout
+
+    def established(self) -> set[str]:
+        """The node protocols (names) whose session is Established."""
+        return {line.split()[0] for line in self.birdc("show protocols").splitlines()
+                if " BGP " in f" {line} " and "Established" in line}
+
+    def next_hops(self, prefix: str) -> set[str]:
+        """The gateways of every route BIRD has for `prefix` ("via A on eth0" lines)."""
+        out = self.birdc(f"show route {prefix} all")
+        return {m.group(1) for m in re.finditer(r"via (\S+) on ", out)}
+
+
+def start_bird(lab: Lab, asn: int = 64501, node_asn: int = 64512, hold_s: int = 3) -> Bird:
+    """A second router namespace on the LAN running BIRD 2 with a passive session per node; it goes
+    with `lab.close()` (a lab process)."""
+    if shutil.which("bird") is None or shutil.which("birdc") is None:
+        raise LabError("bird not found (apt-get install bird2; `bash .ci/setup` does it)")
+    namespace = lab.add_namespace("bird")
+    lab.attach(namespace, "bd", lab.lan_address(BIRD_HOST))
+    workdir = Path(tempfile.mkdtemp(prefix=f"{lab.prefix}-bird-"))
+    lab.on_close(f"BIRD directory {workdir}", functools.partial(shutil.rmtree, workdir, ignore_errors=True))
+    neighbors = {f"node{index}": lab.node_address(index) for index in lab.nodes}
+    (workdir / "bird.conf").write_text(bird_config(lab.lan_address(BIRD_HOST), asn, neighbors, node_asn, hold_s))
+    socket = workdir / "bird.ctl"
+    process = lab.start(namespace, ["bird", "-f", "-c", str(workdir / "bird.conf"), "-s", str(socket),
+                                    "-P", str(workdir / "bird.pid")], "bird.log")
+    result = Bird(lab, namespace, socket, asn, process)
+    wait_for(lambda: "BIRD" in result.birdc("show status"), 20, "BIRD answering birdc")
     return result
 
 

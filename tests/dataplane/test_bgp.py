@@ -18,7 +18,7 @@ from kubernetes.client.exceptions import ApiException
 
 from lbctl.lab.kube import holds_for, wait_for
 from lbctl.lab.netns import http_get
-from lbctl.lab.router import Router, install_bgp_api, start_router
+from lbctl.lab.router import Router, install_bgp_api, start_bird, start_router
 from lbctl.lab.server import parse_answer
 from lbctl.model.meta import BGP_ANNOUNCING_NODES_ANNOTATION
 from tests.dataplane.harness import NODES, DataplaneEnv, Pod
@@ -27,7 +27,7 @@ from tests.dataplane.test_static_stability import apiserver_away
 pytestmark = pytest.mark.dataplane
 
 HTTP = {"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080}
-ROUTER_ASN, NODE_ASN = 64500, 64512
+ROUTER_ASN, NODE_ASN, BIRD_ASN = 64500, 64512, 64501
 HOLD_S = 3
 PEER = "tor"
 _blocks = iter(range(16, 240, 16))  # a /28 of 198.19.240.0/24 per test: addresses no LAN has
@@ -336,3 +336,33 @@ def test_ipv6_addresses_go_out_as_128_with_the_nodes_ipv6_next_hops(dp: Dataplan
     assert None not in seen, seen
     print(f"\n30 IPv6 flows through nodes: { {n: seen.count(n) for n in set(seen)} }")
     assert len(set(seen)) >= 2, seen
+
+
+def test_a_second_router_bird_learns_the_same_routes_and_frr_sessions_stay_up(dp: DataplaneEnv, router: Router,
+                                                                              bgp_namespace: str) -> None:
+    """Not tuned to one router: BIRD 2 as a second peer (another AS) learns the same /32 from every
+    node. Adding that BGPPeer reloads every node's ExaBGP; the FRR sessions are not reset."""
+    vip, _pods = web(dp, bgp_namespace, NODES)
+    prefix = f"{vip}/32"
+    wait_for(lambda: router.next_hops(prefix) == hops_of(dp, NODES), 20, f"{prefix} from every node", interval=0.1)
+
+    def connections() -> dict[str, int]:
+        neighbors = router.bgp_json("show bgp neighbors json")
+        return {hop: int(neighbors.get(hop, {}).get("connectionsEstablished", -1)) for hop in hops_of(dp, NODES)}
+    before = connections()
+    bird = start_bird(dp.lab, BIRD_ASN, NODE_ASN, HOLD_S)
+    dp.kube.custom.create_cluster_custom_object("lbctl.io", "v1alpha1", "bgppeers", {
+        "apiVersion": "lbctl.io/v1alpha1", "kind": "BGPPeer", "metadata": {"name": "bird"},
+        "spec": {"peerAddress": bird.lan_address, "peerASN": BIRD_ASN, "myASN": NODE_ASN, "holdTime": f"{HOLD_S}s"}})
+    try:
+        wait_for(lambda: bird.established() == {f"node{i}" for i in NODES}, 60, "BIRD's sessions with every node",
+                 interval=0.2)
+        wait_for(lambda: bird.next_hops(prefix) == hops_of(dp, NODES), 20, f"{prefix} in BIRD from every node",
+                 interval=0.1)
+        assert connections() == before, "adding a peer reset the sessions with FRR"
+        assert router.next_hops(prefix) == hops_of(dp, NODES)
+    finally:
+        with contextlib.suppress(ApiException):
+            dp.kube.custom.delete_cluster_custom_object("lbctl.io", "v1alpha1", "bgppeers", "bird")
+        dp.lab.stop(bird.process)
+    holds_for(lambda: router.next_hops(prefix) == hops_of(dp, NODES), 2.0, "FRR's routes after BIRD's peer went")
