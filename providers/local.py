@@ -58,6 +58,7 @@ class LocalProvider(Provider):
         # BGP: each pool's spec.advertisement (or why it is invalid), the valid peers (None while
         # BGPPeers are not served) and why the others are not
         self._advertisements: dict[str, Advertisement | BgpConfigError] = {}
+        self._as_written: dict[str, Advertisement | None] = {}  # as the speakers read it (see announced)
         self._peers: list[BGPPeer] | None = None
         self._peer_names: list[str] = []
         self._peer_problems: dict[str, tuple[str, str]] = {}
@@ -107,6 +108,7 @@ class LocalProvider(Provider):
             return set()  # peers change what is announced, never an address
         pools: list[Pool] = []
         self._advertisements = {}
+        self._as_written = {}
         self._pool_problems = {}
         self._pool_names = sorted(str(o["metadata"]["name"]) for o in objects)
         for obj in objects:
@@ -117,7 +119,7 @@ class LocalProvider(Provider):
                     "InvalidPool", f"{exc}; fix the pool's spec (nothing is assigned from it meanwhile)")
                 continue
             pools.append(pool)
-            self._advertisements[pool.name] = _advertisement(obj, pool)
+            self._advertisements[pool.name], self._as_written[pool.name] = _advertisement(obj, pool)
         for overlap in overlapping_pools(pools):
             self._pool_problems[overlap.rejected.name] = (
                 "OverlappingPool", f"{overlap.message}; fix: give each pool its own addresses "
@@ -154,13 +156,23 @@ class LocalProvider(Provider):
     def peer_valid(self, name: str) -> bool:
         return self._peers is not None and name not in self._peer_problems
 
+    def announced(self, pool: str) -> Advertisement | None:
+        """The advertisement as the speakers (lbctl.forwarder.bgp_model) read it: parsed, without
+        the cross-object checks they do not make (an aggregation shorter than the pool's CIDRs is
+        reported on the pool but still announced); None when it does not parse."""
+        return self._as_written.get(pool, L2_ONLY)
+
+    def peer_counted(self, name: str) -> bool:
+        """Whether the speakers open sessions with this peer: every peer that parses (a duplicate
+        is reported on the peer but its sessions still exist)."""
+        return self._peers is not None and self._peer_problems.get(name, ("",))[0] != "InvalidPeer"
+
     def _advertised_condition(self, name: str) -> dict[str, str] | None:
         found = self._advertisements.get(name)
         if found is None or (isinstance(found, Advertisement) and not found.bgp):
             return None  # l2, as every pool before BGP: no condition
         if isinstance(found, BgpConfigError):
-            return {"type": "Advertised", "status": "False", "reason": "InvalidAdvertisement",
-                    "message": f"{found} (its addresses are not announced by BGP meanwhile)"}
+            return {"type": "Advertised", "status": "False", "reason": "InvalidAdvertisement", "message": str(found)}
         problem = advertisement_problem(found, self._peers)
         if problem is None or problem.reason == "LocalPrefIgnored":
             how = {"l2": "on the LAN (l2)", "bgp": "by BGP", "both": "by BGP and on the LAN (l2)"}[found.mode]
@@ -193,14 +205,18 @@ class LocalProvider(Provider):
         return statuses
 
 
-def _advertisement(obj: Mapping[str, Any], pool: Pool) -> Advertisement | BgpConfigError:
+def _advertisement(obj: Mapping[str, Any], pool: Pool) -> tuple[Advertisement | BgpConfigError, Advertisement | None]:
+    """(the advertisement or why it is invalid, the advertisement as written when it parses)."""
     spec = obj.get("spec") or {}
     try:
         found = parse_advertisement(spec.get("advertisement"))
+    except BgpConfigError as exc:
+        return exc, None
+    try:
         check_aggregation(found, ((r.version, r.first, r.last) for r in pool.ranges))
     except BgpConfigError as exc:
-        return exc
-    return found
+        return exc, found
+    return found, found
 
 
 def _peer_condition(problem: tuple[str, str] | None) -> dict[str, str]:

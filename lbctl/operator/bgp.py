@@ -109,7 +109,7 @@ def desired_annotation(service: Mapping[str, Any], pools: Sequence[PoolAdvertise
         return None
     pool, advertisement = found
     if isinstance(advertisement, BgpConfigError):
-        return ""  # a bgp pool the speakers must not announce (the pool's condition says why)
+        return ""  # an advertisement that does not parse: no speaker announces it (the condition says why)
     if not advertisement.bgp:
         return None
     cache = {} if candidates is None else candidates
@@ -223,17 +223,19 @@ class BgpAnnouncer:
                 pool = parse_pool(obj)
             except PoolError:
                 continue
-            found.append((pool, self.provider.advertisement(pool.name)))
+            # what the speakers announce, which is what the routers see
+            announced = self.provider.announced(pool.name)
+            found.append((pool, announced if announced is not None else self.provider.advertisement(pool.name)))
         return found
 
     def peers(self) -> list[BGPPeer]:
-        """The valid peers with the sessions as the reflector last saw them (the provider sees
-        only spec changes)."""
+        """The peers the speakers open sessions with, and those sessions as the reflector last saw
+        them (the provider sees only spec changes)."""
         from providers.local import BGP_PEERS
 
         found = []
         for name, obj in self.reconciler.resources.get(BGP_PEERS, {}).items():
-            if not self.provider.peer_valid(name):
+            if not self.provider.peer_counted(name):
                 continue
             try:
                 found.append(parse_peer(obj))

@@ -24,8 +24,8 @@ def service(ip: str | None = "198.51.100.1", etp: str = "Cluster", annotations: 
             "status": {"loadBalancer": {"ingress": [{"ip": ip}] if ip else []}}}
 
 
-def peer(sessions: list[tuple[str, str, str]], **spec: Any) -> dict[str, Any]:
-    return {"metadata": {"name": "tor"}, "spec": {"peerAddress": "192.0.2.1", "peerASN": 64512, "myASN": 64513,
+def peer(sessions: list[tuple[str, str, str]], name: str = "tor", **spec: Any) -> dict[str, Any]:
+    return {"metadata": {"name": name}, "spec": {"peerAddress": "192.0.2.1", "peerASN": 64512, "myASN": 64513,
                                                   **spec},
             "status": {"nodes": [{"node": n, "state": s, "message": m} for n, s, m in sessions]}}
 
@@ -148,3 +148,33 @@ def test_doctor_names_the_sessions_and_the_fix() -> None:
     [check] = doctor.check_bgp([peer([("n1", "Active", "bad password")])], [], [node("n1"), node("n2")])
     assert "n1: Active (bad password); n2: no session reported" in check.message
     assert "password" in check.fix
+
+
+def test_the_local_provider_reports_what_it_refuses_and_what_the_speakers_still_use() -> None:
+    """An aggregation shorter than the pool's CIDR: Advertised False naming the field, while
+    `announced` gives the advertisement as the speakers read it; a duplicate peer: Valid False, its
+    sessions still counted (the speakers open them); a peer that does not parse: not counted."""
+    import asyncio
+
+    from providers.local import BGP_PEERS, POOLS, LocalProvider
+
+    provider = LocalProvider("test")
+    wide = bgp_pool(aggregationLength=24)
+    peers_ = [peer([], name="a"), {**peer([]), "metadata": {"name": "b", "creationTimestamp": "2027-01-01T00:00:00Z"}},
+              {**peer([], holdTime="2s"), "metadata": {"name": "c"}}]
+
+    async def feed() -> None:
+        await provider.resources_changed(BGP_PEERS, peers_)
+        await provider.resources_changed(POOLS, [wide])
+
+    asyncio.run(feed())
+    [ready, advertised] = provider.resource_status(POOLS)["bgp"]["conditions"]
+    assert ready["status"] == "True" and advertised["status"] == "False"
+    assert advertised["reason"] == "InvalidAdvertisement" and "aggregationLength" in advertised["message"]
+    assert isinstance(provider.advertisement("bgp"), BgpConfigError)
+    announced = provider.announced("bgp")
+    assert announced is not None and announced.aggregation_length == 24
+    valid = {name: status["conditions"][0] for name, status in provider.resource_status(BGP_PEERS).items()}
+    assert (valid["a"]["status"], valid["b"]["reason"], valid["c"]["reason"]) == ("True", "DuplicatePeer",
+                                                                                   "InvalidPeer")
+    assert [provider.peer_counted(n) for n in "abc"] == [True, True, False]
