@@ -324,6 +324,9 @@ def test_daemonset_manifest_is_accepted_and_minimal(dp: DataplaneEnv) -> None:
     assert pod["hostNetwork"] is True and security["privileged"] is False
     assert security["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]}
     assert container["args"][0] == "forwarder"
+    # a read-only root filesystem, so the BGP speaker's working directory needs a volume of its own
+    assert security["readOnlyRootFilesystem"] is True
+    assert "/tmp" in {m["mountPath"] for m in container["volumeMounts"]}
     created = client.AppsV1Api(dp.kube.api).create_namespaced_daemon_set("lbctl-system", daemonset, dry_run="All")
     assert created.metadata.name == "lbctl-forwarder"
 
