@@ -1,0 +1,345 @@
+"""The real `lbctl forwarder` process against the embedded apiserver: N Services × E endpoints.
+
+bench/forwarder_sync.py measures the planner and nft alone; this one runs `python -m lbctl
+forwarder` (full mode, one node namespace of a lab, the DaemonSet's ServiceAccount and RBAC) fed by
+a real kube-apiserver (lbctl.dev.controlplane, as the tests start it) holding the same objects
+(bench/forwarder_sync.objects: Services of the forwarder's class with their ingress, EndpointSlices
+created through the API). Root only; everything it makes is removed at the end.
+
+    python3 bench/forwarder_process.py --services 10000 --endpoints 5 [--dual-stack [FRACTION]] [--changes 40]
+
+Prints JSON:
+- process_rss_mb: the forwarder's peak resident memory (VmHWM of /proc/<pid>/status), and
+  process_rss_end_mb (VmRSS once the changes are done);
+- first_sync_s: from starting the process to the full table committed in the kernel (the table
+  appears in one transaction: the start-up sync replaces it atomically; polled every 5 ms with a
+  netlink dump of the node's nftables tables);
+- endpoint_change_to_kernel_ms p50/p99/max: one endpoint of an EndpointSlice moved to a new
+  address (a PATCH to the apiserver) → the kernel's notification that a map element holding that
+  address was committed.
+
+Why netlink rather than `nft monitor`: the bench opens a NETLINK_NETFILTER socket in the node's
+namespace subscribed to NFNLGRP_NFTABLES, the group the kernel sends its commit notifications to
+(what `nft monitor` reads), and looks for the new address's bytes in NEWSETELEM messages. That is
+the kernel's own word, timed when it arrives, with nothing in between: `nft monitor` keeps a copy
+of the ruleset to print names, re-reads it when it cannot place an event, and writes text through
+a pipe — with 10,000 Services its cost (and the periodic resync's flood of events it must print)
+would sit between the commit and our clock.
+
+With --dual-stack, changes alternate between a Service's IPv4 and IPv6 slices (of dual-stack
+Services). VIPs are not put on an interface (the forwarder runs with an announce class no
+Service has): the cost measured is the watch caches, the planner and nft, as in
+forwarder_sync.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import json
+import os
+import random
+import shutil
+import socket
+import statistics
+import struct
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from forwarder_sync import objects  # bench/ is the script's directory, first on sys.path
+
+from lbctl.dev import controlplane
+from lbctl.kube.client import KubeClient
+from lbctl.lab.kube import LabKube, wait_for
+from lbctl.lab.netns import Lab, call_in
+
+NETLINK_NETFILTER = 12
+NFNLGRP_NFTABLES = 7
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+NFT_SUBSYS = 10 << 8
+NFT_MSG_NEWTABLE, NFT_MSG_GETTABLE, NFT_MSG_NEWSETELEM = 0, 1, 12
+NLMSG_DONE = 3
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NFPROTO_INET = 1
+STATUS_PORT = 7479
+MANAGED_BY = {"endpointslice.kubernetes.io/managed-by": "bench.lbctl.io"}
+
+
+def _messages(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(type, payload after the nfgenmsg header) of each netlink message in a datagram."""
+    offset = 0
+    while offset + 16 <= len(data):
+        length, kind = struct.unpack_from("=IH", data, offset)
+        if length < 16:
+            return
+        yield kind, data[offset + 20:offset + length]
+        offset += (length + 3) & ~3
+
+
+def has_table(sock: socket.socket, name: bytes = b"lbctl") -> bool:
+    """Whether the namespace has table inet `name` (one GETTABLE dump)."""
+    sock.send(struct.pack("=IHHII", 20, NFT_SUBSYS | NFT_MSG_GETTABLE, NLM_F_REQUEST | NLM_F_DUMP, 0, 0)
+              + struct.pack("=BBH", 0, 0, 0))
+    found = False
+    while True:
+        data = sock.recv(1 << 16)
+        for kind, payload in _messages(data):
+            if kind == NLMSG_DONE:
+                return found
+            # the family is the first byte of the nfgenmsg, just before the payload
+            if kind == NFT_SUBSYS | NFT_MSG_NEWTABLE and name + b"\0" in payload:
+                found = True
+
+
+class Notifications:
+    """The kernel's nftables commit notifications of one namespace: NEWSETELEM payloads with the
+    time they arrived, kept until taken."""
+
+    def __init__(self, namespace: str) -> None:
+        def open_socket() -> socket.socket:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+            with contextlib.suppress(OSError):  # room for a periodic resync's burst (root may exceed rmem_max)
+                sock.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)  # SO_RCVBUFFORCE
+            sock.bind((0, 0))
+            sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+            sock.settimeout(0.2)
+            return sock
+        self._sock = call_in(namespace, open_socket)
+        self._lock = threading.Lock()
+        self._seen: list[tuple[float, bytes]] = []
+        self._closed = False
+        self.overruns = 0
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._closed:
+            try:
+                data = self._sock.recv(1 << 20)
+            except TimeoutError:
+                continue
+            except OSError:  # ENOBUFS: events were lost (a burst); later ones still come
+                self.overruns += 1
+                continue
+            now = time.perf_counter()
+            elements = [payload for kind, payload in _messages(data) if kind == NFT_SUBSYS | NFT_MSG_NEWSETELEM]
+            if elements:
+                with self._lock:
+                    self._seen.extend((now, payload) for payload in elements)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._seen.clear()
+
+    def committed(self, needle: bytes) -> float | None:
+        """When an element holding `needle` was first reported, or None."""
+        with self._lock:
+            return next((at for at, payload in self._seen if needle in payload), None)
+
+    def close(self) -> None:
+        self._closed = True
+        self._thread.join(timeout=2)
+        self._sock.close()
+
+
+def vm_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def clean(obj: dict[str, Any]) -> dict[str, Any]:
+    """An object as a client creates it: no uid, version or timestamp."""
+    meta = dict(obj["metadata"])
+    for field in ("uid", "resourceVersion", "creationTimestamp"):
+        meta.pop(field, None)
+    return {**obj, "metadata": meta}
+
+
+async def populate(api: KubeClient, services: int, endpoints: int, dual: Callable[[int], bool],
+                   concurrency: int = 48) -> float:
+    """Create the namespaces, Services (their status too) and EndpointSlices; returns seconds."""
+    started = time.perf_counter()
+    gate = asyncio.Semaphore(concurrency)
+
+    async def call(method: str, path: str, body: dict[str, Any], content_type: str | None = None) -> None:
+        async with gate:
+            for attempt in range(5):
+                try:
+                    await api.request(method, path, body=body, content_type=content_type, timeout_s=120)
+                    return
+                except Exception:
+                    if attempt == 4:
+                        raise
+                    await asyncio.sleep(0.5 * (attempt + 1))
+
+    namespaces = sorted({f"ns{i % 100}" for i in range(services)})
+    await asyncio.gather(*(call("POST", "/api/v1/namespaces", {"metadata": {"name": ns}}) for ns in namespaces))
+
+    async def one(index: int) -> None:
+        service, slices = objects(index, endpoints, dual=dual(index))
+        ns, name = service["metadata"]["namespace"], service["metadata"]["name"]
+        body = clean(service)
+        body["spec"] = {**body["spec"], "allocateLoadBalancerNodePorts": True}
+        status = body.pop("status")
+        await call("POST", f"/api/v1/namespaces/{ns}/services", body)
+        await call("PATCH", f"/api/v1/namespaces/{ns}/services/{name}/status", {"status": status},
+                   "application/merge-patch+json")
+        for item in slices:
+            item = clean(item)
+            item["metadata"]["labels"] = {**item["metadata"]["labels"], **MANAGED_BY}
+            await call("POST", f"/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices",
+                       {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", **item})
+
+    for start in range(0, services, 1000):
+        await asyncio.gather(*(one(i) for i in range(start, min(start + 1000, services))))
+    return time.perf_counter() - started
+
+
+def new_address(round_: int, ipv6: bool) -> str:
+    """A fresh endpoint address no other element holds (its bytes are looked for in notifications)."""
+    return f"2001:db8:fa::{round_ + 1:x}" if ipv6 else f"10.250.{(round_ >> 8) & 255}.{round_ & 255 or 1}"
+
+
+async def measure_changes(api: KubeClient, notifications: Notifications, services: int, endpoints: int,
+                          dual: Callable[[int], bool], changes: int) -> list[float]:
+    samples = []
+    for round_ in range(changes):
+        index = (round_ * 7919 + 13) % services
+        ipv6 = dual(index) and round_ % 2 == 1
+        _, slices = objects(index, endpoints, dual=dual(index))
+        item = slices[1 if ipv6 else 0]
+        ns, name = item["metadata"]["namespace"], item["metadata"]["name"]
+        address = new_address(round_, ipv6)
+        moved = [dict(e) for e in item["endpoints"]]
+        moved[0] = {**moved[0], "addresses": [address]}
+        needle = ipaddress.ip_address(address).packed
+        notifications.clear()
+        started = time.perf_counter()
+        await api.request("PATCH", f"/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices/{name}",
+                          body={"endpoints": moved}, content_type="application/merge-patch+json")
+        deadline = started + 20
+        while (at := notifications.committed(needle)) is None:
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"{address} of {ns}/{name} never reached the kernel")
+            await asyncio.sleep(0.001)
+        samples.append((at - started) * 1000)
+        await asyncio.sleep(0.3 + random.random() * 0.2)  # apart: each change its own transaction
+    return samples
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def run(services: int, endpoints: int, dual_share: float, changes: int) -> dict[str, Any]:
+    def dual(index: int) -> bool:  # as forwarder_sync.py: spread evenly
+        return int((index + 1) * dual_share) > int(index * dual_share)
+
+    workdir = Path(tempfile.mkdtemp(prefix="lbctl-fwdproc-"))
+    result: dict[str, Any] = {"services": services, "endpoints": endpoints,
+                              "dual_stack_services": sum(1 for i in range(services) if dual(i))}
+    lab = Lab(prefix=f"lbxp{os.getpid() % 4096:03x}", log_dir=workdir)
+    cp_dir = workdir / "controlplane"
+    problems: list[str] = []
+    try:
+        lab.add_bridge()
+        node = lab.add_node(1)
+        info = controlplane.up(cp_dir, extra_addresses=(lab.bridge_address,))
+        kube = LabKube(str(cp_dir / "kubeconfig"))
+        try:
+            kube.install_forwarder_rbac()
+            port = info.server.rsplit(":", 1)[1]
+            node_kubeconfig = kube.service_account_kubeconfig(
+                "lbctl-system", "lbctl-forwarder", f"https://{lab.bridge_address}:{port}", info.ca_file,
+                workdir / "kubeconfig-forwarder")
+            kube.create_node("node-1", lab.node_address(1))
+        finally:
+            kube.close()
+
+        async def fill() -> float:
+            api = KubeClient.from_kubeconfig(str(cp_dir / "kubeconfig"))
+            try:
+                return await populate(api, services, endpoints, dual)
+            finally:
+                await api.close()
+        result["populate_s"] = round(asyncio.run(fill()), 1)
+
+        netlink = call_in(node, lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER))
+        netlink.bind((0, 0))
+        (workdir / "peer-secret").write_text("bench\n")
+        started = time.perf_counter()
+        forwarder = lab.start(node, [
+            sys.executable, "-m", "lbctl", "forwarder", "--node", "node-1", "--mode", "full",
+            "--kubeconfig", node_kubeconfig, "--status-port", str(STATUS_PORT),
+            "--peer-secret-file", str(workdir / "peer-secret"), "--announce-class", "bench.lbctl.io/none",
+            "--log-level", "info"], "forwarder.log")
+
+        def committed() -> bool | None:
+            if forwarder.poll() is not None:
+                raise RuntimeError(f"the forwarder exited: {(workdir / 'forwarder.log').read_text()[-2000:]}")
+            return has_table(netlink) or None
+        wait_for(committed, 180, "the forwarder's first full sync", interval=0.005)
+        result["first_sync_s"] = round(time.perf_counter() - started, 3)
+        netlink.close()
+        time.sleep(2.0)  # the start-up work after the first sync (gc.freeze, health checks, lease)
+
+        notifications = Notifications(node)
+
+        async def change() -> list[float]:
+            api = KubeClient.from_kubeconfig(str(cp_dir / "kubeconfig"))
+            try:
+                return await measure_changes(api, notifications, services, endpoints, dual, changes)
+            finally:
+                await api.close()
+        try:
+            samples = asyncio.run(change())
+        finally:
+            notifications.close()
+        result["endpoint_change_to_kernel_ms"] = {
+            "p50": round(statistics.median(samples), 1), "p99": round(percentile(samples, 0.99), 1),
+            "max": round(max(samples), 1), "changes": len(samples)}
+        result["process_rss_mb"] = round(vm_kb(forwarder.pid, "VmHWM") / 1024, 1)
+        result["process_rss_end_mb"] = round(vm_kb(forwarder.pid, "VmRSS") / 1024, 1)
+        if notifications.overruns:
+            result["notification_overruns"] = notifications.overruns
+        result["load_avg_1m"] = round(os.getloadavg()[0], 2)
+    finally:
+        problems += lab.stop_processes()
+        controlplane.down(cp_dir)
+        problems += lab.close()
+        if problems:
+            print(f"forwarder_process: teardown: {problems}", file=sys.stderr)
+        shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--services", type=int, default=10_000)
+    parser.add_argument("--endpoints", type=int, default=5)
+    parser.add_argument("--dual-stack", type=float, nargs="?", const=0.5, default=0.0, metavar="FRACTION",
+                        help="share of the Services that are dual-stack (default when given: 0.5)")
+    parser.add_argument("--changes", type=int, default=40, help="EndpointSlice changes timed")
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.dual_stack <= 1.0:
+        parser.error("--dual-stack takes a fraction from 0 to 1")
+    if os.geteuid() != 0:
+        print("forwarder_process: needs root (a lab namespace for the forwarder and its table)", file=sys.stderr)
+        return 1
+    print(json.dumps(run(args.services, args.endpoints, args.dual_stack, args.changes)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
