@@ -30,7 +30,7 @@ from typing import Any
 
 from kubernetes import client as k8s_client
 
-from lbctl.forwarder import bgp, conntrack, metrics
+from lbctl.forwarder import bgp, conntrack, metrics, netlink, nftables
 from lbctl.forwarder.addresses import VipAddresses
 from lbctl.forwarder.announce import Announcer, ServiceMarks
 from lbctl.forwarder.apply import Nft, NftError
@@ -41,7 +41,7 @@ from lbctl.forwarder.membership import Membership, Timing, format_claim
 from lbctl.forwarder.ownership import VipOwner, excluded_nodes, newest_takes, node_addresses, vip_owners
 from lbctl.forwarder.peering import DEFAULT_PORT, Peering
 from lbctl.forwarder.problem_events import ProblemEvents
-from lbctl.forwarder.render import LBCTL, LEGACY_TABLES, Plan, Planner, base_check_lines
+from lbctl.forwarder.render import FIXED_MAPS, FIXED_SETS, LBCTL, LEGACY_TABLES, Plan, Planner, base_check_lines
 from lbctl.forwarder.state import Problem, ServiceState
 from lbctl.forwarder.status import StatusServer
 from lbctl.kube.client import KubeClient, load_configuration
@@ -54,6 +54,8 @@ log = logging.getLogger("lbctl.forwarder")
 MODES = ("announce", "full")
 _MAX_QUARANTINE_S = 60.0
 _MAX_SYNC_BACKOFF_S = 30.0
+# every table has them (the base of each full sync)
+KNOWN_COLLECTIONS: tuple[nftables.Map | nftables.Set, ...] = (*FIXED_MAPS, *FIXED_SETS)
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,8 @@ class Forwarder:
         self.problems: dict[str, tuple[Problem, ...]] = {}
         self.planner = Planner()
         self.nft = Nft(config.nft_command)
+        # netlink reaches this process's namespace: only when nft runs here too (not through a wrapper)
+        self.netlink_elements = config.nft_command == ("nft",)
         self.health = HealthServers(config.health_bind)
         self.membership = Membership(config.node, config.timing())
         self._slices: dict[str, dict[str, Mapping[str, Any]]] = {}
@@ -203,9 +207,19 @@ class Forwarder:
 
     # -- nftables ------------------------------------------------------------------------------
     def _apply(self, plan: Plan) -> None:
-        """Blocking: run in a thread."""
-        if plan.transaction:
-            self.nft.apply(plan.transaction)
+        """Blocking: run in a thread. Element changes alone go to the kernel over netlink (nft
+        reads the whole ruleset before any element command); anything else, or a batch the kernel
+        refuses (nothing of it applied), goes to nft."""
+        if not plan.transaction:
+            return
+        batch = netlink.encode(plan.transaction, KNOWN_COLLECTIONS) if self.netlink_elements else None
+        if batch is not None:
+            try:
+                netlink.send(batch)
+                return
+            except (OSError, netlink.NetlinkError) as exc:
+                log.debug("element batch not taken over netlink (%s); giving it to nft", exc)
+        self.nft.apply(plan.transaction)
 
     async def _sync_kernel(self, changed: set[str]) -> None:
         now = time.monotonic()
@@ -288,7 +302,9 @@ class Forwarder:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._sync_wake.wait(), timeout=max(deadline - now, 0.0))
             self._sync_wake.clear()
-            await asyncio.sleep(0.01)  # let a burst of watch events land in one transaction
+            # No debounce window: a burst batches by itself, because events that arrive while a
+            # transaction runs wait for the next one; a window would only add its length to every change.
+            await asyncio.sleep(0)
             now = time.monotonic()
             if now >= next_full:
                 self._full_due = True
