@@ -7,13 +7,18 @@ a real kube-apiserver (lbctl.dev.controlplane, as the tests start it) holding th
 created through the API). Root only; everything it makes is removed at the end.
 
     python3 bench/forwarder_process.py --services 10000 --endpoints 5 [--dual-stack [FRACTION]] [--changes 40]
+    python3 bench/forwarder_process.py --rounds 2 --baseline /tmp/lbctl-main   # before/after, alternated
 
-Prints JSON:
+Populating the apiserver takes most of the time (about 5 minutes for 10,000 Services on two busy
+cores): --rounds and --baseline run several forwarders, one after another, against the same objects.
+
+Prints JSON (with --rounds or --baseline: a list of these per checkout, "current" and "baseline"):
 - process_rss_mb: the forwarder's peak resident memory (VmHWM of /proc/<pid>/status), and
   process_rss_end_mb (VmRSS once the changes are done);
 - first_sync_s: from starting the process to the full table committed in the kernel (the table
   appears in one transaction: the start-up sync replaces it atomically; polled every 5 ms with a
-  netlink dump of the node's nftables tables);
+  netlink dump of the node's nftables tables); caches_filled_s, the part of it until the forwarder
+  logged its caches filled (start-up, imports and both lists);
 - endpoint_change_to_kernel_ms p50/p99/max: one endpoint of an EndpointSlice moved to a new
   address (a PATCH to the apiserver) → the kernel's notification that a map element holding that
   address was committed.
@@ -211,7 +216,7 @@ def new_address(round_: int, ipv6: bool) -> str:
 
 
 async def measure_changes(api: KubeClient, notifications: Notifications, services: int, endpoints: int,
-                          dual: Callable[[int], bool], changes: int) -> list[float]:
+                          dual: Callable[[int], bool], changes: int, offset: int = 0) -> list[float]:
     samples = []
     for round_ in range(changes):
         index = (round_ * 7919 + 13) % services
@@ -219,7 +224,7 @@ async def measure_changes(api: KubeClient, notifications: Notifications, service
         _, slices = objects(index, endpoints, dual=dual(index))
         item = slices[1 if ipv6 else 0]
         ns, name = item["metadata"]["namespace"], item["metadata"]["name"]
-        address = new_address(round_, ipv6)
+        address = new_address(offset + round_, ipv6)
         moved = [dict(e) for e in item["endpoints"]]
         moved[0] = {**moved[0], "addresses": [address]}
         needle = ipaddress.ip_address(address).packed
@@ -242,7 +247,76 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def run(services: int, endpoints: int, dual_share: float, changes: int) -> dict[str, Any]:
+def forwarder_run(lab: Lab, node: str, workdir: Path, cp_dir: Path, node_kubeconfig: str, services: int,
+                  endpoints: int, dual: Callable[[int], bool], changes: int, offset: int,
+                  pythonpath: str | None, profile: Path | None) -> dict[str, Any]:
+    """Start a forwarder on a node without a table, time its first sync and `changes` endpoint
+    moves, read its peak memory, stop it and remove its table."""
+    result: dict[str, Any] = {}
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    log_name = f"forwarder-{offset}.log"
+    command = [sys.executable, *(("-m", "cProfile", "-o", str(profile)) if profile else ()), "-m", "lbctl",
+               "forwarder", "--node", "node-1", "--mode", "full", "--kubeconfig", node_kubeconfig,
+               "--status-port", str(STATUS_PORT), "--peer-secret-file", str(workdir / "peer-secret"),
+               "--announce-class", "bench.lbctl.io/none", "--log-level", "info"]
+    netlink = call_in(node, lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER))
+    netlink.bind((0, 0))
+    assert not has_table(netlink), "the node still has a table"
+    started, started_wall = time.perf_counter(), time.time()
+    forwarder = lab.start(node, command, log_name, env=env)
+    try:
+        def committed() -> bool | None:
+            if forwarder.poll() is not None:
+                raise RuntimeError(f"the forwarder exited: {(workdir / log_name).read_text()[-2000:]}")
+            return has_table(netlink) or None
+        wait_for(committed, 300, "the forwarder's first full sync", interval=0.005)
+        result["first_sync_s"] = round(time.perf_counter() - started, 3)
+        netlink.close()
+        filled = logged_at(workdir / log_name, "caches filled")
+        if filled is not None:  # start → both lists in the caches (imports, connection, lists)
+            result["caches_filled_s"] = round(filled - started_wall, 3)
+        time.sleep(2.0)  # the start-up work after the first sync (gc.freeze, health checks, lease)
+
+        notifications = Notifications(node)
+
+        async def change() -> list[float]:
+            api = KubeClient.from_kubeconfig(str(cp_dir / "kubeconfig"))
+            try:
+                return await measure_changes(api, notifications, services, endpoints, dual, changes, offset)
+            finally:
+                await api.close()
+        try:
+            samples = asyncio.run(change())
+        finally:
+            notifications.close()
+        result["endpoint_change_to_kernel_ms"] = {
+            "p50": round(statistics.median(samples), 1), "p99": round(percentile(samples, 0.99), 1),
+            "max": round(max(samples), 1), "changes": len(samples)}
+        result["process_rss_mb"] = round(vm_kb(forwarder.pid, "VmHWM") / 1024, 1)
+        result["process_rss_end_mb"] = round(vm_kb(forwarder.pid, "VmRSS") / 1024, 1)
+        if notifications.overruns:
+            result["notification_overruns"] = notifications.overruns
+        result["load_avg_1m"] = round(os.getloadavg()[0], 2)
+    finally:
+        lab.stop(forwarder, timeout=30)
+        lab.run_in(node, "nft", "delete", "table", "inet", "lbctl", check=False)
+    return result
+
+
+def logged_at(log: Path, text: str) -> float | None:
+    """The time of the first log line holding `text` (logging's asctime, local time)."""
+    for line in log.read_text(errors="replace").splitlines():
+        if text in line:
+            with contextlib.suppress(ValueError):
+                stamp, millis = line[:23].split(",")
+                return time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000
+    return None
+
+
+def run(services: int, endpoints: int, dual_share: float, changes: int, rounds: int = 1,
+        baseline: str | None = None, profile: Path | None = None) -> dict[str, Any]:
     def dual(index: int) -> bool:  # as forwarder_sync.py: spread evenly
         return int((index + 1) * dual_share) > int(index * dual_share)
 
@@ -251,7 +325,6 @@ def run(services: int, endpoints: int, dual_share: float, changes: int) -> dict[
                               "dual_stack_services": sum(1 for i in range(services) if dual(i))}
     lab = Lab(prefix=f"lbxp{os.getpid() % 4096:03x}", log_dir=workdir)
     cp_dir = workdir / "controlplane"
-    problems: list[str] = []
     try:
         lab.add_bridge()
         node = lab.add_node(1)
@@ -274,48 +347,23 @@ def run(services: int, endpoints: int, dual_share: float, changes: int) -> dict[
             finally:
                 await api.close()
         result["populate_s"] = round(asyncio.run(fill()), 1)
-
-        netlink = call_in(node, lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER))
-        netlink.bind((0, 0))
         (workdir / "peer-secret").write_text("bench\n")
-        started = time.perf_counter()
-        forwarder = lab.start(node, [
-            sys.executable, "-m", "lbctl", "forwarder", "--node", "node-1", "--mode", "full",
-            "--kubeconfig", node_kubeconfig, "--status-port", str(STATUS_PORT),
-            "--peer-secret-file", str(workdir / "peer-secret"), "--announce-class", "bench.lbctl.io/none",
-            "--log-level", "info"], "forwarder.log")
 
-        def committed() -> bool | None:
-            if forwarder.poll() is not None:
-                raise RuntimeError(f"the forwarder exited: {(workdir / 'forwarder.log').read_text()[-2000:]}")
-            return has_table(netlink) or None
-        wait_for(committed, 180, "the forwarder's first full sync", interval=0.005)
-        result["first_sync_s"] = round(time.perf_counter() - started, 3)
-        netlink.close()
-        time.sleep(2.0)  # the start-up work after the first sync (gc.freeze, health checks, lease)
-
-        notifications = Notifications(node)
-
-        async def change() -> list[float]:
-            api = KubeClient.from_kubeconfig(str(cp_dir / "kubeconfig"))
-            try:
-                return await measure_changes(api, notifications, services, endpoints, dual, changes)
-            finally:
-                await api.close()
-        try:
-            samples = asyncio.run(change())
-        finally:
-            notifications.close()
-        result["endpoint_change_to_kernel_ms"] = {
-            "p50": round(statistics.median(samples), 1), "p99": round(percentile(samples, 0.99), 1),
-            "max": round(max(samples), 1), "changes": len(samples)}
-        result["process_rss_mb"] = round(vm_kb(forwarder.pid, "VmHWM") / 1024, 1)
-        result["process_rss_end_mb"] = round(vm_kb(forwarder.pid, "VmRSS") / 1024, 1)
-        if notifications.overruns:
-            result["notification_overruns"] = notifications.overruns
-        result["load_avg_1m"] = round(os.getloadavg()[0], 2)
+        runs: list[tuple[str, str | None]] = []
+        for _ in range(rounds):  # alternated, so drift in the machine's load hits both alike
+            runs += [("baseline", baseline)] if baseline else []
+            runs.append(("current", None))
+        measured: dict[str, list[dict[str, Any]]] = {}
+        for number, (code, pythonpath) in enumerate(runs):
+            measured.setdefault(code, []).append(forwarder_run(
+                lab, node, workdir, cp_dir, node_kubeconfig, services, endpoints, dual, changes,
+                number * changes, pythonpath, profile if code == "current" else None))
+        if len(runs) == 1:
+            result.update(measured["current"][0])
+        else:
+            result.update(measured)
     finally:
-        problems += lab.stop_processes()
+        problems = lab.stop_processes()
         controlplane.down(cp_dir)
         problems += lab.close()
         if problems:
@@ -331,13 +379,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dual-stack", type=float, nargs="?", const=0.5, default=0.0, metavar="FRACTION",
                         help="share of the Services that are dual-stack (default when given: 0.5)")
     parser.add_argument("--changes", type=int, default=40, help="EndpointSlice changes timed")
+    parser.add_argument("--rounds", type=int, default=1, help="forwarder runs against the same objects")
+    parser.add_argument("--baseline", metavar="PYTHONPATH",
+                        help="also run the forwarder of another lbctl checkout (e.g. `git archive main`), "
+                             "alternating with this one: before/after under the same load")
+    parser.add_argument("--profile", type=Path, metavar="FILE",
+                        help="run this checkout's forwarder under cProfile, its stats written to FILE on exit")
     args = parser.parse_args(argv)
     if not 0.0 <= args.dual_stack <= 1.0:
         parser.error("--dual-stack takes a fraction from 0 to 1")
     if os.geteuid() != 0:
         print("forwarder_process: needs root (a lab namespace for the forwarder and its table)", file=sys.stderr)
         return 1
-    print(json.dumps(run(args.services, args.endpoints, args.dual_stack, args.changes)))
+    print(json.dumps(run(args.services, args.endpoints, args.dual_stack, args.changes, args.rounds, args.baseline,
+                         args.profile.resolve() if args.profile else None)))
     return 0
 
 
