@@ -30,7 +30,7 @@ from typing import Any
 
 from kubernetes import client as k8s_client
 
-from lbctl.forwarder import bgp, conntrack, metrics, netlink, nftables
+from lbctl.forwarder import bgp, conntrack, fields, metrics, netlink, nftables
 from lbctl.forwarder.addresses import VipAddresses
 from lbctl.forwarder.announce import Announcer, ServiceMarks
 from lbctl.forwarder.apply import Nft, NftError
@@ -426,9 +426,11 @@ class Forwarder:
     # -- run -----------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event, configuration: k8s_client.Configuration) -> None:
         client = KubeClient(configuration, user_agent="lbctl-forwarder")
-        services = Reflector(client, "/api/v1/services", self._service_changed, name="services")
+        services = Reflector(client, "/api/v1/services", self._service_changed, name="services",
+                             trim=fields.service)
         slices = Reflector(client, "/apis/discovery.k8s.io/v1/endpointslices", self._slice_changed,
-                           name="endpointslices", params={"labelSelector": "kubernetes.io/service-name"})
+                           name="endpointslices", params={"labelSelector": "kubernetes.io/service-name"},
+                           trim=fields.endpoint_slice)
         nodes = Reflector(client, "/api/v1/nodes", self._node_changed, name="nodes")
         lease = NodeLease(client, self.config.node, namespace=self.config.lease_namespace,
                           duration_s=self.config.lease_duration_s, renew_s=self.config.renew_interval_s)

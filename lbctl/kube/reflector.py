@@ -31,6 +31,8 @@ from lbctl.model.meta import object_key
 log = logging.getLogger(__name__)
 
 Change = Callable[[Mapping[str, Any] | None, Mapping[str, Any] | None], None]
+#: what a cache keeps of each object (a new object with the fields its readers need)
+Trim = Callable[[dict[str, Any]], dict[str, Any]]
 _WATCH_TIMEOUT_S = 290
 #: a watch that keeps failing this many times in a row is given up for a re-list
 _RESUME_ATTEMPTS = 3
@@ -57,8 +59,9 @@ class _Gone(Exception):
 
 class Reflector:
     def __init__(self, api: KubeClient, path: str, on_change: Change, *, params: Mapping[str, str] | None = None,
-                 name: str = "") -> None:
+                 name: str = "", trim: Trim | None = None) -> None:
         self._api = api
+        self._keep = trim
         self._path = path
         self._params = dict(params or {})
         self._on_change = on_change
@@ -98,13 +101,13 @@ class Reflector:
                 await asyncio.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, 10.0)
 
-    @staticmethod
-    def _trim(obj: dict[str, Any]) -> dict[str, Any]:
-        """managedFields is often the bulk of an object and nothing here reads it."""
+    def _trim(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """managedFields is often the bulk of an object and nothing here reads it; with `trim`,
+        only what the cache's readers need is kept (callbacks see the trimmed object too)."""
         meta = obj.get("metadata")
         if isinstance(meta, dict):
             meta.pop("managedFields", None)
-        return obj
+        return self._keep(obj) if self._keep is not None else obj
 
     async def _list(self) -> None:
         fresh: dict[str, Mapping[str, Any]] = {}
@@ -163,11 +166,12 @@ class Reflector:
                     continue
                 key = object_key(obj)
                 previous = self.cache.get(key)
+                obj = self._trim(obj)
                 if kind == "DELETED":
                     self.cache.pop(key, None)
                     self._report(previous if previous is not None else obj, None)
                 else:
-                    self.cache[key] = self._trim(obj)
+                    self.cache[key] = obj
                     self._report(previous, obj)
 
     def _report(self, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> None:
