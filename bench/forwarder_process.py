@@ -75,6 +75,7 @@ NLMSG_DONE = 3
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 NFPROTO_INET = 1
 STATUS_PORT = 7479
+CHECKOUT = Path(__file__).resolve().parent.parent  # the lbctl this bench belongs to
 MANAGED_BY = {"endpointslice.kubernetes.io/managed-by": "bench.lbctl.io"}
 
 
@@ -253,11 +254,10 @@ def forwarder_run(lab: Lab, node: str, workdir: Path, cp_dir: Path, node_kubecon
     """Start a forwarder on a node without a table, time its first sync and `changes` endpoint
     moves, read its peak memory, stop it and remove its table."""
     result: dict[str, Any] = {}
-    env = dict(os.environ)
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath
+    # -P: the working directory is not put first on sys.path, so PYTHONPATH says which lbctl runs
+    env = {**os.environ, "PYTHONPATH": pythonpath or str(CHECKOUT)}
     log_name = f"forwarder-{offset}.log"
-    command = [sys.executable, *(("-m", "cProfile", "-o", str(profile)) if profile else ()), "-m", "lbctl",
+    command = [sys.executable, "-P", *(("-m", "cProfile", "-o", str(profile)) if profile else ()), "-m", "lbctl",
                "forwarder", "--node", "node-1", "--mode", "full", "--kubeconfig", node_kubeconfig,
                "--status-port", str(STATUS_PORT), "--peer-secret-file", str(workdir / "peer-secret"),
                "--announce-class", "bench.lbctl.io/none", "--log-level", "info"]

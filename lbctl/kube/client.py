@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import ssl
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
 import aiohttp
-from kubernetes import client as k8s_client
-from kubernetes import config as k8s_config
 from prometheus_client import Counter
+
+if TYPE_CHECKING:
+    from kubernetes import client as k8s_client
 
 REQUESTS = Counter("lbctl_kube_requests_total", "Kubernetes API requests sent (watches not counted)", ["verb"])
 
@@ -33,8 +34,24 @@ class ApiError(Exception):
         super().__init__(f"{method} {path}: {status} {message}")
 
 
+class ClientConfiguration(Protocol):
+    """What KubeClient reads of a configuration: kubernetes.client.Configuration, or
+    lbctl.kube.kubeconfig.Configuration (the same, without importing the library)."""
+
+    host: str
+    ssl_ca_cert: str | None
+    cert_file: str | None
+    key_file: str | None
+    verify_ssl: bool
+
+    def get_api_key_with_prefix(self, identifier: str, alias: str | None = None) -> str | None: ...
+
+
 def load_configuration(kubeconfig: str | None = None) -> k8s_client.Configuration:
     """kubeconfig (explicit, $KUBECONFIG or ~/.kube/config), else the in-cluster service account."""
+    from kubernetes import client as k8s_client
+    from kubernetes import config as k8s_config
+
     configuration = k8s_client.Configuration()
     try:
         k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
@@ -46,7 +63,7 @@ def load_configuration(kubeconfig: str | None = None) -> k8s_client.Configuratio
 
 
 class KubeClient:
-    def __init__(self, configuration: k8s_client.Configuration, user_agent: str = "lbctl") -> None:
+    def __init__(self, configuration: ClientConfiguration, user_agent: str = "lbctl") -> None:
         self._configuration = configuration
         self.base = str(configuration.host).rstrip("/")
         context = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
@@ -64,7 +81,7 @@ class KubeClient:
         return cls(load_configuration(kubeconfig), user_agent)
 
     @property
-    def configuration(self) -> k8s_client.Configuration:
+    def configuration(self) -> ClientConfiguration:
         return self._configuration
 
     def headers(self, content_type: str | None = None) -> dict[str, str]:

@@ -309,3 +309,21 @@ def test_malformed_objects_never_raise(svc: Any, bad_slice: Any) -> None:
     state, problems = build_service(svc, [bad_slice, eps(endpoint("10.244.1.3"))], CONTEXT)
     assert state is None or isinstance(state, ServiceState)
     assert all(p.service and p.field and p.message for p in problems)
+
+
+@pytest.mark.parametrize("text", [
+    "10.0.0.1", "255.255.255.255", "0.0.0.0", "010.0.0.1", "10.0.0", "10.0.0.256", " 10.0.0.1", "1.2.3.4.5",
+    "2001:db8::1", "2001:DB8:0:0:0:0:0:1", "::", "::ffff:10.0.0.1", "::10.0.0.1", "fe80::1%eth0", "2001:db8:::1",
+    "2001:db8::g", "", "x", "1::2::3",
+])
+def test_addresses_are_parsed_as_ipaddress_parses_them(text: str) -> None:
+    from lbctl.forwarder.desired import _parse
+    try:
+        expected: object = ipaddress.ip_address(text)
+    except ValueError:
+        expected = ValueError
+    try:
+        got: object = _parse(text)
+    except ValueError:
+        got = ValueError
+    assert got == expected and str(got) == str(expected)
