@@ -5,7 +5,8 @@ the apiserver sends much the forwarder never reads (targetRef, zone and hints of
 spec.clusterIPs, managedFields, kubectl's last-applied copy of the object, …). The reflector keeps
 only the fields below, at its boundary, before anything else sees the object. Everything the
 forwarder reads must be listed here: lbctl.forwarder.desired (building rules), lbctl.model.scope
-(which Services are ours), the announcer's mark (its annotation), the programming-latency metric
+(which Services are ours), the announcer's mark (its annotation), the ForwardingProblem Events
+(namespace, name, uid of the Service they are about), the programming-latency metric
 (the trigger-time annotation), and the reflector itself (name, namespace, resourceVersion: a
 re-list compares versions). tests/unit/test_forwarder_fields.py checks that each of them reads the
 same from a trimmed object as from the whole one.
