@@ -53,6 +53,7 @@ log = logging.getLogger("lbctl.forwarder")
 MODES = ("announce", "full")
 _MAX_QUARANTINE_S = 60.0
 _MAX_SYNC_BACKOFF_S = 30.0
+_INLINE_OPERATIONS = 200  # element operations sent over netlink from the event loop itself
 # every table has them (the base of each full sync)
 KNOWN_COLLECTIONS: tuple[nftables.Map | nftables.Set, ...] = (*FIXED_MAPS, *FIXED_SETS)
 
@@ -205,20 +206,32 @@ class Forwarder:
         return self.planner.committed_state(key) if self._held(key, now) else self.states.get(key)
 
     # -- nftables ------------------------------------------------------------------------------
-    def _apply(self, plan: Plan) -> None:
-        """Blocking: run in a thread. Element changes alone go to the kernel over netlink (nft
-        reads the whole ruleset before any element command); anything else, or a batch the kernel
-        refuses (nothing of it applied), goes to nft."""
-        if not plan.transaction:
-            return
+    def _send_elements(self, plan: Plan) -> bool:
+        """Element changes alone go to the kernel over netlink (nft reads the whole ruleset before
+        any element command); whether the kernel took them. False for anything else, or for a
+        batch the kernel refused (nothing of it applied): nft's turn."""
         batch = netlink.encode(plan.transaction, KNOWN_COLLECTIONS) if self.netlink_elements else None
-        if batch is not None:
-            try:
-                netlink.send(batch)
-                return
-            except (OSError, netlink.NetlinkError) as exc:
-                log.debug("element batch not taken over netlink (%s); giving it to nft", exc)
-        self.nft.apply(plan.transaction)
+        if batch is None:
+            return False
+        try:
+            netlink.send(batch)
+            return True
+        except (OSError, netlink.NetlinkError) as exc:
+            log.debug("element batch not taken over netlink (%s); giving it to nft", exc)
+            return False
+
+    def _apply(self, plan: Plan, elements_tried: bool = False) -> None:
+        """Blocking: run in a thread."""
+        if plan.transaction and (elements_tried or not self._send_elements(plan)):
+            self.nft.apply(plan.transaction)
+
+    async def _apply_incremental(self, plan: Plan) -> None:
+        """A small batch of element changes is sent from the event loop itself (well under a
+        millisecond: the kernel answers within the send): handed to a thread it would wait for the
+        GIL while the announce loop works on the same change."""
+        small = len(plan.transaction) <= _INLINE_OPERATIONS
+        if not (small and self._send_elements(plan)):
+            await asyncio.to_thread(self._apply, plan, small)
 
     async def _sync_kernel(self, changed: set[str]) -> None:
         now = time.monotonic()
@@ -226,7 +239,7 @@ class Forwarder:
             keys = changed | {k for k, q in self._quarantine.items() if q.until <= now}
             plan = self.planner.plan_update({k: self._state_for_kernel(k, now) for k in keys})
             try:
-                await asyncio.to_thread(self._apply, plan)
+                await self._apply_incremental(plan)
             except NftError as exc:
                 metrics.TRANSACTION_FAILURES.labels("incremental").inc()
                 log.warning("incremental sync rejected (%s); doing a full sync", exc)
