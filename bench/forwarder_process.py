@@ -141,6 +141,10 @@ class Notifications:
                 with self._lock:
                     self._seen.extend((now, payload) for payload in elements)
 
+    def seen(self) -> int:
+        with self._lock:
+            return len(self._seen)
+
     def clear(self) -> None:
         with self._lock:
             self._seen.clear()
@@ -236,7 +240,9 @@ async def measure_changes(api: KubeClient, notifications: Notifications, service
         deadline = started + 20
         while (at := notifications.committed(needle)) is None:
             if time.perf_counter() > deadline:
-                raise TimeoutError(f"{address} of {ns}/{name} never reached the kernel")
+                raise TimeoutError(f"{address} of {ns}/{name}: no notification naming it in 20 s "
+                                   f"({notifications.seen()} element notifications since the change, "
+                                   f"{notifications.overruns} overruns)")
             await asyncio.sleep(0.001)
         samples.append((at - started) * 1000)
         await asyncio.sleep(0.3 + random.random() * 0.2)  # apart: each change its own transaction
