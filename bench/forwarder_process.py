@@ -361,9 +361,14 @@ def run(services: int, endpoints: int, dual_share: float, changes: int, rounds: 
             runs.append(("current", None))
         measured: dict[str, list[dict[str, Any]]] = {}
         for number, (code, pythonpath) in enumerate(runs):
-            measured.setdefault(code, []).append(forwarder_run(
-                lab, node, workdir, cp_dir, node_kubeconfig, services, endpoints, dual, changes,
-                number * changes, pythonpath, profile if code == "current" else None))
+            try:
+                measured.setdefault(code, []).append(forwarder_run(
+                    lab, node, workdir, cp_dir, node_kubeconfig, services, endpoints, dual, changes,
+                    number * changes, pythonpath, profile if code == "current" else None))
+            except Exception as exc:  # one run's failure does not lose the others'
+                if len(runs) == 1:
+                    raise
+                measured.setdefault(code, []).append({"error": f"{type(exc).__name__}: {exc}"})
         if len(runs) == 1:
             result.update(measured["current"][0])
         else:
