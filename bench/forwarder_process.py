@@ -47,6 +47,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import statistics
 import struct
@@ -399,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0.0 <= args.dual_stack <= 1.0:
         parser.error("--dual-stack takes a fraction from 0 to 1")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped: still remove the lab and control plane
     if os.geteuid() != 0:
         print("forwarder_process: needs root (a lab namespace for the forwarder and its table)", file=sys.stderr)
         return 1
