@@ -369,7 +369,9 @@ def run(services: int, endpoints: int, dual_share: float, changes: int, rounds: 
             except Exception as exc:  # one run's failure does not lose the others'
                 if len(runs) == 1:
                     raise
-                measured.setdefault(code, []).append({"error": f"{type(exc).__name__}: {exc}"})
+                log = workdir / f"forwarder-{number * changes}.log"
+                tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
+                measured.setdefault(code, []).append({"error": f"{type(exc).__name__}: {exc}", "log": tail})
         if len(runs) == 1:
             result.update(measured["current"][0])
         else:
