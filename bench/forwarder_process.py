@@ -21,7 +21,9 @@ Prints JSON (with --rounds or --baseline: a list of these per checkout, "current
   logged its caches filled (start-up, imports and both lists);
 - endpoint_change_to_kernel_ms p50/p99/max: one endpoint of an EndpointSlice moved to a new
   address (a PATCH to the apiserver) → the kernel's notification that a map element holding that
-  address was committed.
+  address was committed; missed_changes lists changes no notification named within 60 s (seen
+  in some runs at 10,000 Services, for the first change of a run, with the forwarder of either
+  checkout: not explained yet).
 
 Why netlink rather than `nft monitor`: the bench opens a NETLINK_NETFILTER socket in the node's
 namespace subscribed to NFNLGRP_NFTABLES, the group the kernel sends its commit notifications to
@@ -222,8 +224,9 @@ def new_address(round_: int, ipv6: bool) -> str:
 
 
 async def measure_changes(api: KubeClient, notifications: Notifications, services: int, endpoints: int,
-                          dual: Callable[[int], bool], changes: int, offset: int = 0) -> list[float]:
-    samples = []
+                          dual: Callable[[int], bool], changes: int, offset: int = 0) -> tuple[list[float], list[str]]:
+    """The samples (ms), and the changes whose notification never came (within 60 s)."""
+    samples, missed = [], []
     for round_ in range(changes):
         index = (round_ * 7919 + 13) % services
         ipv6 = dual(index) and round_ % 2 == 1
@@ -238,16 +241,16 @@ async def measure_changes(api: KubeClient, notifications: Notifications, service
         started = time.perf_counter()
         await api.request("PATCH", f"/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices/{name}",
                           body={"endpoints": moved}, content_type="application/merge-patch+json")
-        deadline = started + 20
-        while (at := notifications.committed(needle)) is None:
-            if time.perf_counter() > deadline:
-                raise TimeoutError(f"{address} of {ns}/{name}: no notification naming it in 20 s "
-                                   f"({notifications.seen()} element notifications since the change, "
-                                   f"{notifications.overruns} overruns)")
+        deadline = started + 60
+        while (at := notifications.committed(needle)) is None and time.perf_counter() < deadline:
             await asyncio.sleep(0.001)
-        samples.append((at - started) * 1000)
+        if at is None:
+            missed.append(f"{address} of {ns}/{name}: {notifications.seen()} element notifications in 60 s, "
+                          f"{notifications.overruns} lost")
+        else:
+            samples.append((at - started) * 1000)
         await asyncio.sleep(0.3 + random.random() * 0.2)  # apart: each change its own transaction
-    return samples
+    return samples, missed
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -288,19 +291,21 @@ def forwarder_run(lab: Lab, node: str, workdir: Path, cp_dir: Path, node_kubecon
 
         notifications = Notifications(node)
 
-        async def change() -> list[float]:
+        async def change() -> tuple[list[float], list[str]]:
             api = KubeClient.from_kubeconfig(str(cp_dir / "kubeconfig"))
             try:
                 return await measure_changes(api, notifications, services, endpoints, dual, changes, offset)
             finally:
                 await api.close()
         try:
-            samples = asyncio.run(change())
+            samples, missed = asyncio.run(change())
         finally:
             notifications.close()
         result["endpoint_change_to_kernel_ms"] = {
             "p50": round(statistics.median(samples), 1), "p99": round(percentile(samples, 0.99), 1),
-            "max": round(max(samples), 1), "changes": len(samples)}
+            "max": round(max(samples), 1), "changes": len(samples)} if samples else None
+        if missed:
+            result["missed_changes"] = missed
         result["process_rss_mb"] = round(vm_kb(forwarder.pid, "VmHWM") / 1024, 1)
         result["process_rss_end_mb"] = round(vm_kb(forwarder.pid, "VmRSS") / 1024, 1)
         if notifications.overruns:
