@@ -15,7 +15,9 @@ dual_stack_services.
 
 Prints JSON: services, endpoints, build_s, full_sync_s (start-up sync: plan + apply of everything,
 the table replaced), resync_s (the periodic full rewrite, affinity kept), incremental_sync_s
-(median; one endpoint of one Service changed: build + plan + apply), the parts of each, rss_mb
+(median; one endpoint of one Service changed: build + plan + apply with nft), incremental_netlink_s
+(the same, committed as the forwarder commits element changes alone: one netlink batch), the parts
+of each, rss_mb
 (this process's peak: state and planner; the objects are not kept, unlike the forwarder's watch
 caches) and nft_peak_rss_mb (the nft process at its largest). Targets at 10,000 × 5: full ≤ 2 s,
 incremental ≤ 50 ms, RSS ≤ 100 MB.
@@ -33,11 +35,13 @@ import sys
 import time
 from typing import Any
 
+from lbctl.forwarder import netlink
 from lbctl.forwarder.apply import Nft
 from lbctl.forwarder.desired import BuildContext, build_service
+from lbctl.forwarder.main import KNOWN_COLLECTIONS
 from lbctl.forwarder.render import Planner
 from lbctl.forwarder.state import ServiceState
-from lbctl.lab.netns import Lab
+from lbctl.lab.netns import Lab, call_in
 from lbctl.model.scope import Scope
 
 CONTEXT = BuildContext(node="node-1", scope=Scope("lbctl.io/local"))
@@ -120,8 +124,9 @@ def run(services: int, endpoints: int, dual_share: float = 0.0) -> dict[str, Any
         resync = {"resync_s": applied - started, "resync_plan_s": planned - started,
                   "resync_apply_s": applied - planned}
 
-        samples, plan_samples = [], []
-        for round_ in range(1, 21):
+        samples, plan_samples, netlink_samples = [], [], []
+        sock = call_in(namespace, netlink.open_socket)  # of the scratch namespace
+        for round_ in range(1, 41):
             index = (round_ * 7919) % services
             # one endpoint moved (in each family of a dual-stack Service)
             service, slices = objects(index, endpoints, generation=round_, dual=dual(index))
@@ -129,10 +134,17 @@ def run(services: int, endpoints: int, dual_share: float = 0.0) -> dict[str, Any
             state = build(service, slices)
             plan = planner.plan_update({state.key: state})
             planned = time.perf_counter()
-            nft.apply(plan.transaction)
-            samples.append(time.perf_counter() - started)
+            # odd rounds as the forwarder commits element changes (netlink), even ones with nft
+            batch = netlink.encode(plan.transaction, KNOWN_COLLECTIONS) if round_ % 2 else None
+            if batch is not None:
+                netlink.send(batch, sock=sock)
+                netlink_samples.append(time.perf_counter() - started)
+            else:
+                nft.apply(plan.transaction)
+                samples.append(time.perf_counter() - started)
             plan_samples.append(planned - started)
             planner.commit(plan)
+        sock.close()
         table = nft.list_table("inet", "lbctl")
         duals = sum(1 for i in range(services) if dual(i))
         assert table.count("chain svc/") == services, "not every Service made it into the kernel"
@@ -148,6 +160,9 @@ def run(services: int, endpoints: int, dual_share: float = 0.0) -> dict[str, Any
         "incremental_sync_s": round(statistics.median(samples), 4),
         "incremental_plan_s": round(statistics.median(plan_samples), 4),
         "incremental_sync_max_s": round(max(samples), 4),
+        # the same kind of change sent as the forwarder sends element changes alone (one netlink
+        # batch, lbctl.forwarder.netlink), timed the same way (build + plan + commit)
+        "incremental_netlink_s": round(statistics.median(netlink_samples), 4) if netlink_samples else None,
         "rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "nft_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
         "load_avg_1m": round(os.getloadavg()[0], 2),

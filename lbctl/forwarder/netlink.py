@@ -25,6 +25,7 @@ verdict with its chain's name.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import os
@@ -242,12 +243,18 @@ def acknowledgements(data: bytes) -> Mapping[int, int]:
 
 
 # -- I/O -----------------------------------------------------------------------------------------
-def send(batch: Batch, timeout_s: float = 5.0) -> None:
-    """Commit `batch` in this thread's network namespace; raises NetlinkError when the kernel
-    refuses any of it (then none of it was applied) or does not answer."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
+def open_socket() -> socket.socket:
+    """A NETLINK_NETFILTER socket in this thread's network namespace."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    sock.bind((0, 0))
+    return sock
+
+
+def send(batch: Batch, timeout_s: float = 5.0, sock: socket.socket | None = None) -> None:
+    """Commit `batch` in this thread's network namespace (or `sock`'s); raises NetlinkError when
+    the kernel refuses any of it (then none of it was applied) or does not answer."""
+    with contextlib.nullcontext(sock) if sock is not None else open_socket() as sock:
         sock.settimeout(timeout_s)
-        sock.bind((0, 0))
         sock.sendto(batch.data, (0, 0))
         waiting, failure = set(batch.seqs), 0
         while waiting:
