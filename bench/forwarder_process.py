@@ -171,11 +171,19 @@ def vm_kb(pid: int, field: str) -> int:
 
 
 def clean(obj: dict[str, Any]) -> dict[str, Any]:
-    """An object as a client creates it: no uid, version or timestamp."""
+    """An object as a client creates it: no uid, version or timestamp, endpoint addresses in
+    canonical form (the apiserver refuses 2001:db8:0:0::1)."""
     meta = dict(obj["metadata"])
     for field in ("uid", "resourceVersion", "creationTimestamp"):
         meta.pop(field, None)
-    return {**obj, "metadata": meta}
+    cleaned = {**obj, "metadata": meta}
+    if "endpoints" in obj:
+        cleaned["endpoints"] = canonical(obj["endpoints"])
+    return cleaned
+
+
+def canonical(endpoints: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**e, "addresses": [str(ipaddress.ip_address(a)) for a in e["addresses"]]} for e in endpoints]
 
 
 async def populate(api: KubeClient, services: int, endpoints: int, dual: Callable[[int], bool],
@@ -234,7 +242,7 @@ async def measure_changes(api: KubeClient, notifications: Notifications, service
         item = slices[1 if ipv6 else 0]
         ns, name = item["metadata"]["namespace"], item["metadata"]["name"]
         address = new_address(offset + round_, ipv6)
-        moved = [dict(e) for e in item["endpoints"]]
+        moved = canonical(item["endpoints"])
         moved[0] = {**moved[0], "addresses": [address]}
         needle = ipaddress.ip_address(address).packed
         notifications.clear()
