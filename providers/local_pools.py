@@ -102,6 +102,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from lbctl.model.errors import InvalidServiceError, LoadBalancerError, PendingError
+from lbctl.model.selectors import LabelSelector, SelectorError, parse_selector
 from lbctl.model.waits import Range, Wait, WaitFor, address_range
 
 if TYPE_CHECKING:
@@ -160,35 +161,6 @@ class AddressRange(NamedTuple):
     last: int
     source: str
     position: int  # index in spec.addresses
-
-
-@dataclass(frozen=True)
-class SelectorRequirement:
-    key: str
-    operator: str  # In, NotIn, Exists, DoesNotExist
-    values: frozenset[str] = frozenset()
-
-    def matches(self, labels: Mapping[str, str]) -> bool:
-        if self.operator == "In":
-            return labels.get(self.key) in self.values
-        if self.operator == "NotIn":
-            return labels.get(self.key) not in self.values
-        if self.operator == "Exists":
-            return self.key in labels
-        return self.key not in labels
-
-
-@dataclass(frozen=True)
-class LabelSelector:
-    """Kubernetes LabelSelector semantics: every term must hold; an empty selector matches everything."""
-
-    match_labels: tuple[tuple[str, str], ...] = ()
-    match_expressions: tuple[SelectorRequirement, ...] = ()
-
-    def matches(self, labels: Mapping[str, str]) -> bool:
-        return all(labels.get(k) == v for k, v in self.match_labels) and all(
-            r.matches(labels) for r in self.match_expressions
-        )
 
 
 @dataclass(frozen=True)
@@ -298,34 +270,10 @@ def _parse_bool(spec: Mapping[str, Any], key: str, default: bool, name: str) -> 
 
 
 def _parse_selector(value: Any, name: str) -> LabelSelector:
-    where = "spec.serviceSelector"
-    if not isinstance(value, Mapping):
-        raise PoolError(where, "must be an object with matchLabels and/or matchExpressions", pool=name)
-    labels = value.get("matchLabels") or {}
-    if not isinstance(labels, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
-    ):
-        raise PoolError(f"{where}.matchLabels", "must map label names to string values", pool=name)
-    expressions = value.get("matchExpressions") or []
-    if not isinstance(expressions, list):
-        raise PoolError(f"{where}.matchExpressions", "must be a list", pool=name)
-    requirements = []
-    for i, expr in enumerate(expressions):
-        at = f"{where}.matchExpressions[{i}]"
-        if not isinstance(expr, Mapping) or not isinstance(expr.get("key"), str) or not expr.get("key"):
-            raise PoolError(f"{at}.key", "a non-empty label name is required", pool=name)
-        operator = expr.get("operator")
-        values = expr.get("values") or []
-        if operator not in ("In", "NotIn", "Exists", "DoesNotExist"):
-            raise PoolError(f"{at}.operator", f"{operator!r} is not In, NotIn, Exists or DoesNotExist", pool=name)
-        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-            raise PoolError(f"{at}.values", "must be a list of strings", pool=name)
-        if operator in ("In", "NotIn") and not values:
-            raise PoolError(f"{at}.values", f"{operator} needs at least one value", pool=name)
-        if operator in ("Exists", "DoesNotExist") and values:
-            raise PoolError(f"{at}.values", f"{operator} takes no values", pool=name)
-        requirements.append(SelectorRequirement(expr["key"], operator, frozenset(values)))
-    return LabelSelector(tuple(sorted(labels.items())), tuple(requirements))
+    try:
+        return parse_selector(value, "spec.serviceSelector")
+    except SelectorError as exc:
+        raise PoolError(exc.field, exc.problem, pool=name) from None
 
 
 def parse_pool(obj: Mapping[str, Any]) -> Pool:

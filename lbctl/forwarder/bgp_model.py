@@ -14,6 +14,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lbctl.model import selectors
+from lbctl.model.selectors import EVERYTHING, LabelSelector
+
 GROUP = "lbctl.io"
 VERSION = "v1alpha1"
 PEERS_PATH = f"/apis/{GROUP}/{VERSION}/bgppeers"
@@ -33,60 +36,11 @@ class BadField(ValueError):
         self.field = field_name
 
 
-@dataclass(frozen=True)
-class Requirement:
-    key: str
-    operator: str  # In, NotIn, Exists, DoesNotExist
-    values: frozenset[str] = frozenset()
-
-    def matches(self, labels: Mapping[str, str]) -> bool:
-        present = self.key in labels
-        if self.operator == "In":
-            return present and labels[self.key] in self.values
-        if self.operator == "NotIn":
-            return not present or labels[self.key] not in self.values
-        if self.operator == "Exists":
-            return present
-        return not present
-
-
-@dataclass(frozen=True)
-class Selector:
-    """A metav1.LabelSelector; the empty one matches everything."""
-
-    match_labels: tuple[tuple[str, str], ...] = ()
-    requirements: tuple[Requirement, ...] = ()
-
-    def matches(self, labels: Mapping[str, str]) -> bool:
-        return all(labels.get(k) == v for k, v in self.match_labels) and all(
-            r.matches(labels) for r in self.requirements)
-
-
-EVERYTHING = Selector()
-
-
-def parse_selector(value: Any, where: str) -> Selector:
-    if value is None:
-        return EVERYTHING
-    if not isinstance(value, Mapping):
-        raise BadField(where, "must be a label selector (matchLabels and/or matchExpressions)")
-    labels = value.get("matchLabels") or {}
-    if not isinstance(labels, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
-                                                  for k, v in labels.items()):
-        raise BadField(f"{where}.matchLabels", "must map label names to strings")
-    requirements = []
-    for index, raw in enumerate(value.get("matchExpressions") or ()):
-        at = f"{where}.matchExpressions[{index}]"
-        if not isinstance(raw, Mapping) or not isinstance(raw.get("key"), str):
-            raise BadField(at, "needs a key")
-        operator = raw.get("operator")
-        values = raw.get("values") or []
-        if operator not in ("In", "NotIn", "Exists", "DoesNotExist"):
-            raise BadField(f"{at}.operator", f"{operator!r} is not In, NotIn, Exists or DoesNotExist")
-        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-            raise BadField(f"{at}.values", "must be a list of strings")
-        requirements.append(Requirement(raw["key"], operator, frozenset(values)))
-    return Selector(tuple(sorted(labels.items())), tuple(requirements))
+def parse_selector(value: Any, where: str) -> LabelSelector:
+    try:
+        return selectors.parse_selector(value, where)
+    except selectors.SelectorError as exc:
+        raise BadField(exc.field, exc.problem) from None
 
 
 def parse_duration(value: Any, where: str) -> int:
@@ -123,7 +77,7 @@ class Peer:
     port: int = 179
     hold_s: int = DEFAULT_HOLD_S
     keepalive_s: int = DEFAULT_HOLD_S // 3
-    node_selector: Selector = EVERYTHING
+    node_selector: LabelSelector = EVERYTHING
     labels: tuple[tuple[str, str], ...] = ()
     password_secret: tuple[str, str] | None = None  # (Secret name, key)
     multihop: bool = False
@@ -183,8 +137,8 @@ class Advertisement:
     local_pref: int | None = None
     aggregation_v4: int = 32
     aggregation_v6: int = 128
-    node_selector: Selector = EVERYTHING
-    peer_selector: Selector = EVERYTHING
+    node_selector: LabelSelector = EVERYTHING
+    peer_selector: LabelSelector = EVERYTHING
 
     @property
     def bgp(self) -> bool:
