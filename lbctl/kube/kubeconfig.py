@@ -13,7 +13,9 @@ rotates) are read again once a minute, as client-go does.
 
 from __future__ import annotations
 
+import atexit
 import base64
+import contextlib
 import os
 import tempfile
 import time
@@ -57,9 +59,24 @@ class Configuration:
         return f"Bearer {self._token}" if self._token else None
 
 
+_DATA_FILES: list[str] = []
+
+
+def _remove_data_files() -> None:
+    for path in _DATA_FILES:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    _DATA_FILES.clear()
+
+
+atexit.register(_remove_data_files)
+
+
 def _data_file(data: str, suffix: str) -> str:
-    """Inline base64 data written to a private file (ssl and aiohttp read paths), as the library does."""
+    """Inline base64 data written to a private file (ssl and aiohttp read paths), removed when the
+    process exits, as the library does (a client key must not pile up in /tmp)."""
     handle, path = tempfile.mkstemp(prefix="lbctl-kubeconfig-", suffix=suffix)
+    _DATA_FILES.append(path)
     with os.fdopen(handle, "wb") as out:
         out.write(base64.standard_b64decode(data))
     return path

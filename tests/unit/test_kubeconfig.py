@@ -4,6 +4,9 @@ and leaves to the library what it does not handle."""
 from __future__ import annotations
 
 import base64
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -101,3 +104,16 @@ def test_in_cluster_reads_the_account_and_rereads_its_token(tmp_path: Path, monk
     clock[0] = 61.0
     assert loaded.get_api_key_with_prefix("BearerToken") == "Bearer rotated"
     assert kubeconfig.in_cluster(tmp_path, {}) is None
+
+
+def test_inline_certificates_and_keys_are_removed_when_the_process_exits(tmp_path: Path) -> None:
+    path = write(tmp_path, {"server": "https://10.0.0.1:6443",
+                            "certificate-authority-data": base64.b64encode(PEM.encode()).decode()},
+                 {"client-certificate-data": base64.b64encode(b"CERT").decode(),
+                  "client-key-data": base64.b64encode(b"KEY").decode()})
+    script = ("import sys\nfrom lbctl.kube import kubeconfig\nc = kubeconfig.load(sys.argv[1])\n"
+              "print(c.ssl_ca_cert, c.cert_file, c.key_file)\n")
+    out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, check=True)
+    files = out.stdout.split()
+    assert len(files) == 3 and all(f.startswith(tempfile.gettempdir()) for f in files), out.stdout
+    assert not [f for f in files if Path(f).exists()]
