@@ -124,6 +124,10 @@ def test_values_reach_the_pods(helm_bin: Path) -> None:
     (["--set", "provider=azure"], 'provider must be local, aws or gce, not "azure"'),
     (["--set", "provider=aws"], "the aws provider needs aws.region"),
     (["--set", "provider=gce", "--set", "gce.project=p"], "the gce provider needs gce.project and gce.region"),
+    (["--set", "operator.leaderElect=false"],
+     "operator.replicas is 2 but operator.leaderElect is not true: every replica would act"),
+    (["--set", "operator.replicas=3", "--set-string", "operator.leaderElect=no"],
+     "operator.replicas is 3 but operator.leaderElect is not true"),
 ])
 def test_bad_values_are_refused_with_the_fix(helm_bin: Path, settings: list[str], message: str) -> None:
     result = run_helm(helm_bin, "template", "lbctl", str(CHART), "--namespace", "lbctl-system",

@@ -26,6 +26,9 @@ helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version | replace "+" "_" }}
 {{- if and (eq .Values.provider "gce") (not (and .Values.gce.project .Values.gce.region)) -}}
 {{- fail "the gce provider needs gce.project and gce.region" -}}
 {{- end -}}
+{{- if and (gt (int .Values.operator.replicas) 1) (ne (toString .Values.operator.leaderElect) "true") -}}
+{{- fail (printf "operator.replicas is %v but operator.leaderElect is not true: every replica would act on every Service and cloud at once. Set operator.leaderElect=true (one leader, warm standbys) or operator.replicas=1" .Values.operator.replicas) -}}
+{{- end -}}
 {{- if not (has .Values.forwarder.mode (list "full" "announce")) -}}
 {{- fail (printf "forwarder.mode must be full or announce, not %q" .Values.forwarder.mode) -}}
 {{- end -}}
