@@ -17,7 +17,12 @@ Prints JSON: services, endpoints, build_s, full_sync_s (start-up sync: plan + ap
 the table replaced), resync_s (the periodic full rewrite, affinity kept), incremental_sync_s
 (median; one endpoint of one Service changed: build + plan + apply with nft), incremental_netlink_s
 (the same, committed as the forwarder commits element changes alone: one netlink batch), the parts
-of each, rss_mb
+of each, network_programming_p50_s / _p99_s (lbctl_forwarder_network_programming_seconds over the
+40 incremental rounds, half of them by nft and half by netlink: each change stamped when its
+EndpointSlices "arrive", as the forwarder stamps a watch event, taken before applying and observed
+at the commit by the forwarder's own code, lbctl.forwarder.metrics; quantiles interpolated within
+the histogram's buckets, as histogram_quantile does — its lowest bucket is 10 ms — and without the
+apiserver's share: bench/network_programming.py measures that on the demo's cluster), rss_mb
 (this process's peak: state and planner; the objects are not kept, unlike the forwarder's watch
 caches) and nft_peak_rss_mb (the nft process at its largest). Targets at 10,000 × 5: full ≤ 2 s,
 incremental ≤ 50 ms, RSS ≤ 100 MB.
@@ -38,6 +43,13 @@ from typing import Any
 from lbctl.forwarder import netlink
 from lbctl.forwarder.apply import Nft
 from lbctl.forwarder.desired import BuildContext, build_service
+from lbctl.forwarder.metrics import (
+    NETWORK_PROGRAMMING_SECONDS,
+    ProgrammingLatency,
+    buckets_of,
+    change_time,
+    histogram_quantile,
+)
 from lbctl.forwarder.render import FIXED_MAPS, FIXED_SETS, Planner
 from lbctl.forwarder.state import ServiceState
 from lbctl.lab.netns import Lab, call_in
@@ -127,12 +139,19 @@ def run(services: int, endpoints: int, dual_share: float = 0.0) -> dict[str, Any
 
         samples, plan_samples, netlink_samples = [], [], []
         sock = call_in(namespace, netlink.open_socket)  # of the scratch namespace
+        latency = ProgrammingLatency()  # the forwarder's bookkeeping, into its histogram
+        latency.enabled = True
+        before = buckets_of(NETWORK_PROGRAMMING_SECONDS)
         for round_ in range(1, 41):
             index = (round_ * 7919) % services
             # one endpoint moved (in each family of a dual-stack Service)
             service, slices = objects(index, endpoints, generation=round_, dual=dual(index))
             started = time.perf_counter()
+            key = f"{service['metadata']['namespace']}/{service['metadata']['name']}"
+            for slice_ in slices:  # each slice's watch event arrives now (no trigger-time annotation here)
+                latency.seen(key, change_time(None, slice_, time.time()))
             state = build(service, slices)
+            taken = latency.take({state.key})  # as the sync loop: before applying
             plan = planner.plan_update({state.key: state})
             planned = time.perf_counter()
             # odd rounds as the forwarder commits element changes (netlink), even ones with nft
@@ -145,7 +164,9 @@ def run(services: int, endpoints: int, dual_share: float = 0.0) -> dict[str, Any
                 samples.append(time.perf_counter() - started)
             plan_samples.append(planned - started)
             planner.commit(plan)
+            latency.observe(taken, planner.keys.__contains__, time.time())
         sock.close()
+        programming = minus(buckets_of(NETWORK_PROGRAMMING_SECONDS), before)
         table = nft.list_table("inet", "lbctl")
         duals = sum(1 for i in range(services) if dual(i))
         assert table.count("chain svc/") == services, "not every Service made it into the kernel"
@@ -164,10 +185,24 @@ def run(services: int, endpoints: int, dual_share: float = 0.0) -> dict[str, Any
         # the same kind of change sent as the forwarder sends element changes alone (one netlink
         # batch, lbctl.forwarder.netlink), timed the same way (build + plan + commit)
         "incremental_netlink_s": round(statistics.median(netlink_samples), 4) if netlink_samples else None,
+        # lbctl_forwarder_network_programming_seconds over the incremental rounds (arrival → commit,
+        # both kinds of commit), read from the histogram's buckets as histogram_quantile does
+        "network_programming_count": int(programming[-1][1]) if programming else 0,
+        "network_programming_p50_s": _rounded(histogram_quantile(0.5, programming)),
+        "network_programming_p99_s": _rounded(histogram_quantile(0.99, programming)),
         "rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "nft_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
+
+
+def minus(after: list[tuple[float, float]], before: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    earlier = dict(before)
+    return [(le, count - earlier.get(le, 0.0)) for le, count in after]
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 4)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
+from lbctl.forwarder.metrics import histogram_quantile
 from lbctl.lab.kube import LabKube, wait_for
 
 NAME = "lbctl_forwarder_network_programming_seconds"
@@ -52,23 +53,8 @@ def minus(after: list[tuple[float, float]], before: list[tuple[float, float]]) -
     return [(le, count - earlier.get(le, 0.0)) for le, count in after]
 
 
-def quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
-    """histogram_quantile: linear interpolation inside the bucket that holds the q-th observation."""
-    if not buckets or buckets[-1][1] <= 0:
-        return None
-    rank = q * buckets[-1][1]
-    lower_le, lower_count = 0.0, 0.0
-    for le, count in buckets:
-        if count >= rank:
-            if le == float("inf"):
-                return lower_le
-            return lower_le + (le - lower_le) * ((rank - lower_count) / (count - lower_count or 1))
-        lower_le, lower_count = le, count
-    return None
-
-
 def summary(buckets: list[tuple[float, float]], total: float, count: float) -> dict[str, Any]:
-    p50, p99 = quantile(0.5, buckets), quantile(0.99, buckets)
+    p50, p99 = histogram_quantile(0.5, buckets), histogram_quantile(0.99, buckets)
     return {"count": int(count), "p50_s": None if p50 is None else round(p50, 3),
             "p99_s": None if p99 is None else round(p99, 3), "mean_s": round(total / count, 3) if count else None}
 

@@ -36,6 +36,7 @@ from lbctl.forwarder.desired import BuildContext, build_service, service_key, sl
 from lbctl.forwarder.health import HealthCheck, HealthServers
 from lbctl.forwarder.leases import LEASE_NAMESPACE, NodeLease
 from lbctl.forwarder.membership import Membership, Timing, format_claim
+from lbctl.forwarder.metrics_http import MetricsServer
 from lbctl.forwarder.ownership import VipOwner, excluded_nodes, newest_takes, node_addresses, vip_owners
 from lbctl.forwarder.peering import DEFAULT_PORT, Peering
 from lbctl.forwarder.problem_events import ProblemEvents
@@ -327,10 +328,12 @@ class Forwarder:
             if not self.full:
                 self.synced_once.set()
                 continue
+            # taken before applying: a change that arrives meanwhile is the next transaction's
+            latencies = self.latency.take(changed)
             try:
                 started = time.monotonic()
                 await self._sync_kernel(changed)
-                self.latency.committed(changed, self.planner.keys.__contains__, time.time())
+                self.latency.observe(latencies, self.planner.keys.__contains__, time.time())
                 log.debug("synced %d change(s) in %.3fs", len(changed), time.monotonic() - started)
                 backoff = 0.5
                 if not self.synced_once.is_set():
@@ -340,6 +343,7 @@ class Forwarder:
                     self.synced_once.set()
             except Exception as exc:
                 self._dirty |= changed
+                self.latency.give_back(latencies)
                 log.error("sync failed: %s; retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_SYNC_BACKOFF_S)
@@ -454,12 +458,14 @@ class Forwarder:
         peering = Peering(self.membership, lambda: self.claims(announcer), port=self.config.peer_port,
                           on_change=self._announce_wake.set, key=peer_key(self.config.peer_secret_file))
         status = StatusServer(self.config.status_port, lambda query: self.status_report(announcer, query))
-        metrics_server = metrics.MetricsServer(self.config.metrics_port)
+        metrics_server = MetricsServer(self.config.metrics_port)
         self.bgp = speaker = bgp.BgpSpeaker(self.config.node, client, self.config.lease_namespace,
                                             self.states.values, lambda: self._states_version, nodes,
                                             self.config.bgp_dir)
         metrics.VIPS.set_function(lambda: len(announcer.owned))
         metrics.PEERS.source = lambda: [p.state for p in self.membership.view(time.monotonic())]
+        metrics.PROGRAMMED.rules = lambda: self.planner.rules
+        metrics.PROGRAMMED.elements = lambda: self.planner.elements
         tasks: list[asyncio.Task[None]] = []
         try:
             await status.start()

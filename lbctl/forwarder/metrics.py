@@ -1,5 +1,7 @@
 """Prometheus metrics of the forwarder (served with --metrics-port), and the network-programming
 latency: from an EndpointSlice change in the apiserver to the nft transaction that carries it.
+(The /metrics endpoint is lbctl.forwarder.metrics_http: this module stays free of aiohttp, so
+bench/forwarder_sync.py can use the same latency bookkeeping without its memory.)
 
 SIG Scalability's kube-proxy SLI (`kubeproxy_network_programming_duration_seconds`) takes the
 change's time from the EndpointSlice's `endpoints.kubernetes.io/last-change-trigger-time`
@@ -10,15 +12,13 @@ deletion), the time the watch event arrived stands in, which leaves out the apis
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
-from lbctl.forwarder.endpoint import HttpEndpoint
 from lbctl.report.facts import parse_time
 
 TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
@@ -75,6 +75,30 @@ PEERS = _Peers()
 REGISTRY.register(PEERS)
 
 
+class _Programmed(Collector):
+    """lbctl_forwarder_nft_rules and lbctl_forwarder_nft_elements{collection}: what the planner's
+    committed state says the kernel's table holds now, read at scrape time."""
+
+    def __init__(self) -> None:
+        self.rules: Callable[[], int] | None = None
+        self.elements: Callable[[], Mapping[str, int]] | None = None
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        rules = GaugeMetricFamily("lbctl_forwarder_nft_rules", "Rules in the kernel's lbctl table (full mode)")
+        rules.add_metric([], self.rules() if self.rules is not None else 0)
+        yield rules
+        elements = GaugeMetricFamily(
+            "lbctl_forwarder_nft_elements", "Map and set elements in the kernel's lbctl table, by collection "
+            "(its name without the shard number)", labels=["collection"])
+        for collection, count in sorted((self.elements() if self.elements is not None else {}).items()):
+            elements.add_metric([collection], count)
+        yield elements
+
+
+PROGRAMMED = _Programmed()
+REGISTRY.register(PROGRAMMED)
+
+
 def change_time(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None, arrived: float) -> float:
     """When the change from `old` to `new` happened in the cluster (epoch seconds; pure)."""
     if new is None:
@@ -86,7 +110,11 @@ def change_time(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None, ar
 
 
 class ProgrammingLatency:
-    """Earliest unprogrammed change per Service key; observed once its transaction is committed."""
+    """Earliest unprogrammed change per Service key; observed once its transaction is committed.
+
+    The sync takes the pending times of the keys it is about to apply (`take`) *before* it applies
+    them, and observes those once the transaction is committed (`observe`): a change that arrives
+    while the transaction runs stays pending for the next one, which is the one that carries it."""
 
     def __init__(self) -> None:
         self.pending: dict[str, float] = {}
@@ -96,23 +124,46 @@ class ProgrammingLatency:
         if self.enabled and (key not in self.pending or when < self.pending[key]):
             self.pending[key] = when
 
-    def committed(self, keys: Iterable[str], programmed: Callable[[str], bool], now: float) -> list[float]:
-        """`keys` went into the kernel at `now`; returns the latencies observed."""
-        observed = []
-        for key in keys:
-            when = self.pending.pop(key, None)
-            if when is not None and programmed(key):
-                observed.append(max(0.0, now - when))
-                NETWORK_PROGRAMMING_SECONDS.observe(observed[-1])
+    def take(self, keys: Iterable[str]) -> dict[str, float]:
+        """The pending change times of `keys`, no longer pending (call before applying them)."""
+        return {key: when for key in keys if (when := self.pending.pop(key, None)) is not None}
+
+    def give_back(self, taken: Mapping[str, float]) -> None:
+        """The transaction that was to carry `taken` failed: they wait for the next one."""
+        for key, when in taken.items():
+            if key not in self.pending or when < self.pending[key]:
+                self.pending[key] = when
+
+    def observe(self, taken: Mapping[str, float], programmed: Callable[[str], bool], now: float) -> list[float]:
+        """`taken` went into the kernel at `now`; returns the latencies observed (only of keys
+        whose rules are in the kernel: a Service that is not ours programs nothing)."""
+        observed = [max(0.0, now - when) for key, when in taken.items() if programmed(key)]
+        for seconds in observed:
+            NETWORK_PROGRAMMING_SECONDS.observe(seconds)
         return observed
 
 
-class MetricsServer(HttpEndpoint):
-    """/metrics in the forwarder's own event loop: the gauges read at scrape time see its state
-    between two steps, never half-way through one (a scrape thread could)."""
+def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float | None:
+    """PromQL's histogram_quantile over (upper bound, cumulative count) pairs sorted by bound:
+    linear interpolation inside the bucket that holds the q-th observation (pure)."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower_le, lower_count = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if le == float("inf"):
+                return lower_le
+            return lower_le + (le - lower_le) * ((rank - lower_count) / (count - lower_count or 1))
+        lower_le, lower_count = le, count
+    return None
 
-    def __init__(self, port: int, bind: str = "0.0.0.0") -> None:
-        super().__init__(port, "/metrics", self._handle, bind)
 
-    async def _handle(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+def buckets_of(histogram: Histogram) -> list[tuple[float, float]]:
+    """(upper bound, cumulative count) of an unlabelled histogram in this process, sorted."""
+    found = []
+    for family in histogram.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                found.append((float(sample.labels["le"]), float(sample.value)))
+    return sorted(found)

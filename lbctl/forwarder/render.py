@@ -143,6 +143,18 @@ FIXED_SETS = tuple(Set(f.lb_ips, f.address) for f in (V4, V6))
 MAPS = tuple(m.name for m in FIXED_MAPS)  # the shards are declared when first used
 SETS = tuple(s.name for s in FIXED_SETS)
 
+
+
+def collection_label(name: str) -> str:
+    """A map's or set's name without its shard number (`endpoints-tcp/007` → `endpoints-tcp`): the
+    label of lbctl_forwarder_nft_elements, a handful of values whatever the table's size."""
+    return name.partition("/")[0]
+
+
+ELEMENT_COLLECTIONS = tuple(sorted({collection_label(name) for name in (
+    *MAPS, *SETS, *ENDPOINT_CHAIN_MAPS,
+    *(n for maps in (ENDPOINT_MAPS, ENDPOINT_MAPS6) for names in maps.values() for n in names))}))
+
 # `dstnat` is only a name in prerouting; -100 is the same priority
 BASE_OBJECTS: tuple[nft.Object, ...] = (
     LBCTL,
@@ -430,6 +442,10 @@ class Plan:
     winners: dict[ElementKey, str | None] = field(default_factory=dict)
     contested: dict[ElementKey, tuple[str, ...] | None] = field(default_factory=dict)
     udp: Counter[tuple[str, int]] = field(default_factory=Counter)  # full: all; update: the change
+    # rules and map/set elements in the kernel once it takes the plan: full plans the totals,
+    # updates the change (elements by collection_label)
+    rules: int = 0
+    elements: Counter[str] = field(default_factory=Counter)
 
     @property
     def ops(self) -> list[nft.Op]:
@@ -471,6 +487,8 @@ class Planner:
         self._contested: dict[ElementKey, tuple[str, ...]] = {}  # shared keys with several claimants
         self._udp = Counter[tuple[str, int]]()
         self.synced = False  # whether a full sync has been committed
+        self.rules = 0  # rules in the kernel's table (what the committed state put there)
+        self._elements = Counter[str]()  # map and set elements in it, by collection_label
 
     def committed_state(self, key: str) -> ServiceState | None:
         committed = self._committed.get(key)
@@ -483,6 +501,12 @@ class Planner:
     @property
     def keys(self) -> frozenset[str]:
         return frozenset(self._committed)
+
+    @property
+    def elements(self) -> dict[str, int]:
+        """Map and set elements in the kernel's table by collection_label (every label, 0 included;
+        the affinity sets the packet path fills are not counted)."""
+        return {label: self._elements.get(label, 0) for label in ELEMENT_COLLECTIONS}
 
     # -- full ---------------------------------------------------------------------------------
     def plan_full(self, states: Iterable[ServiceState], replace: bool = False) -> Plan:
@@ -532,6 +556,7 @@ class Planner:
         contested: dict[ElementKey, tuple[str, ...] | None] = {}
         conflicts: list[Conflict] = []
         udp = Counter[tuple[str, int]]()
+        rule_count = len(BASE_RULES)
         kept_chains: dict[str, frozenset[str]] = {}
         kept_sets: dict[str, frozenset[str]] = {}
         # elements are gathered per collection and written as one `add element` each
@@ -542,6 +567,7 @@ class Planner:
             assert committed is not None
             program = render_program(state, committed.slots)
             declare(_shards([program]))
+            rule_count += _rule_count(program)
             out.add(key, *(Chain(name) for name in program.chains))
             out.add(key, *program.sets.values())
             for name, rules in program.chains.items():
@@ -572,8 +598,12 @@ class Planner:
             out.delete(program.key, *(Chain(n) for n in program.chains if n not in chains))
             out.delete(program.key, *(s for n, s in program.sets.items() if n not in sets))
         gone = sorted(b for b in self._udp if b not in udp)
+        counts = Counter[str]()
+        for name, (objects, _) in elements.items():
+            counts[collection_label(name)] += len(objects)
         return Plan(transaction=out, changes=changes, allocator=allocator, full=True,
-                    conflicts=conflicts, udp_backends_gone=gone, winners=winners, contested=contested, udp=udp)
+                    conflicts=conflicts, udp_backends_gone=gone, winners=winners, contested=contested, udp=udp,
+                    rules=rule_count, elements=counts)
 
     # -- incremental --------------------------------------------------------------------------
     def plan_update(self, states: Mapping[str, ServiceState | None]) -> Plan:
@@ -629,6 +659,10 @@ class Planner:
                 if before_own.get(ck, _MISSING) != value:
                     adds.add(key, Element(ck[0], ck[1], value))
         winners, contested, conflicts = self._shared_changes(changes, old, new, deletes, adds)
+        element_change = Counter[str]()
+        for change, ops in ((-1, deletes), (1, adds)):
+            for op in ops.ops:
+                element_change[collection_label(cast(Element, op.object).collection)] += change
         out.extend(deletes)
         out.extend(adds)
         # 4. chains and sets no longer used: emptied first, as they may jump to one another
@@ -647,8 +681,10 @@ class Planner:
             udp.subtract(old[key].udp_backends if old[key] else ())  # type: ignore[union-attr]
             udp.update(new[key].udp_backends if new[key] else ())  # type: ignore[union-attr]
         gone = sorted(b for b, n in udp.items() if n < 0 and self._udp.get(b, 0) + n <= 0)
+        rule_change = sum(_rule_count(new[key]) - _rule_count(old[key]) for key in changes)
         return Plan(transaction=out, changes=changes, allocator=allocator, full=False, conflicts=conflicts,
-                    udp_backends_gone=gone, winners=winners, contested=contested, udp=udp)
+                    udp_backends_gone=gone, winners=winners, contested=contested, udp=udp,
+                    rules=rule_change, elements=element_change)
 
     def _shared_changes(
         self, changes: Mapping[str, Committed | None], old: Mapping[str, Program | None],
@@ -706,6 +742,7 @@ class Planner:
             self._winners = {k: w for k, w in plan.winners.items() if w is not None}
             self._contested = {k: c for k, c in plan.contested.items() if c is not None}
             self._udp = +plan.udp
+            self.rules, self._elements = plan.rules, +plan.elements
             self.synced = True
         else:
             for key, committed in plan.changes.items():
@@ -725,6 +762,9 @@ class Planner:
                     self._contested[ck] = claimants
             self._udp.update(plan.udp)
             self._udp = +self._udp  # drop zero and negative counts
+            self.rules += plan.rules
+            self._elements.update(plan.elements)
+            self._elements = +self._elements
         self._allocator = plan.allocator
 
 
@@ -769,6 +809,10 @@ def _cyclic_gc_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+def _rule_count(program: Program | None) -> int:
+    return sum(len(bodies) for bodies in program.chains.values()) if program is not None else 0
 
 
 def _has_chain(program: Program | None, name: str) -> bool:

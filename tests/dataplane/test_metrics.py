@@ -13,6 +13,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -22,19 +23,32 @@ from tests.dataplane.harness import require_root_tools
 
 pytestmark = pytest.mark.dataplane
 
-OPERATOR_FAMILIES = (
-    "lbctl_service_syncs_total", "lbctl_service_sync_seconds", "lbctl_workqueue_depth", "lbctl_workqueue_wait_seconds",
-    "lbctl_services", "lbctl_cloud_api_calls_total", "lbctl_cloud_api_call_seconds", "lbctl_leader",
-    "lbctl_orphans_found_total", "lbctl_orphans_deleted_total", "lbctl_kube_requests_total", "lbctl_pool_addresses",
-    "lbctl_pool_addresses_assigned", "lbctl_pool_addresses_free", "lbctl_pool_allocation_failures_total",
-)
-FORWARDER_FAMILIES = (
-    "lbctl_forwarder_sync_seconds", "lbctl_forwarder_transaction_failures_total",
-    "lbctl_forwarder_nft_statements_total",
-    "lbctl_forwarder_services_programmed", "lbctl_forwarder_vips", "lbctl_forwarder_vip_ownership_changes_total",
-    "lbctl_forwarder_gratuitous_arp_total", "lbctl_forwarder_health_check_responses_total", "lbctl_forwarder_peers",
-    "lbctl_forwarder_network_programming_seconds", "lbctl_kube_requests_total",
-)
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def documented() -> dict[str, set[str]]:
+    """The metric families the README's Metrics section lists, by who exports them ("operator" or
+    "forwarder", from the line introducing each list: "Operator:", "Pools (…, operator):", "Forwarder:")."""
+    text = README.read_text()
+    section = text[text.index("\n### Metrics\n"):]
+    section = section[:section.index("\n## ")]
+    found: dict[str, set[str]] = {"operator": set(), "forwarder": set()}
+    who = ""
+    for line in section.splitlines():
+        if line.endswith(":") and not line.startswith("-"):
+            lowered = line.lower()
+            who = "forwarder" if "forwarder" in lowered and "operator" not in lowered else "operator"
+        elif line.startswith("- `lbctl_"):
+            assert who, f"a metric before any 'Operator:'/'Forwarder:' line: {line}"
+            found[who].update(re.findall(r"`(lbctl_[a-z0-9_]+)", line.split(": ", 1)[0]))
+    return found
+
+
+def test_the_readme_lists_are_read() -> None:
+    listed = documented()
+    assert {"lbctl_leader", "lbctl_pool_addresses_free", "lbctl_orphans_deleted_total"} <= listed["operator"]
+    assert {"lbctl_forwarder_unsolicited_na_total", "lbctl_forwarder_nft_rules"} <= listed["forwarder"]
+    assert not listed["operator"] & {n for n in listed["forwarder"] if n.startswith("lbctl_forwarder_")}
 
 
 def scrape(url: str) -> str:
@@ -106,8 +120,9 @@ def wait_value(url: str, check: Callable[[str], bool], what: str) -> str:
 
 
 def test_both_metrics_endpoints_during_the_demo(demo: RunningDemo) -> None:
+    listed = documented()
     operator = scrape(demo.operator_url)
-    assert set(OPERATOR_FAMILIES) <= families(operator), sorted(set(OPERATOR_FAMILIES) - families(operator))
+    assert listed["operator"] <= families(operator), sorted(listed["operator"] - families(operator))
     assert value(operator, "lbctl_leader") == 1
     assert value(operator, "lbctl_services", state="ready") == 1
     assert value(operator, "lbctl_services", state="failed") == 0
@@ -122,8 +137,14 @@ def test_both_metrics_endpoints_during_the_demo(demo: RunningDemo) -> None:
     forwarders = [wait_value(url, lambda t: value(t, "lbctl_forwarder_peers", state="alive") == 1,
                              f"the peer alive in {url}") for url in demo.forwarder_urls]
     for text in forwarders:
-        assert set(FORWARDER_FAMILIES) <= families(text), sorted(set(FORWARDER_FAMILIES) - families(text))
+        assert listed["forwarder"] <= families(text), sorted(listed["forwarder"] - families(text))
+        assert "lbctl_kube_requests_total" in families(text)
         assert value(text, "lbctl_forwarder_services_programmed") == 1
+        # what the kernel holds for the one Service: its VIP:port in @service-ips, the VIP in @lb-ips
+        assert (value(text, "lbctl_forwarder_nft_rules") or 0) > 10
+        assert value(text, "lbctl_forwarder_nft_elements", collection="service-ips") == 1
+        assert value(text, "lbctl_forwarder_nft_elements", collection="lb-ips") == 1
+        assert value(text, "lbctl_forwarder_nft_elements", collection="service-ips6") == 0
         assert (value(text, "lbctl_forwarder_sync_seconds_count", kind="full") or 0) >= 1
         assert value(text, "lbctl_forwarder_transaction_failures_total") is None  # none rejected
         assert (value(text, "lbctl_forwarder_nft_statements_total") or 0) > 10
@@ -150,6 +171,11 @@ def test_both_metrics_endpoints_during_the_demo(demo: RunningDemo) -> None:
                               "two ready Services in the operator's metrics")
         assert value(operator, "lbctl_pool_addresses_free", pool="demo", family="IPv4") == 19
         assert value(operator, "lbctl_pool_addresses_assigned", pool="demo", family="IPv4") == 2
+        # and each forwarder's table holds its address too (a gauge of the kernel's state, not a counter)
+        for url in demo.forwarder_urls:
+            wait_value(url, lambda t: value(t, "lbctl_forwarder_nft_elements", collection="lb-ips") == 2
+                       and value(t, "lbctl_forwarder_nft_elements", collection="service-ips") == 2,
+                       f"the second Service's elements in {url}")
 
         # an endpoint change: every full-mode forwarder programs it, and counts its latency
         counts = [value(scrape(url), "lbctl_forwarder_network_programming_seconds_count") or 0

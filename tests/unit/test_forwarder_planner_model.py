@@ -10,6 +10,7 @@ twice. (tests/dataplane/test_forwarder_nft.py runs the real nft; this runs thous
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 
 import pytest
@@ -29,7 +30,7 @@ from lbctl.forwarder.nftables import (
     Table,
     Verb,
 )
-from lbctl.forwarder.render import Plan, Planner
+from lbctl.forwarder.render import ELEMENT_COLLECTIONS, Plan, Planner, collection_label
 from lbctl.forwarder.state import Backend, ServicePort, ServiceState
 
 Key = object
@@ -161,6 +162,11 @@ def test_incremental_history_ends_where_a_full_sync_ends(seed: int) -> None:
     def run(plan: Plan) -> None:
         kernel.apply(plan.ops)
         planner.commit(plan)
+        # the gauges of what is programmed (lbctl_forwarder_nft_rules, _nft_elements) count what the kernel holds
+        assert planner.rules == sum(len(rules) for rules in kernel.chains.values())
+        held = Counter(collection_label(name) for name, elements in kernel.collections.items() for _ in elements)
+        assert planner.elements == {label: held.get(label, 0) for label in ELEMENT_COLLECTIONS}
+        assert set(held) <= set(ELEMENT_COLLECTIONS)
 
     run(planner.plan_full(current.values(), replace=True))
     for step in range(30):

@@ -8,7 +8,7 @@ import pytest
 from botocore.exceptions import ClientError
 from google.api_core import exceptions as google_exceptions
 
-from lbctl.forwarder.metrics import TRIGGER_TIME_ANNOTATION, ProgrammingLatency, change_time
+from lbctl.forwarder.metrics import TRIGGER_TIME_ANNOTATION, ProgrammingLatency, change_time, histogram_quantile
 from lbctl.model.errors import LoadBalancerError
 from providers.local_metrics import allocation_failure_reason
 from providers.local_pools import Allocator, parse_pool, service_request
@@ -47,8 +47,39 @@ def test_latency_counts_from_the_earliest_change_and_only_programmed_keys() -> N
     latency.seen("a/x", 10.0)
     latency.seen("a/x", 12.0)
     latency.seen("a/y", 11.0)
-    assert latency.committed(["a/x", "a/y", "a/z"], lambda key: key == "a/x", 13.5) == [3.5]
+    taken = latency.take(["a/x", "a/y", "a/z"])
+    assert taken == {"a/x": 10.0, "a/y": 11.0} and latency.pending == {}
+    assert latency.observe(taken, lambda key: key == "a/x", 13.5) == [3.5]
     assert latency.pending == {}  # a/y was not ours: dropped, not kept for later
+
+
+def test_a_change_that_arrives_while_its_key_is_being_applied_is_measured_by_the_next_transaction() -> None:
+    latency = ProgrammingLatency()
+    latency.enabled = True
+    latency.seen("a/x", 10.0)
+    taken = latency.take({"a/x"})  # the sync takes the pending times, then applies
+    latency.seen("a/x", 10.4)  # arrives during the transaction: not in it
+    assert latency.observe(taken, lambda key: True, 10.5) == [0.5]
+    assert latency.pending == {"a/x": 10.4}  # still waiting for its own commit
+    assert latency.observe(latency.take({"a/x"}), lambda key: True, 10.6) == [pytest.approx(0.2)]
+    assert latency.pending == {}
+
+
+def test_a_failed_transaction_gives_its_change_times_back() -> None:
+    latency = ProgrammingLatency()
+    latency.enabled = True
+    latency.seen("a/x", 10.0)
+    taken = latency.take({"a/x"})
+    latency.seen("a/x", 11.0)
+    latency.give_back(taken)  # the earliest change still waits
+    assert latency.pending == {"a/x": 10.0}
+
+
+@pytest.mark.parametrize(("q", "expected"), [(0.5, 0.04375), (0.99, 0.0985), (1.0, 0.1)])
+def test_histogram_quantile_interpolates_inside_the_bucket(q: float, expected: float) -> None:
+    buckets = [(0.025, 0.0), (0.05, 4.0), (0.1, 6.0), (float("inf"), 6.0)]
+    assert histogram_quantile(q, buckets) == pytest.approx(expected)
+    assert histogram_quantile(q, [(float("inf"), 0.0)]) is None
 
 
 @pytest.mark.parametrize(("error", "result"), [
