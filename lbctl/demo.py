@@ -31,7 +31,13 @@ from lbctl.lab.kube import LabKube, wait_for
 from lbctl.lab.netns import Lab, http_get, pod_gateway
 from lbctl.lab.router import Router, frr_missing, install_bgp_api, start_router
 from lbctl.lab.server import parse_answer
-from lbctl.model.meta import ANNOUNCING_NODE_ANNOTATION, BGP_ANNOUNCING_NODES_ANNOTATION
+from lbctl.model.meta import (
+    ANNOUNCING_NODE_ANNOTATION,
+    API_GROUP,
+    API_VERSION,
+    API_VERSION_NAME,
+    BGP_ANNOUNCING_NODES_ANNOTATION,
+)
 
 NODES = (1, 2)
 FORWARDER_STATUS_PORT = 7476
@@ -114,8 +120,8 @@ class Demo:
         if bgp:
             _say("starting the router: FRR (zebra + bgpd) in a namespace, a client behind it; one BGPPeer for it")
             router = start_router(lab)
-            kube.custom.create_cluster_custom_object("lbctl.io", "v1alpha1", "bgppeers", {
-                "apiVersion": "lbctl.io/v1alpha1", "kind": "BGPPeer", "metadata": {"name": "tor"},
+            kube.custom.create_cluster_custom_object(API_GROUP, API_VERSION_NAME, "bgppeers", {
+                "apiVersion": API_VERSION, "kind": "BGPPeer", "metadata": {"name": "tor"},
                 "spec": {"peerAddress": router.lan_address, "peerASN": router.asn, "myASN": 64512,
                          "holdTime": "3s"}})
 

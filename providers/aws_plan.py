@@ -36,6 +36,7 @@ from lbctl.model.types import (
     PortSpec,
     PortStatus,
 )
+from providers import tags
 
 ANNOTATION_PREFIX = "service.beta.kubernetes.io/aws-load-balancer-"
 ANN_TYPE = ANNOTATION_PREFIX + "type"
@@ -59,11 +60,11 @@ ANN_IP_ADDRESS_TYPE = ANNOTATION_PREFIX + "ip-address-type"
 IPV4 = "ipv4"
 DUALSTACK = "dualstack"
 
-TAG_CLUSTER_PREFIX = "kubernetes.io/cluster/"
-TAG_SERVICE_NAME = "kubernetes.io/service-name"
+TAG_CLUSTER_PREFIX = tags.CLUSTER_PREFIX
+TAG_SERVICE_NAME = tags.SERVICE_NAME
 TAG_SERVICE_UID = "lbctl.io/service-uid"
 # Which NLB a target group or security-group rule belongs to (their names cannot say it reliably).
-TAG_BALANCER = "lbctl.io/load-balancer"
+TAG_BALANCER = tags.BALANCER
 TAG_ROLE = "lbctl.io/role"  # on the shared backend security group and the node rule admitting it
 ROLE_BACKEND = "nlb-backend"
 TAG_ROLE_ELB = "kubernetes.io/role/elb"

@@ -30,6 +30,7 @@ from enum import StrEnum
 from lbctl.model.errors import InvalidServiceError, NoEligibleNodesError, PendingError
 from lbctl.model.spec import parse_cidrs
 from lbctl.model.types import Ingress, LoadBalancerRef, LoadBalancerSpec, LoadBalancerStatus, NodeTarget, PortStatus
+from providers import tags
 
 LB_TYPE_ANNOTATION = "networking.gke.io/load-balancer-type"
 LEGACY_LB_TYPE_ANNOTATION = "cloud.google.com/load-balancer-type"
@@ -53,10 +54,10 @@ MAX_RULE_PORTS = 5  # an internal forwarding rule lists at most five ports
 PROTOCOLS = ("TCP", "UDP")
 
 # Description keys: how list_owned and orphan GC recognise what lbctl made.
-CLUSTER_KEY_PREFIX = "kubernetes.io/cluster/"  # the key names the cluster, its value is "owned"
-KEY_SERVICE = "kubernetes.io/service-name"
+CLUSTER_KEY_PREFIX = tags.CLUSTER_PREFIX  # the key names the cluster, its value is "owned"
+KEY_SERVICE = tags.SERVICE_NAME
 KEY_UID = "kubernetes.io/service-uid"
-KEY_BALANCER = "lbctl.io/load-balancer"
+KEY_BALANCER = tags.BALANCER
 KEY_SHARED = "lbctl.io/shared"
 
 _NAME_OK = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")

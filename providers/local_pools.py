@@ -102,6 +102,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from lbctl.model.errors import InvalidServiceError, LoadBalancerError, PendingError
+from lbctl.model.meta import API_VERSION
 from lbctl.model.selectors import LabelSelector, SelectorError, parse_selector
 from lbctl.model.waits import Range, Wait, WaitFor, address_range
 
@@ -110,7 +111,7 @@ if TYPE_CHECKING:
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-POOL_API_VERSION = "lbctl.io/v1alpha1"
+POOL_API_VERSION = API_VERSION
 POOL_KIND = "LoadBalancerPool"
 
 ANNOTATION_IPS = "lbctl.io/load-balancer-ips"

@@ -46,7 +46,7 @@ from lbctl.forwarder.status import StatusServer
 from lbctl.kube import kubeconfig
 from lbctl.kube.client import ClientConfiguration, KubeClient, load_configuration
 from lbctl.kube.reflector import Reflector
-from lbctl.model.meta import LOCAL_CLASS, object_key
+from lbctl.model.meta import LOCAL_CLASS, SERVICE_NAME_LABEL, object_key
 from lbctl.model.scope import Scope
 
 log = logging.getLogger("lbctl.forwarder")
@@ -445,7 +445,7 @@ class Forwarder:
         services = Reflector(client, "/api/v1/services", self._service_changed, name="services",
                              trim=fields.service)
         slices = Reflector(client, "/apis/discovery.k8s.io/v1/endpointslices", self._slice_changed,
-                           name="endpointslices", params={"labelSelector": "kubernetes.io/service-name"},
+                           name="endpointslices", params={"labelSelector": SERVICE_NAME_LABEL},
                            trim=fields.endpoint_slice)
         nodes = Reflector(client, "/api/v1/nodes", self._node_changed, name="nodes")
         lease = NodeLease(client, self.config.node, namespace=self.config.lease_namespace,

@@ -3,7 +3,6 @@ through the API, so the real endpointslice controller makes the EndpointSlices),
 
 from __future__ import annotations
 
-import datetime as dt
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -13,11 +12,12 @@ import yaml
 from kubernetes import client, config, utils
 from kubernetes.client.exceptions import ApiException
 
+from lbctl.model.meta import API_GROUP, API_VERSION, API_VERSION_NAME, LOCAL_CLASS, timestamp
+
 T = TypeVar("T")
 _DEPLOY = Path(__file__).resolve().parents[2] / "examples" / "deploy"
 POOL_CRD = _DEPLOY / "crd-loadbalancerpool.yaml"
 FORWARDER_MANIFESTS = (_DEPLOY / "namespace.yaml", _DEPLOY / "forwarder-daemonset.yaml")
-LOCAL_CLASS = "lbctl.io/local"
 
 
 def wait_for(probe: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05) -> T:
@@ -44,8 +44,14 @@ def holds_for(probe: Callable[[], object], duration: float, what: str, interval:
         time.sleep(interval)
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def absent_ok(delete: Callable[[], object]) -> None:
+    """Run a delete for a teardown: an object that is already gone (404) counts as deleted, so the step
+    can run twice or after the test removed it itself; any other error is raised."""
+    try:
+        delete()
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
 
 
 class LabKube:
@@ -106,7 +112,7 @@ class LabKube:
         node: Any = {"apiVersion": "v1", "kind": "Node",
                      "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}}}
         self.core.create_node(node)
-        now = _now()
+        now = timestamp()
         self.core.patch_node_status(name, {"status": {
             "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "lab node",
                             "lastHeartbeatTime": now, "lastTransitionTime": now}],
@@ -125,12 +131,11 @@ class LabKube:
                 return False
         wait_for(has_default_account, 30, f"the default ServiceAccount in {name}")
 
+    def delete_node(self, name: str) -> None:
+        absent_ok(lambda: self.core.delete_node(name))
+
     def delete_namespace(self, name: str) -> None:
-        try:
-            self.core.delete_namespace(name)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+        absent_ok(lambda: self.core.delete_namespace(name))
 
     def create_pod(self, namespace: str, name: str, node: str, address: str, labels: Mapping[str, str],
                    ports: Mapping[str, tuple[str, int]] | None = None, ready: bool = True,
@@ -150,7 +155,7 @@ class LabKube:
     def set_pod_ready(self, namespace: str, name: str, ready: bool, address: str | None = None,
                       address6: str | None = None) -> None:
         status = "True" if ready else "False"
-        now = _now()
+        now = timestamp()
         body: dict[str, Any] = {"status": {
             "phase": "Running",
             "conditions": [{"type": t, "status": status if t != "PodScheduled" else "True", "lastTransitionTime": now}
@@ -162,11 +167,7 @@ class LabKube:
         self.core.patch_namespaced_pod_status(name, namespace, body)
 
     def delete_pod(self, namespace: str, name: str) -> None:
-        try:
-            self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+        absent_ok(lambda: self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=0))
 
     def create_pool(self, name: str, addresses: list[str], namespaces: list[str] | None = None,
                     advertisement: Mapping[str, Any] | None = None) -> None:
@@ -175,15 +176,12 @@ class LabKube:
             spec["namespaces"] = namespaces
         if advertisement is not None:
             spec["advertisement"] = dict(advertisement)
-        self.custom.create_cluster_custom_object("lbctl.io", "v1alpha1", "loadbalancerpools", {
-            "apiVersion": "lbctl.io/v1alpha1", "kind": "LoadBalancerPool", "metadata": {"name": name}, "spec": spec})
+        self.custom.create_cluster_custom_object(API_GROUP, API_VERSION_NAME, "loadbalancerpools", {
+            "apiVersion": API_VERSION, "kind": "LoadBalancerPool", "metadata": {"name": name}, "spec": spec})
 
     def delete_pool(self, name: str) -> None:
-        try:
-            self.custom.delete_cluster_custom_object("lbctl.io", "v1alpha1", "loadbalancerpools", name)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+        absent_ok(lambda: self.custom.delete_cluster_custom_object(API_GROUP, API_VERSION_NAME, "loadbalancerpools",
+                                                                   name))
 
     def create_service(self, namespace: str, name: str, selector: Mapping[str, str] | None,
                        ports: list[dict[str, Any]], **spec: Any) -> None:

@@ -24,7 +24,6 @@ from typing import Any
 
 from lbctl.model.selectors import EVERYTHING, LabelSelector, SelectorError, parse_selector
 
-API_VERSION = "lbctl.io/v1alpha1"
 STATES = ("Idle", "Connect", "Active", "OpenSent", "OpenConfirm", "Established")
 ESTABLISHED = "Established"
 DEFAULT_PORT = 179

@@ -32,6 +32,11 @@ SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 #: the forwarder's node Leases
 FORWARDER_LEASE_LABEL = "lbctl.io/forwarder-node"
 
+#: lbctl's own API (the LoadBalancerPool and BGPPeer CRDs)
+API_GROUP = "lbctl.io"
+API_VERSION_NAME = "v1alpha1"
+API_VERSION = f"{API_GROUP}/{API_VERSION_NAME}"
+
 #: where lbctl's components run (examples/deploy) and keep their Leases
 SYSTEM_NAMESPACE = "lbctl-system"
 

@@ -10,6 +10,10 @@ NODE_PORT_RANGE = (30000, 32767)  # the apiserver's default --service-node-port-
 GC_INTERVAL_S = 300.0  # between orphan sweeps
 RESYNC_INTERVAL_S = 600.0  # between full re-syncs of every Service
 NODE_DEBOUNCE_S = 0.2  # one batch per burst of node changes
+RESOURCE_DEBOUNCE_S = 0.05  # one batch per burst of pool or BGPPeer changes
+FIRST_SWEEP_S = 10.0  # the first orphan sweep after a takeover that asked for one soon
+STATUS_REFRESH_S = 1.0  # pool/peer status written at most this often while assignments change
+CLAIM_RETRY_S = 0.05  # a NodePort claim that lost a race is tried again (with other ports) after this
 
 LEASE_NAME = "lbctl-operator"
 LEASE_NAMESPACE = SYSTEM_NAMESPACE

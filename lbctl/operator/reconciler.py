@@ -180,8 +180,9 @@ class Reconciler:
             self.queue.add(key)
         for _ in range(self.settings.workers):
             self._tasks.append(asyncio.create_task(self._worker()))
+        first_sweep = defaults.FIRST_SWEEP_S if sweep_soon else None
         self._tasks.append(asyncio.create_task(
-            self._periodic(self.settings.gc_interval_s, self.collect_orphans, first_s=10.0 if sweep_soon else None)))
+            self._periodic(self.settings.gc_interval_s, self.collect_orphans, first_s=first_sweep)))
         self._tasks.append(asyncio.create_task(self._periodic(self.settings.resync_interval_s, self._resync)))
         self.started.set()
         log.info("started: %d services (%d ours), %d nodes (%d eligible)", len(self.services), len(ours),
@@ -314,7 +315,7 @@ class Reconciler:
                 return  # a status write of ours
         if self.started.is_set() and resource not in self._resource_timers:
             self._resource_timers[resource] = asyncio.get_running_loop().call_later(
-                0.05, lambda: asyncio.ensure_future(self._resources_settled(resource))
+                defaults.RESOURCE_DEBOUNCE_S, lambda: asyncio.ensure_future(self._resources_settled(resource))
             )
 
     async def _resources_settled(self, resource: WatchedResource) -> None:
@@ -340,7 +341,7 @@ class Reconciler:
             return
 
         async def refresh() -> None:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(defaults.STATUS_REFRESH_S)
             self._status_refresh = None
             for resource in self.watched:
                 await self._write_resource_status(resource)
@@ -566,7 +567,7 @@ class Reconciler:
         except ApiError as exc:
             if exc.status in (409, 422):
                 log.info("%s: NodePort claim lost (%s); picking again", key, exc)
-                self.queue.add_after(key, 0.05)
+                self.queue.add_after(key, defaults.CLAIM_RETRY_S)
                 return
             raise
         self._claimed_ports.update(chosen)

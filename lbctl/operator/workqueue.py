@@ -1,6 +1,7 @@
 """A keyed work queue with client-go's semantics: a key is queued at most once, never handed to
 two workers at a time (a key added while being processed is processed again afterwards), and
-failed keys come back after a jittered exponential backoff (how long: lbctl.model.outcome)."""
+failed keys come back after a jittered exponential backoff (how long: lbctl.model.outcome; an
+unexpected error's retry_later: TRANSIENT, as a failed apiserver call)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ import asyncio
 import random
 import time
 
-from lbctl.model.outcome import Backoff
+from lbctl.model.outcome import TRANSIENT, Backoff
 from lbctl.operator import metrics
 
 
 class WorkQueue:
-    def __init__(self, base_delay_s: float = 0.2, max_delay_s: float = 60.0) -> None:
+    def __init__(self, backoff: Backoff = TRANSIENT) -> None:
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._queued: set[str] = set()
         self._processing: set[str] = set()
@@ -21,8 +22,7 @@ class WorkQueue:
         self._failures: dict[str, int] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._added: dict[str, float] = {}  # when each queued key was added (for the wait-time metric)
-        self._base = base_delay_s
-        self._max = max_delay_s
+        self._backoff = backoff
 
     def add(self, key: str) -> None:
         if key in self._processing:
@@ -44,7 +44,7 @@ class WorkQueue:
 
     def retry_later(self, key: str) -> float:
         """Schedule a retry after this key's next backoff delay (the queue's own); returns the delay."""
-        return self.retry_after(key, Backoff(self._base, self._max))
+        return self.retry_after(key, self._backoff)
 
     def retry_after(self, key: str, backoff: Backoff) -> float:
         """Schedule a retry after `backoff`'s delay for this key's failures so far; returns the delay."""

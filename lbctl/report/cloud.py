@@ -8,7 +8,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from lbctl.report.doctor import FAIL, PASS, WARN, Check
-from providers import registry
+from providers import aws_plan, registry
+from providers import tags as cloud_tags
 from providers.base import ProviderSettings
 
 
@@ -32,7 +33,7 @@ async def provider_checks(provider: str, cluster_name: str, options: Mapping[str
             return [Check(name, FAIL, f"listing this cluster's balancers failed: {_one_line(exc)}",
                           "check the credentials and their permissions (read access to load balancers)")]
         checks.append(Check(name, PASS, f"credentials work: {len(owned)} balancer(s) tagged "
-                            f"kubernetes.io/cluster/{cluster_name}"))
+                            f"{cloud_tags.CLUSTER_PREFIX}{cluster_name}"))
         if provider == "aws":
             checks.append(await _aws_subnets(adapter, cluster_name))
     finally:
@@ -42,7 +43,7 @@ async def provider_checks(provider: str, cluster_name: str, options: Mapping[str
 
 async def _aws_subnets(adapter: Any, cluster_name: str) -> Check:
     """An NLB without the subnets annotation goes into the subnets tagged for the cluster."""
-    tag = f"kubernetes.io/cluster/{cluster_name}"
+    tag = f"{cloud_tags.CLUSTER_PREFIX}{cluster_name}"
     try:
         answer = await asyncio.to_thread(adapter.ec2.describe_subnets,
                                          Filters=[{"Name": "tag-key", "Values": [tag]}])
@@ -50,7 +51,7 @@ async def _aws_subnets(adapter: Any, cluster_name: str) -> Check:
         return Check("aws-subnets", FAIL, f"describing subnets failed: {_one_line(exc)}",
                      "grant ec2:DescribeSubnets")
     subnets = answer.get("Subnets") or []
-    roles = {"kubernetes.io/role/elb": 0, "kubernetes.io/role/internal-elb": 0}
+    roles = {aws_plan.TAG_ROLE_ELB: 0, aws_plan.TAG_ROLE_INTERNAL_ELB: 0}
     for subnet in subnets:
         tags = {t.get("Key"): t.get("Value") for t in subnet.get("Tags") or ()}
         if tags.get(tag) not in ("owned", "shared"):

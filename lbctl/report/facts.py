@@ -21,7 +21,7 @@ FORWARDER_LEASE_PREFIX = "lbctl-forwarder-"  # lbctl.forwarder.leases.lease_name
 OPERATOR_LEASE = "lbctl-operator"  # lbctl.operator.defaults.LEASE_NAME
 POOL_CRD = "loadbalancerpools.lbctl.io"
 BGP_PEER_CRD = "bgppeers.lbctl.io"
-POOL_CRD_VERSION = "v1alpha1"
+POOL_CRD_VERSION = model_meta.API_VERSION_NAME
 # condition reasons of a Service that waits for something outside it (lbctl.model.errors)
 _WAITING_REASONS = frozenset({"Pending", "NoEligibleNodes"})
 
@@ -58,9 +58,7 @@ def meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
-def key_of(obj: Mapping[str, Any]) -> str:
-    m = meta(obj)
-    return f"{m.get('namespace')}/{m.get('name')}"
+key_of = model_meta.object_key  # "namespace/name": lbctl.model.meta's one key helper
 
 
 def annotations_of(obj: Mapping[str, Any]) -> Mapping[str, str]:
@@ -162,7 +160,7 @@ def events_by_object(events: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapp
         involved = event.get("involvedObject") or event.get("regarding") or {}
         if involved.get("kind") not in (None, "Service"):
             continue
-        found.setdefault(f"{involved.get('namespace')}/{involved.get('name')}", []).append(event)
+        found.setdefault(model_meta.key(involved.get("namespace"), involved.get("name")), []).append(event)
     for items in found.values():
         items.sort(key=event_time)
     return found

@@ -7,6 +7,7 @@ only; a dual-stack Service's two addresses are held by one node."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import subprocess
 import sys
@@ -28,11 +29,13 @@ HTTP = {"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080}
 
 def test_announce_mode_owns_the_vip_without_nftables(dp: DataplaneEnv, k8s_namespace: str) -> None:
     node_ns = dp.lab.add_node(4)
-    dp.kube.create_node("node-4", dp.lab.node_address(4))
-    dp.lab.run_in(node_ns, "nft", "add", "table", "ip", "lbctl")  # as if a full-mode run had been here
-    forwarder = dp.lab.start(node_ns, [sys.executable, "-m", "lbctl", "forwarder", "--node", "node-4", "--mode",
-                                       "announce", "--kubeconfig", dp.node_kubeconfig], "forwarder-node-4.log")
-    try:
+    with contextlib.ExitStack() as undo:  # each step its own undo (idempotent): one failing skips no other
+        dp.kube.create_node("node-4", dp.lab.node_address(4))
+        undo.callback(dp.kube.delete_node, "node-4")
+        dp.lab.run_in(node_ns, "nft", "add", "table", "ip", "lbctl")  # as if a full-mode run had been here
+        forwarder = dp.lab.start(node_ns, [sys.executable, "-m", "lbctl", "forwarder", "--node", "node-4", "--mode",
+                                           "announce", "--kubeconfig", dp.node_kubeconfig], "forwarder-node-4.log")
+        undo.callback(dp.lab.stop, forwarder)
         pod = dp.add_pod(k8s_namespace, "web", 4)
         # ETP=Local with its only endpoint on node-4: node-4 is the only eligible owner
         dp.kube.create_service(k8s_namespace, "web", {"app": "web"}, [HTTP], externalTrafficPolicy="Local",
@@ -63,9 +66,6 @@ def test_announce_mode_owns_the_vip_without_nftables(dp: DataplaneEnv, k8s_names
         coordination = client.CoordinationV1Api(dp.kube.api)
         assert "lbctl-forwarder-node-4" not in {
             lease.metadata.name for lease in coordination.list_namespaced_lease("lbctl-system").items}
-    finally:
-        dp.lab.stop(forwarder)
-        dp.kube.core.delete_node("node-4")
 
 
 def test_an_ipv6_vip_is_resolved_by_ndp_and_answered_only_by_its_owner(dp: DataplaneEnv,

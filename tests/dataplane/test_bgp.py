@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from lbctl.lab.kube import holds_for, wait_for
+from lbctl.lab.kube import absent_ok, holds_for, wait_for
 from lbctl.lab.netns import http_get
 from lbctl.lab.router import Router, install_bgp_api, start_bird, start_router
 from lbctl.lab.server import parse_answer
@@ -289,8 +289,11 @@ def test_a_password_the_router_does_not_have_keeps_the_session_down_with_a_clear
     so their segments are dropped: no session, and each node's status entry says what to check."""
     secret: Any = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "bgp-tor-password"},
                    "stringData": {"password": "not-what-the-router-has"}}
-    dp.kube.core.create_namespaced_secret("lbctl-system", secret)
-    try:
+    with contextlib.ExitStack() as undo:  # each step its own undo: one failing does not skip the other
+        dp.kube.core.create_namespaced_secret("lbctl-system", secret)
+        undo.callback(absent_ok, lambda: dp.kube.core.delete_namespaced_secret("bgp-tor-password", "lbctl-system"))
+        undo.callback(dp.kube.custom.patch_cluster_custom_object, "lbctl.io", "v1alpha1", "bgppeers", PEER,
+                      {"spec": {"passwordSecretRef": None}})
         dp.kube.custom.patch_cluster_custom_object("lbctl.io", "v1alpha1", "bgppeers", PEER,
                                                    {"spec": {"passwordSecretRef": {"name": "bgp-tor-password"}}})
         wait_for(lambda: not (router.established() & hops_of(dp, NODES)), 30, "every session down")
@@ -301,10 +304,6 @@ def test_a_password_the_router_does_not_have_keeps_the_session_down_with_a_clear
                        and "password" in status[f"node-{i}"].get("message", "") for i in NODES)
         wait_for(explained, 40, "status entries naming the password among what to check", interval=0.5)
         print("\n" + peer_status(dp)["node-1"]["message"])
-    finally:
-        dp.kube.custom.patch_cluster_custom_object("lbctl.io", "v1alpha1", "bgppeers", PEER,
-                                                   {"spec": {"passwordSecretRef": None}})
-        dp.kube.core.delete_namespaced_secret("bgp-tor-password", "lbctl-system")
     wait_for(lambda: router.established() >= hops_of(dp, NODES), 30, "sessions back without the password")
 
 

@@ -83,11 +83,25 @@ class RunningDemo:
     forwarder_urls: list[str]
 
 
+def stop_demo(proc: subprocess.Popen[str]) -> None:
+    """Ctrl-C, so the demo removes its lab; killed if it has not ended within 90 s. Idempotent."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=90)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 @pytest.fixture
-def demo() -> Iterator[RunningDemo]:
+def demo(request: pytest.FixtureRequest) -> Iterator[RunningDemo]:
     require_root_tools()
     proc = subprocess.Popen([sys.executable, "-m", "lbctl", "demo", "--keep", "240"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    # stopped even when reading its output below fails or times out: the finalizer comes first
+    request.addfinalizer(lambda: stop_demo(proc))
     assert proc.stdout is not None
     output, kubeconfig, urls, prefix = [], "", "", ""
     deadline = time.monotonic() + 180
@@ -103,16 +117,9 @@ def demo() -> Iterator[RunningDemo]:
             break
     found = re.findall(r"http://\S+/metrics", urls)
     assert prefix and kubeconfig and len(found) == 3, "".join(output)
-    try:
-        yield RunningDemo(proc, kubeconfig, found[0], found[1:])
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=90)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        assert not leftovers(prefix)
+    yield RunningDemo(proc, kubeconfig, found[0], found[1:])
+    stop_demo(proc)
+    assert not leftovers(prefix)
 
 
 def wait_value(url: str, check: Callable[[str], bool], what: str) -> str:

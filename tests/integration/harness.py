@@ -21,11 +21,11 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from lbctl.dev.layout import ClusterInfo
+from lbctl.model.meta import LOCAL_CLASS
 
 REPO = Path(__file__).resolve().parents[2]
 POOL_CRD = REPO / "examples" / "deploy" / "crd-loadbalancerpool.yaml"
 BGP_PEER_CRD = REPO / "examples" / "deploy" / "crd-bgppeer.yaml"
-LOCAL_CLASS = "lbctl.io/local"
 T = TypeVar("T")
 
 

@@ -10,6 +10,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from lbctl.lab.kube import absent_ok
 from tests.integration.harness import apply_peer_status
 
 GROUP, VERSION = "lbctl.io", "v1alpha1"
@@ -160,19 +161,19 @@ def test_an_invalid_advertisement_is_rejected_naming_the_field(api_client: clien
     assert named in message, message
 
 
-def test_the_status_subresource_keeps_each_nodes_entry(api_client: client.ApiClient, pool_crd: None) -> None:
+def test_the_status_subresource_keeps_each_nodes_entry(api_client: client.ApiClient, pool_crd: None,
+                                                       request: pytest.FixtureRequest) -> None:
     """Two forwarders apply their own entries of status.nodes (server-side apply, one field manager
     per node, as the contract says): each keeps the other's; spec writes cannot touch status."""
     custom = client.CustomObjectsApi(api_client)
     name = "status-test"
     custom.create_cluster_custom_object(GROUP, VERSION, "bgppeers", {**PEER, "metadata": {"name": name}})
-    try:
-        for node, state in (("n1", "Established"), ("n2", "Active"), ("n1", "Idle")):
-            apply_peer_status(api_client, name, node, state, routes=3)
-        peer = custom.get_cluster_custom_object(GROUP, VERSION, "bgppeers", name)
-        assert {(e["node"], e["state"]) for e in peer["status"]["nodes"]} == {("n1", "Idle"), ("n2", "Active")}
-        with pytest.raises(ApiException) as rejected:
-            apply_peer_status(api_client, name, "n3", "Up")
-        assert rejected.value.status == 422 and "status.nodes[" in str(rejected.value.body)
-    finally:
-        custom.delete_cluster_custom_object(GROUP, VERSION, "bgppeers", name)
+    request.addfinalizer(lambda: absent_ok(lambda: custom.delete_cluster_custom_object(GROUP, VERSION, "bgppeers",
+                                                                                         name)))
+    for node, state in (("n1", "Established"), ("n2", "Active"), ("n1", "Idle")):
+        apply_peer_status(api_client, name, node, state, routes=3)
+    peer = custom.get_cluster_custom_object(GROUP, VERSION, "bgppeers", name)
+    assert {(e["node"], e["state"]) for e in peer["status"]["nodes"]} == {("n1", "Idle"), ("n2", "Active")}
+    with pytest.raises(ApiException) as rejected:
+        apply_peer_status(api_client, name, "n3", "Up")
+    assert rejected.value.status == 422 and "status.nodes[" in str(rejected.value.body)

@@ -15,6 +15,7 @@ from kubernetes.client.rest import ApiException
 
 from lbctl.dev import controlplane, processes
 from lbctl.dev.layout import Layout
+from lbctl.lab.kube import absent_ok
 from lbctl.lab.netns import Lab, leftovers
 from tests.integration.harness import release_services, stop_process
 
@@ -53,6 +54,17 @@ class Broken(GoneMeanwhile):
 def test_other_errors_on_delete_are_not_swallowed() -> None:
     with pytest.raises(ApiException):
         release_services(Broken(), "t-ns", timeout=2)  # type: ignore[arg-type]
+
+
+def test_a_teardown_delete_of_something_already_gone_succeeds_and_other_errors_raise() -> None:
+    core = GoneMeanwhile()
+    core.services.discard("a")
+    for _ in range(2):  # idempotent: the second run finds "b" gone too
+        absent_ok(lambda: core.delete_namespaced_service("a", "t-ns"))
+        absent_ok(lambda: core.delete_namespaced_service("b", "t-ns"))
+    assert core.deleted == ["b"]
+    with pytest.raises(ApiException):
+        absent_ok(lambda: Broken().delete_namespaced_service("a", "t-ns"))
 
 
 def fail() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from lbctl.model.outcome import Backoff
 from lbctl.operator.workqueue import WorkQueue
 
 
@@ -29,7 +30,7 @@ def test_a_key_is_queued_once_and_a_key_added_while_processing_comes_back_after(
 
 def test_retries_back_off_exponentially_and_forget_resets() -> None:
     async def scenario() -> list[float]:
-        queue = WorkQueue(base_delay_s=0.01, max_delay_s=0.05)
+        queue = WorkQueue(Backoff(0.01, 0.05))
         delays = [queue.retry_later("k") for _ in range(5)]
         queue.forget("k")
         delays.append(queue.retry_later("k"))
