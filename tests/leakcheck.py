@@ -1,6 +1,6 @@
 """The session-end leak check: a run fails if anything the suite started is still there after every
 fixture has been torn down — a process, a network namespace or root link of one of its labs, an
-nftables table named lbctl* in the root namespace. What it finds is listed, then removed, so one bad
+nftables table of its own in the root namespace. What it finds is listed, then removed, so one bad
 run does not leave the machine to the next.
 
 How the suite knows what is its own, with other test sessions running on the same machine:
@@ -9,7 +9,10 @@ How the suite knows what is its own, with other test sessions running on the sam
   /proc/*/environ is scanned for it;
 - namespaces and links: every `lbctl.lab.netns.Lab` appends its prefix to the ledger file named by
   LBCTL_LAB_LEDGER (also the labs of processes the suite starts, such as `lbctl demo`);
-- nftables tables: those named lbctl* in the root namespace at the end that were not there at the start.
+- nftables tables: a table the suite makes in the root namespace is named with the session's prefix,
+  `session_table_prefix()` (LBCTL_TEST_NFT_PREFIX=lbctl-test-<12 hex of the uuid>); only those are
+  this session's. Other lbctl* tables that appeared meanwhile may be another session's (or a process
+  of another suite): they are named in the summary as a note and left alone, never deleted.
 
 Registered by tests/conftest.py; `python3 -m pytest -p tests.leakcheck …` adds it to any run.
 """
@@ -31,6 +34,7 @@ from _pytest.reports import TestReport
 from lbctl.lab.netns import LEDGER_ENV, leftovers
 
 SESSION_ENV = "LBCTL_TEST_SESSION"
+TABLE_PREFIX_ENV = "LBCTL_TEST_NFT_PREFIX"
 # processes the last teardown signalled may need a moment to exit
 _EXIT_GRACE_S = 5.0
 
@@ -40,6 +44,7 @@ class _Session:
     marker: str
     ledger: Path
     tables_before: set[str]
+    table_prefix: str
 
 
 _KEY = pytest.StashKey[_Session]()
@@ -78,17 +83,35 @@ def nft_tables() -> set[str]:
     return tables
 
 
+def session_table_prefix() -> str:
+    """How a table this session makes in the root namespace must begin (`nft add table ip <prefix>-x`)."""
+    return os.environ[TABLE_PREFIX_ENV]
+
+
+def own_tables(tables: set[str], prefix: str) -> set[str]:
+    """Of "family name" entries, those named with the session's table prefix."""
+    return {t for t in tables if t.partition(" ")[2].startswith(prefix)}
+
+
 def pytest_configure(config: pytest.Config) -> None:
     marker = uuid.uuid4().hex  # new even in a pytest run by a test: its processes are its own
     os.environ[SESSION_ENV] = marker
+    os.environ[TABLE_PREFIX_ENV] = prefix = f"lbctl-test-{marker[:12]}"
     fd, ledger = tempfile.mkstemp(prefix="lbctl-test-labs-", suffix=".txt")
     os.close(fd)
     os.environ[LEDGER_ENV] = ledger
-    config.stash[_KEY] = _Session(marker, Path(ledger), nft_tables())
+    config.stash[_KEY] = _Session(marker, Path(ledger), nft_tables(), prefix)
+
+
+def foreign_tables(state: _Session) -> list[str]:
+    """lbctl* tables that appeared in the root namespace during the session without its prefix: not
+    provably this session's (another session runs on the machine), so only named, never removed."""
+    return sorted(nft_tables() - state.tables_before - own_tables(nft_tables(), state.table_prefix))
 
 
 def find_leaks(state: _Session, grace_s: float = _EXIT_GRACE_S) -> list[tuple[str, str]]:
-    """What the session left: (kind, name) pairs; kind is process, netns, link or nft."""
+    """What the session left: (kind, name) pairs; kind is process, netns, link or nft (only tables
+    named with this session's prefix: another session's are never counted, so never removed)."""
     deadline = time.monotonic() + grace_s
     own = frozenset({os.getpid()})
     while (processes := session_processes(state.marker, own)) and time.monotonic() < deadline:
@@ -102,7 +125,7 @@ def find_leaks(state: _Session, grace_s: float = _EXIT_GRACE_S) -> list[tuple[st
         for found in leftovers(prefix):
             kind, _, name = found.partition(" ")
             leaks.append((kind, name))
-    leaks += [("nft", table) for table in sorted(nft_tables() - state.tables_before)]
+    leaks += [("nft", table) for table in sorted(own_tables(nft_tables(), state.table_prefix))]
     return leaks
 
 
@@ -131,6 +154,13 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         return
     leaks = find_leaks(state)
     state.ledger.unlink(missing_ok=True)
+    foreign = foreign_tables(state)
+    if foreign:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"leak check: nftables tables {', '.join(foreign)} appeared in the root namespace "
+                                f"during the run without this session's prefix ({state.table_prefix}); "
+                                "maybe another session's, so left alone")
     if not leaks:
         return
     problems = remove(leaks)
@@ -140,7 +170,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         lines += ["and could not remove:"] + [f"  {p}" for p in problems]
     lines += ["every process, namespace and table a test or fixture makes must be removed at its teardown,",
               "also when the test fails: register its removal (request.addfinalizer, an ExitStack callback,",
-              "Lab.start) right after making it."]
+              "Lab.start) right after making it; a table in the root namespace is named with",
+              "tests.leakcheck.session_table_prefix()."]
     text = "\n".join(lines)
     # reported like an error at teardown, so it is counted in the summary line and in the exit status
     report = TestReport(nodeid="leak check", location=("tests/leakcheck.py", None, "leak check"), keywords={},
