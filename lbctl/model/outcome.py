@@ -1,6 +1,8 @@
-"""What the reconciler does after a provider call (pure): which Events it records, which
-`LoadBalancerReady` condition it writes, whether and when it tries again, and what a pending
-Service waits for; and, after a restart, which outcomes shown in status never became an Event.
+"""What the reconciler does around a provider call (pure): whether it may call it at all (no eligible
+node), which Events it records, which `LoadBalancerReady` condition it writes, whether and when it
+tries again, and what a pending Service waits for; the Events of a NodePort claim and of a pool's or
+peer's condition going False; and, after a restart, which outcomes shown in status never became an
+Event.
 
 Like the Kubernetes service controller: `EnsuringLoadBalancer` before the first attempt (not
 before every retry), `EnsuredLoadBalancer` / `UpdatedLoadBalancer` on a change, a Warning for each
@@ -11,11 +13,18 @@ off — to minutes when only a user's change can help.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lbctl.model.errors import CloudRefusalError, InvalidServiceError, LoadBalancerError, PendingError
+from lbctl.model.errors import (
+    CloudRefusalError,
+    InvalidServiceError,
+    LoadBalancerError,
+    NoEligibleNodesError,
+    PendingError,
+)
+from lbctl.model.meta import AUTOSCALER_TAINT, EXCLUDE_LABEL
 from lbctl.model.status import current_condition, ready_condition
 from lbctl.model.waits import Wait
 
@@ -104,6 +113,36 @@ def after_ensure(service: Mapping[str, Any], ingress: list[dict[str, Any]], prov
     elif previous is not None and previous.get("status") != "True":
         events = (ENSURED,)  # recovered
     return Outcome(condition=condition, ingress=ingress, events=events)
+
+
+def no_eligible_nodes(uses_nodes: bool, eligible: int, nodes: int) -> NoEligibleNodesError | None:
+    """Before the provider is called: the error that keeps a provider that sends traffic to nodes
+    from being called with none (`eligible` of the cluster's `nodes`), naming what makes a node
+    ineligible; None when it may be called."""
+    if not uses_nodes or eligible:
+        return None
+    return NoEligibleNodesError(
+        f"no eligible nodes among {nodes}: each is not Ready, being deleted, labelled {EXCLUDE_LABEL} or tainted "
+        f"{AUTOSCALER_TAINT}", fix="make at least one node Ready and eligible")
+
+
+def allocated_node_ports(provider: str, ports: Sequence[Mapping[str, Any]], claimed: Collection[int]) -> EventSpec:
+    """The Event of a NodePort claim (allocateLoadBalancerNodePorts: false with a provider that needs
+    NodePorts): `ports` are spec.ports as written, `claimed` the indexes that got a port from lbctl."""
+    described = ", ".join(f"{p['port']}/{p.get('protocol', 'TCP')}→{p['nodePort']}"
+                          for i, p in enumerate(ports) if i in claimed)
+    return EventSpec(NORMAL, "AllocatedNodePorts", f"allocateLoadBalancerNodePorts is false but the {provider} "
+                     f"provider sends traffic to NodePorts: claimed {described}")
+
+
+def condition_warnings(before: Mapping[str, Any] | None, written: Mapping[str, Any]) -> tuple[EventSpec, ...]:
+    """After lbctl wrote a pool's or peer's status (`written`, over the status `before`): a Warning for
+    each condition that is False and was not exactly so before (it became False, or its reason or
+    message changed); one that stays the same records nothing again, a True one never does."""
+    previous = {c.get("type"): c for c in (before or {}).get("conditions") or ()}
+    return tuple(EventSpec(WARNING, c.get("reason") or "Invalid", c.get("message") or "")
+                 for c in written.get("conditions") or ()
+                 if c.get("status") == "False" and previous.get(c.get("type")) != c)
 
 
 def retry_for(error: LoadBalancerError, deleting: bool) -> Backoff:

@@ -24,7 +24,7 @@ from typing import Any
 
 from lbctl.kube.client import ApiError
 from lbctl.model import nodeports
-from lbctl.model.errors import LoadBalancerError, NoEligibleNodesError, PendingError, TransientProviderError
+from lbctl.model.errors import LoadBalancerError, PendingError, TransientProviderError
 from lbctl.model.meta import FINALIZER, OWNER_ANNOTATION, WRITTEN_BY_LBCTL, now, object_key, split_key, timestamp
 from lbctl.model.names import load_balancer_name
 from lbctl.model.nodes import eligible_nodes, node_set_key
@@ -37,8 +37,11 @@ from lbctl.model.outcome import (
     RecordedEvent,
     after_ensure,
     after_failure,
+    allocated_node_ports,
+    condition_warnings,
     ensuring_event,
     missing_events,
+    no_eligible_nodes,
     retry_for,
 )
 from lbctl.model.scope import Scope
@@ -361,11 +364,8 @@ class Reconciler:
             except ApiError as exc:
                 log.warning("could not write status of %s %s: %s", resource.plural, name, exc)
                 continue
-            before = {c.get("type"): c for c in (current.get("status") or {}).get("conditions") or ()}
-            for condition in status.get("conditions") or ():
-                if condition.get("status") == "False" and before.get(condition.get("type")) != condition:
-                    await self.events.record(updated, "Warning", condition.get("reason", "Invalid"),
-                                             condition.get("message", ""))
+            for warning in condition_warnings(current.get("status"), status):
+                await self._record(updated, warning)
 
     # ---- the work loop ------------------------------------------------------------------------
 
@@ -432,11 +432,8 @@ class Reconciler:
             return
         nodes = self._nodes_for_provider()
         spec = build_spec(body, nodes, self.settings.cluster_name)
-        if self.provider.uses_nodes and not nodes:
-            raise NoEligibleNodesError(
-                f"no eligible nodes among {len(self.nodes)}: each is not Ready, being deleted, labelled "
-                "node.kubernetes.io/exclude-from-external-load-balancers or tainted ToBeDeletedByClusterAutoscaler",
-                fix="make at least one node Ready and eligible")
+        if (unavailable := no_eligible_nodes(self.provider.uses_nodes, len(nodes), len(self.nodes))) is not None:
+            raise unavailable
         ensuring = ensuring_event(body)
         if ensuring is not None:
             await self._record(body, ensuring)
@@ -572,11 +569,7 @@ class Reconciler:
             raise
         self._claimed_ports.update(chosen)
         self._remember(key, updated)
-        described = ", ".join(f"{p['port']}/{p.get('protocol', 'TCP')}→{p['nodePort']}"
-                              for i, p in enumerate(new_ports) if i in missing)
-        await self._record(body, EventSpec(
-            "Normal", "AllocatedNodePorts", f"allocateLoadBalancerNodePorts is false but the {self.provider.name} "
-            f"provider sends traffic to NodePorts: claimed {described}"))
+        await self._record(body, allocated_node_ports(self.provider.name, new_ports, missing))
         self.queue.add(key)
 
     async def _record(self, body: Mapping[str, Any], event: EventSpec) -> None:

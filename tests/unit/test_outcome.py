@@ -29,8 +29,11 @@ from lbctl.model.outcome import (
     RecordedEvent,
     after_ensure,
     after_failure,
+    allocated_node_ports,
+    condition_warnings,
     ensuring_event,
     missing_events,
+    no_eligible_nodes,
     retry_for,
 )
 from lbctl.model.waits import Change, ChangeKind, Wait, WaitFor, address_range, wakes
@@ -200,3 +203,67 @@ def test_wakes(wait: Wait, change: Change, woken: bool) -> None:
 ])
 def test_waits_describe_themselves(wait: Wait, text: str) -> None:
     assert wait.describe() == text
+
+
+# ---- around the provider call ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("uses_nodes", "eligible", "nodes", "error"), [
+    (True, 0, 3, "no eligible nodes among 3: each is not Ready, being deleted, labelled "
+                 "node.kubernetes.io/exclude-from-external-load-balancers or tainted ToBeDeletedByClusterAutoscaler"),
+    (True, 0, 0, "no eligible nodes among 0"),
+    (True, 1, 3, None),
+    (False, 0, 3, None),  # the local provider needs no nodes
+    (False, 0, 0, None),
+])
+def test_no_eligible_nodes(uses_nodes: bool, eligible: int, nodes: int, error: str | None) -> None:
+    found = no_eligible_nodes(uses_nodes, eligible, nodes)
+    if error is None:
+        assert found is None
+    else:
+        assert isinstance(found, NoEligibleNodesError) and str(found).startswith(error)
+        assert found.fix == "make at least one node Ready and eligible"
+        assert found.wait == Wait(WaitFor.NODES) and retry_for(found, False) == WAITING
+
+
+HTTP = {"name": "http", "port": 80, "protocol": "TCP", "nodePort": 31000}
+DNS = {"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 31001}
+NO_PROTOCOL = {"name": "x", "port": 8080, "nodePort": 31002}
+
+
+@pytest.mark.parametrize(("ports", "claimed", "said"), [
+    ([HTTP], [0], "claimed 80/TCP→31000"),
+    ([HTTP, DNS], [0, 1], "claimed 80/TCP→31000, 53/UDP→31001"),
+    ([HTTP, DNS], [1], "claimed 53/UDP→31001"),  # the user's own nodePort is not named
+    ([NO_PROTOCOL], [0], "claimed 8080/TCP→31002"),  # TCP when spec.ports leaves it out
+])
+def test_allocated_node_ports(ports: list[dict[str, Any]], claimed: list[int], said: str) -> None:
+    assert allocated_node_ports("aws", ports, claimed) == EventSpec(
+        "Normal", "AllocatedNodePorts",
+        f"allocateLoadBalancerNodePorts is false but the aws provider sends traffic to NodePorts: {said}")
+
+
+def cond(type_: str, status: str, reason: str = "", message: str = "") -> dict[str, Any]:
+    return {"type": type_, "status": status, "reason": reason, "message": message}
+
+
+BAD = cond("Valid", "False", "InvalidAddresses", "spec.addresses[0]: not an address")
+OTHER_BAD = cond("Valid", "False", "InvalidAddresses", "spec.addresses[1]: not an address")
+GOOD = cond("Valid", "True", "Valid", "")
+
+
+@pytest.mark.parametrize(("before", "written", "warnings"), [
+    (None, {"conditions": [BAD]}, [("InvalidAddresses", "spec.addresses[0]: not an address")]),  # first status
+    ({"conditions": [GOOD]}, {"conditions": [BAD]}, [("InvalidAddresses", "spec.addresses[0]: not an address")]),
+    ({"conditions": [BAD]}, {"conditions": [BAD]}, []),  # still the same problem: told once
+    ({"conditions": [BAD]}, {"conditions": [OTHER_BAD]}, [("InvalidAddresses", "spec.addresses[1]: not an address")]),
+    ({"conditions": [BAD]}, {"conditions": [GOOD]}, []),  # fixed: no Warning
+    ({}, {"conditions": [GOOD]}, []),
+    ({"conditions": [GOOD]}, {"free": 3}, []),  # a status write without conditions
+    ({}, {"conditions": [cond("Valid", "False")]}, [("Invalid", "")]),  # no reason given
+    ({"conditions": [GOOD]}, {"conditions": [BAD, cond("Peers", "False", "NoPeer", "no BGPPeer matches")]},
+     [("InvalidAddresses", "spec.addresses[0]: not an address"), ("NoPeer", "no BGPPeer matches")]),
+])
+def test_condition_warnings(before: dict[str, Any] | None, written: dict[str, Any],
+                            warnings: list[tuple[str, str]]) -> None:
+    assert condition_warnings(before, written) == tuple(EventSpec("Warning", r, m) for r, m in warnings)
