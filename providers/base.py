@@ -75,7 +75,8 @@ class Provider(abc.ABC):
         self, resource: WatchedResource, objects: Sequence[Mapping[str, Any]]
     ) -> set[str]:
         """The full current list of a watched resource; returns the keys ("ns/name") of Services
-        whose balancer must be ensured again because of the change."""
+        whose balancer must be ensured again because of the change, and of the waiting Services a
+        new or changed object may now serve (only those: the others keep waiting)."""
         return set()
 
     def resource_status(self, resource: WatchedResource) -> dict[str, dict[str, Any]]:

@@ -38,7 +38,8 @@ Services
 Allocator (one per provider; every method is synchronous and does no I/O)
     ``set_pools(pools) -> set[str]``: the keys ("ns/name") to ensure again: Services whose
     addresses are no longer in a pool that admits them (their addresses are released at once), and
-    Services whose last ``assign`` failed (the new pools may satisfy them).
+    Services whose last ``assign`` failed that a new or changed pool may serve (``may_serve``: a
+    pool that changed nothing they need, or that only other Services may use, leaves them waiting).
     ``restore(requests) -> set[str]``: at start-up, before any ``assign``: re-takes each Service's
     ``current_ips`` (its status) oldest first; returns the keys that could not keep them.
     ``assign(request) -> tuple[IPv4Address | IPv6Address, ...]`` (primary family first), raising
@@ -672,6 +673,27 @@ class _FreeSpace:
             self._ends.insert(i + 1, n)
 
 
+def may_serve(pool: Pool, request: ServiceRequest) -> bool:
+    """Whether `pool` could give `request` its addresses by the allocator's own rules (the pool it
+    names, the addresses it asks for, who the pool admits, autoAssign, address families), whatever is
+    free in it now: which waiting Services a new or changed pool wakes."""
+    if request.pool is not None and request.pool != pool.name:
+        return False
+    if not pool.admits(request.namespace, request.labels):
+        return False
+    if request.requested_ips:
+        return all(pool.contains(ip) for ip in request.requested_ips)
+    if request.pool is None and not pool.auto_assign:
+        return False
+    try:
+        families = wanted_families(request.ip_families, request.ip_family_policy)
+    except InvalidServiceError:
+        return False  # only a change of the Service can help it
+    if request.ip_family_policy == "PreferDualStack":
+        return any(f in pool.families for f in families)
+    return set(families) <= pool.families
+
+
 def _address_in(states: Iterable[_PoolState]) -> Wait:
     """What a Service waits for when these pools are full: an address freed in any of them."""
     states = list(states)
@@ -741,7 +763,7 @@ class Allocator:
         self._holdings: dict[str, _Holding] = {}
         self._uses: dict[IPAddress, _AddressUse] = {}
         self._shared: dict[str, set[IPAddress]] = {}  # sharing key -> addresses shared under it
-        self._waiting: set[str] = set()
+        self._waiting: dict[str, ServiceRequest] = {}  # whose last assign failed, as it asked
         self.set_pools(pools)
 
     # -- pools ---------------------------------------------------------------------------------
@@ -789,7 +811,9 @@ class Allocator:
                 displaced.add(key)
             else:
                 self._holdings[key] = _Holding(request, Allocation(home, holding.allocation.ips))
-        return displaced | self._waiting
+        changed = [state.pool for name, state in self._pools.items() if name not in kept]
+        woken = {key for key, request in self._waiting.items() if any(may_serve(p, request) for p in changed)}
+        return displaced | woken
 
     def pool_stats(self) -> dict[str, PoolUsage]:
         return {name: PoolUsage(s.used, s.usable - s.used) for name, s in sorted(self._pools.items())}
@@ -816,10 +840,10 @@ class Allocator:
         try:
             ips, state = self._choose(request)
         except LoadBalancerError:
-            self._waiting.add(request.key)
+            self._waiting[request.key] = request
             raise
         self._commit(request, state, ips)
-        self._waiting.discard(request.key)
+        self._waiting.pop(request.key, None)
         return ips
 
     def restore(self, requests: Iterable[ServiceRequest]) -> set[str]:
@@ -841,7 +865,7 @@ class Allocator:
 
     def release(self, key: str) -> None:
         self._drop(key)
-        self._waiting.discard(key)
+        self._waiting.pop(key, None)
 
     def allocation(self, key: str) -> Allocation | None:
         holding = self._holdings.get(key)

@@ -4,7 +4,10 @@ A provider that cannot serve a Service *yet* raises `PendingError` carrying a `W
 whose freed addresses could serve it, the address it asked for, eligible nodes, free NodePorts, or
 a new or changed pool. The operator keeps each pending Service's `Wait` and, for every change it
 sees (a Service released, addresses freed, pools or the eligible node set changed), requeues only
-the Services for which `wakes(wait, change)` holds. Anything else waits for its timer, which backs
+the Services for which `wakes(wait, change, key)` holds. For a pool change, the provider, which
+owns the pools, names the waiting Services a new or changed pool may serve (the local provider by
+its allocator's rules: the pool asked for, who the pool admits, its address families); a change to
+any other pool, or to a BGP peer, wakes nobody. Anything else waits for its timer, which backs
 off to minutes (see lbctl.model.outcome).
 """
 
@@ -48,7 +51,7 @@ class Wait:
 
 class ChangeKind(StrEnum):
     FREED = "freed"  # a Service released its balancer or moved off addresses
-    POOLS = "pools"  # pools were created, changed or deleted
+    POOLS = "pools"  # pools were created, changed or deleted; `services`: whom they may serve
     NODES = "nodes"  # the eligible node set changed
 
 
@@ -58,6 +61,7 @@ class Change:
     service: str = ""  # FREED: whose
     addresses: tuple[str, ...] = ()  # FREED: the addresses it no longer holds
     node_ports: bool = False  # FREED: whether it gave NodePorts back (deleted, or no longer a LoadBalancer)
+    services: frozenset[str] = frozenset()  # POOLS: the Services a new or changed pool may serve
 
     def describe(self) -> str:
         if self.kind is ChangeKind.FREED:
@@ -79,10 +83,10 @@ def _inside(address: str, ranges: Iterable[Range]) -> bool:
     return any(version == ip.version and first <= int(ip) <= last for version, first, last in ranges)
 
 
-def wakes(wait: Wait, change: Change) -> bool:
-    """Whether `change` may satisfy what a Service waits for."""
+def wakes(wait: Wait, change: Change, waiter: str = "") -> bool:
+    """Whether `change` may satisfy what Service `waiter` ("ns/name") waits for."""
     if change.kind is ChangeKind.POOLS:
-        return wait.kind in (WaitFor.ADDRESS, WaitFor.POOL)
+        return wait.kind in (WaitFor.ADDRESS, WaitFor.POOL) and waiter in change.services
     if change.kind is ChangeKind.NODES:
         return wait.kind is WaitFor.NODES
     if wait.kind is WaitFor.NODE_PORTS:

@@ -323,17 +323,19 @@ class Reconciler:
 
     async def _resources_settled(self, resource: WatchedResource) -> None:
         self._resource_timers.pop(resource, None)
+        # the Services the change displaced, and those waiting that a new or changed pool may serve
+        # (the provider knows what its pools offer); a BGP peer or a pool no waiter may use wakes nobody
         affected = await self.provider.resources_changed(resource, list(self.resources.get(resource, {}).values()))
+        self._wake(Change(ChangeKind.POOLS, services=frozenset(affected)))
         for key in affected:
             self.queue.add(key)
-        self._wake(Change(ChangeKind.POOLS))
         for watched in self.watched:  # one resource's status may depend on another's (pools on peers)
             await self._write_resource_status(watched)
 
     def _wake(self, change: Change) -> None:
         """Requeue the pending Services that `change` may serve; the others keep waiting."""
         for key, wait in list(self.waits.items()):
-            if wakes(wait, change):
+            if wakes(wait, change, key):
                 log.info("%s woken: %s (it waited for %s)", key, change.describe(), wait.describe())
                 self.queue.add(key)
 

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from kubernetes import client
 
+from lbctl.lab.kube import holds_for
 from tests.integration.harness import (
     OperatorProcess,
     Pools,
@@ -154,3 +155,35 @@ def test_a_freed_address_wakes_only_the_services_waiting_for_its_pool(
     assert woken(operator, f"{namespace}/waiter-2") == 0
     assert snapshot(core, namespace, "waiter-2") == other_before
     assert not ingress_ips(core, namespace, "waiter-2")
+
+
+def test_only_a_pool_change_that_may_serve_a_waiting_service_wakes_it(
+    core: client.CoreV1Api, namespace: str, pools: Pools, start_operator: Callable[..., OperatorProcess]
+) -> None:
+    operator = start_operator()
+    full, first = f"full-{namespace}", pools.fresh_v4(32)
+    pools.create([first], name=full)
+    core.create_namespaced_service(namespace, lb_service("holder", annotations={"lbctl.io/address-pool": full}))
+    wait_for_ips(core, namespace, "holder")
+    core.create_namespaced_service(namespace, lb_service("waiter"))
+    assert full in wait_for_condition(core, namespace, "waiter", "False", "Pending").message
+    wait_for_event(core, namespace, "waiter", "SyncLoadBalancerFailed", full)
+
+    def warnings() -> list[tuple[str, str, int]]:
+        return [(e.metadata.name, e.reason, e.count) for e in our_events(core, namespace).get("waiter", [])]
+
+    before = warnings()
+    # pools it may not use: another namespace's, one of the other family; then one changed
+    elsewhere = pools.create([pools.fresh_v4(30)], namespaces=["elsewhere"])["metadata"]["name"]
+    pools.create([pools.fresh_v6()])
+    pools.patch(elsewhere, {"addresses": [pools.fresh_v4(29)]})
+    wait_until(lambda: pools.get(elsewhere).get("status", {}).get("free") == 8, what="the operator took the change")
+    holds_for(lambda: woken(operator, f"{namespace}/waiter") == 0 and warnings() == before, 5.0,
+              "the waiter left alone by pools it may not use")
+    assert not ingress_ips(core, namespace, "waiter")
+
+    pools.patch(full, {"addresses": [first, pools.fresh_v4(32)]})  # its pool, grown: may serve it
+    wait_for_ips(core, namespace, "waiter")
+    assert ingress_ips(core, namespace, "holder")  # kept its address
+    wait_for_condition(core, namespace, "waiter", "True")
+    assert woken(operator, f"{namespace}/waiter") == 1

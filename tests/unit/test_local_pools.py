@@ -20,6 +20,7 @@ from providers.local_pools import (
     ServiceRequest,
     _FreeSpace,
     check_source_ranges,
+    may_serve,
     overlapping_pools,
     parse_pool,
     request_from_spec,
@@ -940,6 +941,67 @@ SCENARIOS: dict[str, tuple[list[Pool], list[Step]]] = {
 @pytest.mark.parametrize(("pools", "steps"), SCENARIOS.values(), ids=SCENARIOS.keys())
 def test_allocation(pools: list[Pool], steps: list[Step]) -> None:
     run(pools, steps)
+
+
+V4 = pool("v4", "198.18.0.0/30")
+V6 = pool("v6", "fd00::/126")
+BOTH = pool("both", "198.18.1.0/30", "fd00:1::/126")
+ONLY_B = pool("only-b", "198.18.2.0/30", namespaces=["b"])
+WEB = pool("web", "198.18.3.0/30", serviceSelector={"matchLabels": {"tier": "web"}})
+MANUAL = pool("manual", "198.18.4.0/30", autoAssign=False)
+BUGGY = pool("buggy", "198.18.5.0/24", avoidBuggyIPs=True)
+DUAL_STACK: dict[str, Any] = {"ip_families": ("IPv4", "IPv6"), "ip_family_policy": "RequireDualStack"}
+PREFER_DUAL: dict[str, Any] = {"ip_families": ("IPv4", "IPv6"), "ip_family_policy": "PreferDualStack"}
+
+
+@pytest.mark.parametrize(("new_pool", "request_", "serves"), [
+    (V4, req("a/s"), True),
+    (V6, req("a/s"), False),  # no address of its family
+    (V6, req("a/s", ip_families=("IPv6",)), True),
+    (V4, req("a/s", **DUAL_STACK), False),  # RequireDualStack needs both families in one pool
+    (BOTH, req("a/s", **DUAL_STACK), True),
+    (V6, req("a/s", **PREFER_DUAL), True),  # PreferDualStack takes either
+    (V4, req("a/s", ip_families=("IPv4",), ip_family_policy="RequireDualStack"), False),  # invalid Service
+    (V4, req("a/s", pool="other"), False),  # it names another pool
+    (V4, req("a/s", pool="v4"), True),
+    (ONLY_B, req("a/s"), False),  # not for its namespace
+    (ONLY_B, req("b/s"), True),
+    (WEB, req("a/s"), False),  # its labels do not match the serviceSelector
+    (WEB, req("a/s", labels={"tier": "web"}), True),
+    (MANUAL, req("a/s"), False),  # autoAssign false: only for Services naming it or its addresses
+    (MANUAL, req("a/s", pool="manual"), True),
+    (MANUAL, req("a/s", ips=("198.18.4.1",)), True),
+    (V4, req("a/s", ips=("198.18.4.1",)), False),  # the address it asks for is elsewhere
+    (V4, req("a/s", pool="v4", ips=("198.18.4.1",)), False),
+    (BUGGY, req("a/s", ips=("198.18.5.0",)), False),  # avoidBuggyIPs never hands out .0
+    (BUGGY, req("a/s", ips=("198.18.5.1",)), True),
+    (BOTH, req("a/s", ips=("198.18.1.1", "fd00:1::1")), True),
+    (BOTH, req("a/s", ips=("198.18.1.1", "fd00::1")), False),  # not all in this pool
+])
+def test_which_waiting_services_a_new_or_changed_pool_may_serve(
+    new_pool: Pool, request_: ServiceRequest, serves: bool
+) -> None:
+    assert may_serve(new_pool, request_) is serves
+
+
+def test_a_pool_change_wakes_only_the_waiting_services_it_may_serve() -> None:
+    allocator = Allocator([pool("full", "198.18.0.0/32", namespaces=["a"])])
+    allocator.assign(req("a/holder"))
+    for request in (req("a/waiter"), req("a/dual", **DUAL_STACK), req("b/named", pool="b-pool")):
+        with pytest.raises(LoadBalancerError):
+            allocator.assign(request)
+    assert allocator.waiting() == {"a/waiter", "a/dual", "b/named"}
+    full = pool("full", "198.18.0.0/32", namespaces=["a"])
+    other = pool("other", "198.18.9.0/30", namespaces=["c"])
+    assert allocator.set_pools([full, other]) == set()  # a pool for namespace c only: nobody
+    assert allocator.set_pools([full, other]) == set()  # the same pools again: nothing changed
+    assert allocator.set_pools([full]) == set()  # a pool deleted frees nothing
+    assert allocator.set_pools([pool("full", "198.18.0.0/31", namespaces=["a"])]) == {"a/waiter"}  # grown
+    grown = pool("full", "198.18.0.0/31", namespaces=["a"])
+    named = pool("b-pool", "198.18.7.0/30", namespaces=["b"])
+    assert allocator.set_pools([grown, named]) == {"b/named"}
+    assert allocator.set_pools([grown, named, BOTH]) == {"a/waiter", "a/dual"}
+    assert allocator.waiting() == {"a/waiter", "a/dual", "b/named"}  # until they are assigned
 
 
 def test_set_pools_rejects_duplicate_names() -> None:

@@ -176,24 +176,35 @@ FREED_IN_A = Change(ChangeKind.FREED, service="ns/x", addresses=("198.18.1.7",))
 FREED_ELSEWHERE = Change(ChangeKind.FREED, service="ns/x", addresses=("198.18.9.7", "fd00::1"))
 
 
+SERVES_WAITER = Change(ChangeKind.POOLS, services=frozenset({"ns/waiter", "ns/other"}))
+SERVES_OTHERS = Change(ChangeKind.POOLS, services=frozenset({"ns/other"}))
+
+
 @pytest.mark.parametrize(("wait", "change", "woken"), [
     (POOL_A, FREED_IN_A, True),
     (POOL_A, FREED_ELSEWHERE, False),
     (POOL_A, Change(ChangeKind.FREED, service="ns/x", addresses=("not-an-ip",)), False),
-    (POOL_A, Change(ChangeKind.POOLS), True),
+    (POOL_A, SERVES_WAITER, True),  # a new or changed pool the provider says may serve it
+    (POOL_A, SERVES_OTHERS, False),  # a pool it may not use (another pool, namespace, family)
+    (POOL_A, Change(ChangeKind.POOLS), False),  # a BGPPeer, a deleted pool: serves nobody
     (POOL_A, Change(ChangeKind.NODES), False),
     (HELD, Change(ChangeKind.FREED, service="ns/holder"), True),
     (HELD, Change(ChangeKind.FREED, service="ns/x", addresses=("198.18.2.5",)), True),
     (HELD, FREED_IN_A, False),
+    (HELD, SERVES_WAITER, True),
+    (HELD, SERVES_OTHERS, False),
     (Wait(WaitFor.POOL), FREED_IN_A, False),  # no release gives a dual-stack Service its IPv6 pool
-    (Wait(WaitFor.POOL), Change(ChangeKind.POOLS), True),
+    (Wait(WaitFor.POOL), SERVES_WAITER, True),
+    (Wait(WaitFor.POOL), SERVES_OTHERS, False),
+    (Wait(WaitFor.POOL), Change(ChangeKind.POOLS), False),
     (Wait(WaitFor.NODES), Change(ChangeKind.NODES), True),
-    (Wait(WaitFor.NODES), Change(ChangeKind.POOLS), False),
+    (Wait(WaitFor.NODES), SERVES_WAITER, False),
     (Wait(WaitFor.NODE_PORTS), Change(ChangeKind.FREED, service="ns/x", node_ports=True), True),
     (Wait(WaitFor.NODE_PORTS), FREED_IN_A, False),
+    (Wait(WaitFor.NODE_PORTS), SERVES_WAITER, False),
 ])
 def test_wakes(wait: Wait, change: Change, woken: bool) -> None:
-    assert wakes(wait, change) is woken
+    assert wakes(wait, change, "ns/waiter") is woken
 
 
 @pytest.mark.parametrize(("wait", "text"), [

@@ -19,6 +19,7 @@ from lbctl.model.outcome import USER, RecordedEvent
 from lbctl.model.status import current_condition
 from lbctl.model.waits import WaitFor
 from lbctl.operator.reconciler import NotLeadingError
+from providers.local import BGP_PEERS, POOLS
 from tests.unit.reconciler_doubles import (
     Cluster,
     MemoryEvents,
@@ -435,6 +436,45 @@ def test_a_new_pool_wakes_services_waiting_for_a_pool() -> None:
             await until(lambda: key in cluster.queued())
             await cluster.sync()
             assert len(ips(cluster, key)) == 2
+
+    run(scenario)
+
+
+def test_only_a_pool_that_may_serve_a_waiting_service_wakes_it() -> None:
+    """A pool for another namespace, of another family, or a BGPPeer: nobody is requeued; the pool
+    it waits for growing: it is."""
+    async def scenario() -> None:
+        cluster, _ = local_cluster(full=["198.18.0.0/32"])
+        async with leading(cluster):
+            cluster.add(service("holder"))
+            await cluster.sync()
+            key = cluster.add(service("waiter"))
+            await cluster.sync()
+            assert cluster.reconciler.waits[key].kind is WaitFor.ADDRESS
+            written = len(cluster.writer.writes)
+
+            def status_written(name: str) -> bool:
+                return any(what == "resource-status" and n == name for what, n, _ in cluster.writer.writes[written:])
+
+            cluster.add_pool("elsewhere", ["198.18.1.0/30"], namespaces=["other"])
+            cluster.add_pool("v6", ["fd00::/126"])
+            await until(lambda: status_written("elsewhere") and status_written("v6"))
+            peer = {"apiVersion": "lbctl.io/v1alpha1", "kind": "BGPPeer", "metadata": {"name": "peer"},
+                    "spec": {"peerAddress": "192.0.2.1", "peerASN": 65001, "myASN": 65000}}
+            cluster.reconciler.on_resource(BGP_PEERS, None, cluster.writer.create_resource(BGP_PEERS, peer))
+            await until(lambda: BGP_PEERS not in cluster.reconciler._resource_timers)
+            await asyncio.sleep(0)  # the settle task the timer started
+            assert cluster.queued() == set()
+            assert key in cluster.reconciler.waits
+
+            grown = copy.deepcopy(cluster.writer.resources[("loadbalancerpools", "full")])
+            old = copy.deepcopy(grown)
+            grown["spec"]["addresses"] = ["198.18.0.0/31"]
+            cluster.reconciler.on_resource(POOLS, old, grown)
+            await until(lambda: key in cluster.queued())
+            assert cluster.queued() == {key}
+            await cluster.sync()
+            assert ips(cluster, key) == ["198.18.0.1"]
 
     run(scenario)
 
