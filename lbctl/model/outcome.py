@@ -94,6 +94,17 @@ def ensuring_event(service: Mapping[str, Any]) -> EventSpec | None:
     return ENSURING
 
 
+def deleting_event(announced: bool) -> EventSpec | None:
+    """`DeletingLoadBalancer` once per release (`announced`: already recorded for this one), not
+    before every retry of a delete that failed: it marks a transition. Each failed attempt is still
+    a `DeleteLoadBalancerFailed` Warning, as the service controller records it; the recorder folds
+    them into one Event whose count is the number of failed attempts, and the TRANSIENT backoff
+    (1 s doubling to 60 s) with the per-object token bucket bounds how fast that count can grow. We
+    keep that count rather than one Event per kind of failure: "failed 14 times over 10 minutes"
+    is what a user needs to see, and it costs one PATCH per attempt, never a new object."""
+    return None if announced else DELETING
+
+
 def after_ensure(service: Mapping[str, Any], ingress: list[dict[str, Any]], provider: str, hosts_changed: bool,
                  now: str) -> Outcome:
     """The provider succeeded: show the addresses and a True condition; an Event when something

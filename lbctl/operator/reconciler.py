@@ -31,7 +31,6 @@ from lbctl.model.nodes import eligible_nodes, node_set_key
 from lbctl.model.orphans import orphans
 from lbctl.model.outcome import (
     DELETED,
-    DELETING,
     EventSpec,
     Outcome,
     RecordedEvent,
@@ -39,6 +38,7 @@ from lbctl.model.outcome import (
     after_failure,
     allocated_node_ports,
     condition_warnings,
+    deleting_event,
     ensuring_event,
     missing_events,
     no_eligible_nodes,
@@ -142,6 +142,7 @@ class Reconciler:
         self._refs: dict[str, LoadBalancerRef] = {}  # what we ensured, to release after a force-delete
         self._held: dict[str, tuple[str, ...]] = {}  # the addresses each Service was last given
         self.waits: dict[str, Wait] = {}  # what each pending Service waits for
+        self._deleting: set[str] = set()  # releases announced (DeletingLoadBalancer) and not done yet
         self._tasks: list[asyncio.Task[None]] = []
         self._node_timer: asyncio.TimerHandle | None = None
         self._resource_timers: dict[WatchedResource, asyncio.TimerHandle] = {}
@@ -417,6 +418,7 @@ class Reconciler:
                                deleting=not self.scope.manages(body))
 
     def _forget(self, key: str) -> None:
+        self._deleting.discard(key)
         self.queue.forget(key)
         self._synced_nodes.pop(key, None)
         self.waits.pop(key, None)
@@ -425,6 +427,7 @@ class Reconciler:
         return self.eligible if self.provider.uses_nodes else ()
 
     async def _ensure(self, key: str, body: dict[str, Any]) -> None:
+        self._deleting.discard(key)  # a LoadBalancer again before its release was done
         if not self.scope.holds(body):
             body = await self._patch_service(key, {"metadata": {
                 "finalizers": [FINALIZER], "annotations": {OWNER_ANNOTATION: self.scope.lb_class}}})
@@ -462,7 +465,10 @@ class Reconciler:
 
     async def _release(self, key: str, body: dict[str, Any]) -> None:
         meta = body.get("metadata") or {}
-        await self._record(body, DELETING)
+        deleting = deleting_event(key in self._deleting)
+        if deleting is not None:
+            await self._record(body, deleting)
+            self._deleting.add(key)
         ref = _ref(body, self.settings.cluster_name)
         self._fence()
         await self.provider.delete(ref)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from lbctl.kube.client import ApiError
+from lbctl.model.errors import TransientProviderError
 from lbctl.model.meta import LOCAL_CLASS, object_key
 from lbctl.model.outcome import RecordedEvent
 from lbctl.model.scope import Scope
@@ -164,6 +165,7 @@ class NodePortProvider(Provider):
         self.ensured: list[LoadBalancerSpec] = []
         self.deleted: list[LoadBalancerRef] = []
         self.live: dict[str, LoadBalancerRef] = {}
+        self.failing_deletes = 0  # how many deletes fail (a 503) before one succeeds
 
     @classmethod
     def create(cls, settings: ProviderSettings) -> NodePortProvider:
@@ -175,6 +177,9 @@ class NodePortProvider(Provider):
         return LoadBalancerStatus((Ingress(hostname=f"{spec.name}.lb.example"),))
 
     async def delete(self, ref: LoadBalancerRef) -> None:
+        if self.failing_deletes > 0:
+            self.failing_deletes -= 1
+            raise TransientProviderError("the cloud answered 503")
         self.deleted.append(ref)
         self.live.pop(ref.service_key, None)
 

@@ -17,6 +17,7 @@ from lbctl.model.errors import (
     TransientProviderError,
 )
 from lbctl.model.outcome import (
+    DELETING,
     ENSURED,
     ENSURING,
     PENDING,
@@ -31,6 +32,7 @@ from lbctl.model.outcome import (
     after_failure,
     allocated_node_ports,
     condition_warnings,
+    deleting_event,
     ensuring_event,
     missing_events,
     no_eligible_nodes,
@@ -64,6 +66,11 @@ def svc(ingress: list[dict[str, Any]] | None = None, ready: str | None = None, r
 ])
 def test_ensuring_only_before_the_first_attempt(service: dict[str, Any], expected: EventSpec | None) -> None:
     assert ensuring_event(service) == expected
+
+
+@pytest.mark.parametrize(("announced", "expected"), [(False, DELETING), (True, None)])
+def test_deleting_once_per_release(announced: bool, expected: EventSpec | None) -> None:
+    assert deleting_event(announced) == expected
 
 
 @pytest.mark.parametrize(("service", "ingress", "hosts_changed", "events"), [

@@ -185,6 +185,41 @@ def test_a_type_change_releases_the_balancer_and_clears_status_finalizer_and_mar
     run(scenario)
 
 
+def test_a_failing_release_records_deleting_once_and_counts_its_failures() -> None:
+    async def scenario() -> None:
+        provider = NodePortProvider()
+        cluster = Cluster(provider, lb_class="lbctl.io/nodeport")
+        cluster.reconciler.on_node(None, node("n1"))
+        async with leading(cluster):
+            key = cluster.add(service("web", lb_class="lbctl.io/nodeport"))
+            await cluster.sync()
+            cluster.writer.update(key, lambda body: body["metadata"].__setitem__("deletionTimestamp",
+                                                                               "2026-01-01T00:00:00Z"))
+            provider.failing_deletes = 3
+            cluster.deliver(key)
+            await cluster.sync()
+            for _ in range(3):  # the retries, without waiting for their backoff
+                await cluster.reconciler.reconcile(key)
+            reasons = cluster.events.reasons(key)
+            assert reasons[reasons.index("DeletingLoadBalancer"):] == [
+                "DeletingLoadBalancer", "DeleteLoadBalancerFailed", "DeleteLoadBalancerFailed",
+                "DeleteLoadBalancerFailed", "DeletedLoadBalancer"]
+            assert provider.deleted and provider.failing_deletes == 0
+
+            again = cluster.add(service("again", lb_class="lbctl.io/nodeport"))
+            await cluster.sync()
+            cluster.change(again, lambda body: body["spec"].__setitem__("type", "ClusterIP"))
+            provider.failing_deletes = 1
+            await cluster.sync()
+            cluster.change(again, lambda body: body["spec"].__setitem__("type", "LoadBalancer"))
+            await cluster.sync()  # a LoadBalancer again before its release was done
+            cluster.change(again, lambda body: body["spec"].__setitem__("type", "ClusterIP"))
+            await cluster.sync()
+            assert cluster.events.reasons(again).count("DeletingLoadBalancer") == 2
+
+    run(scenario)
+
+
 def test_deleting_a_service_releases_it_and_lets_it_go() -> None:
     async def scenario() -> None:
         cluster, provider = local_cluster(p=["198.18.0.10/32"])
