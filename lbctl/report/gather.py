@@ -4,6 +4,7 @@ SubjectAccessReviews, which change nothing), every failure turned into a one-lin
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -34,14 +35,38 @@ class ReadError(Exception):
     """Why the cluster could not be read, and what to do, in one line."""
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _tls_culprit(configuration: Any) -> str:
+    """Which of the kubeconfig's TLS files cannot be used (the CA is tried on its own first)."""
+    ca = getattr(configuration, "ssl_ca_cert", None)
+    if ca:
+        try:
+            ssl.create_default_context(cafile=ca)
+        except (ssl.SSLError, OSError, ValueError):
+            return f"its certificate-authority ({ca}) is not a readable PEM certificate"
+    cert, key = getattr(configuration, "cert_file", None), getattr(configuration, "key_file", None)
+    return f"its client-certificate/client-key ({cert}, {key}) are not a readable PEM certificate and matching key"
+
+
 def connect(kubeconfig: str | None) -> KubeClient:
+    """A client for the user's kubeconfig, or a ReadError saying why there is none (a missing or
+    empty file, an unknown context, a certificate file that is missing or not PEM …)."""
+    where = kubeconfig or "$KUBECONFIG / ~/.kube/config"
+    fix = "set KUBECONFIG or pass --kubeconfig"
     try:
         configuration = load_configuration(kubeconfig)
     except Exception as exc:
-        where = kubeconfig or "$KUBECONFIG / ~/.kube/config"
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ReadError(f"no usable kubeconfig ({where}: {detail}); set KUBECONFIG or pass --kubeconfig") from None
-    return KubeClient(configuration, user_agent="lbctl-status")
+        raise ReadError(f"no usable kubeconfig ({where}: {_first_line(exc)}); {fix}") from None
+    try:
+        return KubeClient(configuration, user_agent="lbctl-status")
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ReadError(f"no usable kubeconfig ({where}: {_tls_culprit(configuration)}: {_first_line(exc)}); "
+                        f"fix that file or the kubeconfig's certificate-authority / client-certificate entries, or "
+                        f"{fix}") from None
 
 
 class Reader:

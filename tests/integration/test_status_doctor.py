@@ -4,6 +4,7 @@ against the embedded control plane and a running operator."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import os
 import re
@@ -11,8 +12,10 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from kubernetes import client
 
 from lbctl.dev import controlplane
@@ -153,6 +156,32 @@ def test_bad_input_is_one_line_and_exit_1(cluster: ClusterInfo, core: client.Cor
     one_line_error(lbctl(cluster.kubeconfig, "status", "-n", namespace, "nope"), f"no Service {namespace}/nope")
     one_line_error(lbctl(str(tmp_path / "missing"), "status"), "kubeconfig", "set KUBECONFIG or pass --kubeconfig")
     one_line_error(lbctl(None, "doctor"), "kubeconfig")
+
+    # kubeconfigs that load but cannot be used: TLS files that are not PEM or missing, an unknown
+    # context, an empty file
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("not a certificate\n")
+    good = yaml.safe_load(Path(cluster.kubeconfig).read_text())
+    shapes: dict[str, tuple[Callable[[dict[str, Any]], None], tuple[str, ...]]] = {
+        "bad-ca": (lambda c: c["clusters"][0]["cluster"].update({"certificate-authority": str(not_pem)}),
+                   (f"certificate-authority ({not_pem}) is not a readable PEM certificate",)),
+        "bad-client-cert": (lambda c: c["users"][0]["user"].update({"client-certificate": str(not_pem),
+                                                                     "client-key": str(not_pem)}),
+                            ("client-certificate/client-key", "not a readable PEM certificate")),
+        "missing-ca": (lambda c: c["clusters"][0]["cluster"].update({"certificate-authority": str(tmp_path / "no")}),
+                       (f"File does not exist: {tmp_path / 'no'}",)),
+        "unknown-context": (lambda c: c.update({"current-context": "nope"}), ("nope",)),
+    }
+    for shape, (change, words) in shapes.items():
+        config = copy.deepcopy(good)  # the test cluster's: a CA file and a token
+        change(config)
+        path = tmp_path / f"{shape}.kubeconfig"
+        path.write_text(yaml.safe_dump(config))
+        for command in ("status", "doctor"):
+            one_line_error(lbctl(str(path), command), "no usable kubeconfig", "--kubeconfig", *words)
+    empty = tmp_path / "empty.kubeconfig"
+    empty.write_text("")
+    one_line_error(lbctl(str(empty), "status"), "no usable kubeconfig", "is empty")
 
     info = controlplane.read_info(Path(os.environ["LBCTL_TEST_CONTROLPLANE_DIR"]))
     unreachable = tmp_path / "unreachable.kubeconfig"
