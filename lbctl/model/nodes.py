@@ -54,3 +54,39 @@ def eligible_nodes(nodes: Iterable[Mapping[str, Any]]) -> tuple[NodeTarget, ...]
 def node_set_key(nodes: Iterable[NodeTarget]) -> frozenset[tuple[str, str]]:
     """What a balancer depends on: node names and providerIDs (labels and addresses are not)."""
     return frozenset((n.name, n.provider_id) for n in nodes)
+
+
+# The tolerations the DaemonSet controller adds to every daemon pod (hostNetwork pods also get
+# network-unavailable), so these taints never keep a DaemonSet off a node.
+DAEMON_TOLERATED = frozenset({
+    "node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable", "node.kubernetes.io/disk-pressure",
+    "node.kubernetes.io/memory-pressure", "node.kubernetes.io/pid-pressure", "node.kubernetes.io/unschedulable",
+    "node.kubernetes.io/network-unavailable",
+})
+
+
+def _tolerates(toleration: Mapping[str, Any], taint: Mapping[str, Any]) -> bool:
+    effect = toleration.get("effect")
+    if effect and effect != taint.get("effect"):
+        return False
+    key = toleration.get("key")
+    if toleration.get("operator") == "Exists":
+        return not key or key == taint.get("key")
+    return key == taint.get("key") and (toleration.get("value") or "") == (taint.get("value") or "")
+
+
+def daemon_pod_misfit(pod_spec: Mapping[str, Any], node: Mapping[str, Any]) -> str | None:
+    """Why a DaemonSet with this pod spec places no pod on the node (its nodeSelector, or a
+    NoSchedule/NoExecute taint it does not tolerate), or None when it does."""
+    labels = (node.get("metadata") or {}).get("labels") or {}
+    for key, value in sorted((pod_spec.get("nodeSelector") or {}).items()):
+        if labels.get(key) != value:
+            return f"nodeSelector {key}={value}"
+    tolerations = pod_spec.get("tolerations") or ()
+    for taint in (node.get("spec") or {}).get("taints") or ():
+        if taint.get("effect") not in ("NoSchedule", "NoExecute") or taint.get("key") in DAEMON_TOLERATED:
+            continue
+        if not any(_tolerates(t, taint) for t in tolerations):
+            value = f"={taint['value']}" if taint.get("value") else ""
+            return f"taint {taint.get('key')}{value}:{taint.get('effect')}"
+    return None

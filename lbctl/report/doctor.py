@@ -16,7 +16,7 @@ from lbctl.model.bgp import (
     parse_advertisement,
     parse_peer,
 )
-from lbctl.model.nodes import ineligibility
+from lbctl.model.nodes import daemon_pod_misfit, ineligibility
 from lbctl.model.status import current_condition
 from lbctl.report import facts
 from providers.local_pools import PoolError, overlapping_pools, parse_pool
@@ -106,6 +106,7 @@ class Snapshot:
     access_problem: str = ""
     extra: Sequence[Check] = ()  # provider checks (credentials, tags, subnets)
     peers: Sequence[Mapping[str, Any]] | None = ()  # BGPPeers (None: their CRD is not installed)
+    forwarder_daemonset: Mapping[str, Any] | None = None  # lbctl-system/lbctl-forwarder, when installed
 
 
 def check_crd(crd: Mapping[str, Any] | None) -> Check:
@@ -161,14 +162,52 @@ def check_access(name: str, account: tuple[str, str], needed: Sequence[Permissio
     return Check(name, PASS, f"{who} has the {len(needed)} permissions it needs")
 
 
-def check_forwarders(nodes: Sequence[Mapping[str, Any]], leases: Sequence[Mapping[str, Any]], now: float) -> Check:
+FORWARDER_DAEMONSET = "lbctl-forwarder"
+FORWARDERS_FIX = ("kubectl -n lbctl-system get pods -l app.kubernetes.io/name=lbctl-forwarder -o wide: the DaemonSet "
+                  "must run on every eligible node it selects (its tolerations, nodeSelector, pod status)")
+
+
+def forwarders_expected(daemonset: Mapping[str, Any] | None, services: Sequence[Mapping[str, Any]],
+                        pools: Sequence[Mapping[str, Any]]) -> str | None:
+    """Why this cluster needs forwarders (None: it does not, e.g. an aws or gce install, whose
+    balancers send traffic to NodePorts that kube-proxy serves)."""
+    if daemonset is not None:
+        return f"DaemonSet {facts.SYSTEM_NAMESPACE}/{FORWARDER_DAEMONSET} installed"
+    local = sum(1 for s in services if facts.is_lbctls(s) and facts.provider_of(s) == "local")
+    if local:
+        return f"{local} local-provider Service(s)"
+    if pools:
+        return f"{len(pools)} LoadBalancerPool(s)"
+    return None
+
+
+def check_forwarders(nodes: Sequence[Mapping[str, Any]], leases: Sequence[Mapping[str, Any]], now: float,
+                     daemonset: Mapping[str, Any] | None = None, services: Sequence[Mapping[str, Any]] = (),
+                     pools: Sequence[Mapping[str, Any]] = ()) -> Check:
+    """A live forwarder on every eligible node that needs one: the nodes the forwarder DaemonSet
+    selects (nodeSelector, tolerations), or every eligible node when local-provider Services or pools
+    exist without it. Not used at all without the DaemonSet, local Services or pools."""
+    why = forwarders_expected(daemonset, services, pools)
+    if why is None:
+        return Check("forwarders", PASS, f"not used: no DaemonSet {facts.SYSTEM_NAMESPACE}/{FORWARDER_DAEMONSET}, "
+                     "no local-provider Service and no LoadBalancerPool (aws and gce balancers need no forwarder)")
     by_node = facts.forwarder_leases(leases)
     eligible = sorted(str(facts.meta(n).get("name")) for n in nodes if ineligibility(n) is None)
     if not eligible:
         return Check("forwarders", WARN, "no eligible node (every node is not Ready or excluded)",
                      "see the nodes check")
+    pod_spec = (((daemonset or {}).get("spec") or {}).get("template") or {}).get("spec") or {}
+    by_name = {str(facts.meta(n).get("name")): n for n in nodes}
+    skipped = {name: misfit for name in eligible if (misfit := daemon_pod_misfit(pod_spec, by_name[name]))}
+    wanted = [name for name in eligible if name not in skipped]
+    not_selected = (f"; {len(skipped)} eligible node(s) the DaemonSet does not select: " +
+                    ", ".join(f"{name} ({misfit})" for name, misfit in sorted(skipped.items()))) if skipped else ""
+    if not wanted:
+        return Check("forwarders", WARN, f"the forwarder DaemonSet selects none of the {len(eligible)} eligible "
+                     f"nodes{not_selected}", "give the DaemonSet a nodeSelector and tolerations that match the "
+                     "nodes that should serve local-provider addresses")
     missing, stale = [], []
-    for node in eligible:
+    for node in wanted:
         view = facts.lease_view(by_node.get(node), now)
         if view is None:
             missing.append(node)
@@ -177,10 +216,11 @@ def check_forwarders(nodes: Sequence[Mapping[str, Any]], leases: Sequence[Mappin
     problems = ([f"no forwarder on {', '.join(missing)}"] if missing else []) + \
         ([f"forwarder not renewing its Lease on {', '.join(stale)}"] if stale else [])
     if problems:
-        return Check("forwarders", FAIL, "; ".join(problems) + f" ({len(eligible)} eligible nodes)",
-                     "kubectl -n lbctl-system get pods -l app.kubernetes.io/name=lbctl-forwarder -o wide: the "
-                     "DaemonSet must run on every eligible node (its tolerations, nodeSelector, pod status)")
-    return Check("forwarders", PASS, f"a live forwarder on each of the {len(eligible)} eligible nodes")
+        fix = FORWARDERS_FIX if daemonset is not None else (
+            f"install the forwarder ({why} need it): kubectl apply -f examples/deploy/forwarder-daemonset.yaml, "
+            "or helm upgrade with forwarder.enabled=true")
+        return Check("forwarders", FAIL, "; ".join(problems) + f" ({len(wanted)} eligible nodes){not_selected}", fix)
+    return Check("forwarders", PASS, f"a live forwarder on each of the {len(wanted)} eligible nodes{not_selected}")
 
 
 def check_pools(pools: Sequence[Mapping[str, Any]]) -> list[Check]:
@@ -341,7 +381,7 @@ def run_checks(snapshot: Snapshot) -> list[Check]:
                      s.access_problem),
         check_access("forwarder-rbac", FORWARDER_ACCOUNT, FORWARDER_PERMISSIONS, s.access.get(forwarder_account),
                      s.access_problem),
-        check_forwarders(s.nodes, s.leases, s.now),
+        check_forwarders(s.nodes, s.leases, s.now, s.forwarder_daemonset, s.services, s.pools),
         *check_pools(s.pools),
         *check_bgp(s.peers, s.pools, s.nodes),
         check_services(s.services, s.now),

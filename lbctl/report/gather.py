@@ -16,6 +16,7 @@ from lbctl.kube.client import ApiError, KubeClient, load_configuration
 from lbctl.report import facts
 from lbctl.report.doctor import (
     FORWARDER_ACCOUNT,
+    FORWARDER_DAEMONSET,
     FORWARDER_PERMISSIONS,
     OPERATOR_ACCOUNT,
     OPERATOR_PERMISSIONS,
@@ -216,7 +217,7 @@ async def access(reader: Reader) -> tuple[dict[str, dict[Permission, bool]], str
 
 
 async def doctor_snapshot(reader: Reader, check_access: bool = True) -> Snapshot:
-    crd, peer_crd, lease, deployment = await asyncio.gather(
+    crd, peer_crd, lease, deployment, daemonset = await asyncio.gather(
         reader.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{facts.POOL_CRD}",
                    "customresourcedefinitions"),
         reader.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{facts.BGP_PEER_CRD}",
@@ -224,6 +225,8 @@ async def doctor_snapshot(reader: Reader, check_access: bool = True) -> Snapshot
         reader.get(f"{LEASES_PATH}/{facts.OPERATOR_LEASE}", "leases in lbctl-system"),
         reader.get(f"/apis/apps/v1/namespaces/{facts.SYSTEM_NAMESPACE}/deployments/lbctl-operator",
                    "deployments in lbctl-system"),
+        reader.get(f"/apis/apps/v1/namespaces/{facts.SYSTEM_NAMESPACE}/daemonsets/{FORWARDER_DAEMONSET}",
+                   "daemonsets in lbctl-system"),
     )
     nodes, leases, pools, services, peers = await asyncio.gather(
         reader.list("/api/v1/nodes", "nodes"),
@@ -235,4 +238,5 @@ async def doctor_snapshot(reader: Reader, check_access: bool = True) -> Snapshot
     results, problem = await access(reader) if check_access else ({}, "skipped (--no-rbac)")
     return Snapshot(now=time.time(), pool_crd=crd, operator_lease=lease, operator_deployment=deployment,
                     nodes=nodes, leases=leases, pools=pools, services=services, access=results,
-                    access_problem=problem, peers=peers if peer_crd is not None else None)
+                    access_problem=problem, peers=peers if peer_crd is not None else None,
+                    forwarder_daemonset=daemonset)

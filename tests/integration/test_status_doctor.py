@@ -25,6 +25,7 @@ from lbctl.kube.client import KubeClient
 from lbctl.lab.kube import LabKube
 from lbctl.report import doctor
 from tests.integration.harness import (
+    REPO,
     Nodes,
     OperatorProcess,
     Pools,
@@ -265,6 +266,40 @@ def test_doctor_passes_on_a_healthy_setup_and_fails_on_exhaustion_and_a_node_wit
     assert re.fullmatch(r"\d+ checks: 2 failed, \d+ warnings", lines[-1]), lines
 
 
+def doctor_check(cluster: ClusterInfo, name: str) -> dict[str, str]:
+    result = lbctl(cluster.kubeconfig, "doctor", "-o", "json", "--no-rbac")
+    assert "Traceback" not in result.stderr, result.stderr
+    checks: list[dict[str, str]] = json.loads(result.stdout)
+    return next(c for c in checks if c["name"] == name)
+
+
+def test_doctor_wants_forwarders_only_on_the_nodes_the_daemonset_selects(
+    cluster: ClusterInfo, api_client: client.ApiClient, nodes: Nodes, installed: None,
+    write_forwarder_lease: Callable[[ClusterInfo, str], None],
+) -> None:
+    """The shipped forwarder DaemonSet, given a nodeSelector: only the nodes it selects need a
+    forwarder, and the others are named."""
+    (daemonset,) = [d for d in yaml.safe_load_all((REPO / "examples/deploy/forwarder-daemonset.yaml").read_text())
+                    if d and d["kind"] == "DaemonSet"]
+    daemonset["spec"]["template"]["spec"]["nodeSelector"] = {"lbctl.io/edge": "true"}
+    apps = client.AppsV1Api(api_client)
+    apps.create_namespaced_daemon_set("lbctl-system", daemonset)
+    try:
+        nodes.create("edge-1", labels={"lbctl.io/edge": "true"})
+        nodes.create("inner-1")
+        write_forwarder_lease(cluster, "edge-1")
+        check = doctor_check(cluster, "forwarders")
+        assert check["status"] == "pass", check
+        assert "the DaemonSet does not select: " in check["message"], check
+        assert "inner-1 (nodeSelector lbctl.io/edge=true)" in check["message"], check
+
+        client.CoreV1Api(api_client).patch_node("inner-1", {"metadata": {"labels": {"lbctl.io/edge": "true"}}})
+        check = doctor_check(cluster, "forwarders")
+        assert check["status"] == "fail" and "no forwarder on inner-1" in check["message"], check
+    finally:
+        apps.delete_namespaced_daemon_set("lbctl-forwarder", "lbctl-system")
+
+
 @pytest.fixture
 def bare_cluster(tmp_path: Path) -> Iterator[ClusterInfo]:
     """A control plane of its own, on which nothing of lbctl was ever installed."""
@@ -286,6 +321,9 @@ def test_doctor_fails_on_a_missing_crd(bare_cluster: ClusterInfo) -> None:
             "lbctl-system/lbctl-operator") in lines
     assert any(line.startswith("FAIL  operator-rbac: ServiceAccount lbctl-system/lbctl-operator may not: get services")
                for line in lines), lines
+    # nothing asks for forwarders here (no DaemonSet, no local Service, no pool), as on an aws/gce install
+    assert ("PASS  forwarders: not used: no DaemonSet lbctl-system/lbctl-forwarder, no local-provider Service and "
+            "no LoadBalancerPool (aws and gce balancers need no forwarder)") in lines
 
 
 def test_doctor_json(cluster: ClusterInfo, installed: None, pool_crd: None) -> None:

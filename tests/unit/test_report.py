@@ -192,16 +192,47 @@ def test_operator_check(lease_: dict[str, Any] | None, deployment: dict[str, Any
     assert doctor.check_operator(lease_, deployment, NOW).status == result
 
 
-@pytest.mark.parametrize(("nodes", "leases", "result", "words"), [
-    ([node("a"), node("b")], [lease("a", 5), lease("b", 5)], "pass", "each of the 2"),
-    ([node("a"), node("b")], [lease("a", 5)], "fail", "no forwarder on b"),
-    ([node("a"), node("b")], [lease("a", 5), lease("b", 90)], "fail", "not renewing its Lease on b"),
-    ([node("a"), node("b", ready=False)], [lease("a", 5)], "pass", "each of the 1"),
-    ([node("a", ready=False)], [], "warn", "no eligible node"),
+DAEMONSET = {"spec": {"template": {"spec": {"tolerations": [{"operator": "Exists"}]}}}}
+EDGE_ONLY = {"spec": {"template": {"spec": {"nodeSelector": {"lbctl.io/edge": "true"},
+                                            "tolerations": [{"key": "edge", "operator": "Exists"}]}}}}
+
+
+def tainted(name: str, key: str, effect: str = "NoSchedule", labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {**node(name, labels=labels), "spec": {"taints": [{"key": key, "effect": effect}]}}
+
+
+@pytest.mark.parametrize(("nodes", "leases", "daemonset", "result", "words"), [
+    ([node("a"), node("b")], [lease("a", 5), lease("b", 5)], DAEMONSET, "pass", "each of the 2"),
+    ([node("a"), node("b")], [lease("a", 5)], DAEMONSET, "fail", "no forwarder on b"),
+    ([node("a"), node("b")], [lease("a", 5), lease("b", 90)], DAEMONSET, "fail", "not renewing its Lease on b"),
+    ([node("a"), node("b", ready=False)], [lease("a", 5)], DAEMONSET, "pass", "each of the 1"),
+    ([node("a", ready=False)], [], DAEMONSET, "warn", "no eligible node"),
+    # an aws/gce install: no DaemonSet, no local Service, no pool
+    ([node("a"), node("b")], [], None, "pass", "not used: no DaemonSet lbctl-system/lbctl-forwarder"),
+    # the DaemonSet's nodeSelector and tolerations say which nodes need one
+    ([node("a", labels={"lbctl.io/edge": "true"}), node("b")], [lease("a", 5)], EDGE_ONLY, "pass",
+     "each of the 1 eligible nodes; 1 eligible node(s) the DaemonSet does not select: b (nodeSelector "
+     "lbctl.io/edge=true)"),
+    ([tainted("a", "edge", labels={"lbctl.io/edge": "true"}), tainted("b", "gpu", labels={"lbctl.io/edge": "true"})],
+     [lease("a", 5)], EDGE_ONLY, "pass", "b (taint gpu:NoSchedule)"),
+    ([tainted("a", "gpu", "PreferNoSchedule"), tainted("b", "node.kubernetes.io/unschedulable")], [lease("a", 5)],
+     {"spec": {"template": {"spec": {}}}}, "fail", "no forwarder on b"),
+    ([node("b")], [], EDGE_ONLY, "warn", "selects none of the 1 eligible nodes"),
 ])
-def test_forwarder_check(nodes: list[dict[str, Any]], leases: list[dict[str, Any]], result: str, words: str) -> None:
-    check = doctor.check_forwarders(nodes, leases, NOW)
-    assert check.status == result and words in check.message
+def test_forwarder_check(nodes: list[dict[str, Any]], leases: list[dict[str, Any]],
+                         daemonset: dict[str, Any] | None, result: str, words: str) -> None:
+    check = doctor.check_forwarders(nodes, leases, NOW, daemonset)
+    assert check.status == result and words in check.message, check
+
+
+def test_forwarders_are_expected_by_local_services_and_pools_without_a_daemonset() -> None:
+    nodes, leases = [node("a"), node("b")], [lease("a", 5)]
+    for services, pools in (([READY_SVC], []), ([], [pool("a", ["198.18.0.0/28"])])):
+        check = doctor.check_forwarders(nodes, leases, NOW, None, services, pools)
+        assert check.status == "fail" and "no forwarder on b" in check.message, check
+        assert "kubectl apply -f examples/deploy/forwarder-daemonset.yaml" in check.fix
+    cloud = service(lb_class="lbctl.io/aws", ingress=[{"hostname": "a.elb.amazonaws.com"}])
+    assert doctor.check_forwarders(nodes, leases, NOW, None, [cloud], []).status == "pass"
 
 
 @pytest.mark.parametrize(("pools", "results"), [
