@@ -100,6 +100,7 @@ async def _doctor(args: argparse.Namespace) -> int:
         from lbctl.report.cloud import provider_checks
 
         snapshot.extra = await provider_checks(args.provider, args.cluster_name, dict(args.provider_option))
+    snapshot.classes = tuple(args.lb_class)
     checks = doctor_checks.run_checks(snapshot)
     if args.output:
         print(render.dump([c.to_dict() for c in checks], args.output))
@@ -154,6 +155,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     doctor.add_argument("--cluster-name", default=os.environ.get("LBCTL_CLUSTER_NAME", "kubernetes"))
     doctor.add_argument("--provider-option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                         help="region, endpoint_url, project, network … as for the operator")
+    doctor.add_argument("--class", dest="lb_class", action="append", default=[],
+                        help="also check Services of this loadBalancerClass (the operator's --class when it is not "
+                        "lbctl.io/*; repeatable)")
     doctor.add_argument("--rbac", action=argparse.BooleanOptionalAction, default=True,
                         help="check the operator's and forwarder's RBAC with SubjectAccessReviews")
     _common(doctor)

@@ -58,7 +58,8 @@ class Permission:
         return f"{self.verb} {what}" + (f" in {self.namespace}" if self.namespace else "")
 
 
-# What each component needs (examples/deploy/*-rbac.yaml, the chart's templates/rbac.yaml)
+# What each component needs: exactly what examples/deploy (operator-rbac.yaml, forwarder-daemonset.yaml) and
+# the chart grant (tests/unit/test_report.py::test_doctor_permissions_are_the_shipped_rbac)
 OPERATOR_ACCOUNT = ("lbctl-system", "lbctl-operator")
 OPERATOR_PERMISSIONS = (
     *(Permission(v, "services") for v in ("get", "list", "watch", "patch")),
@@ -79,9 +80,9 @@ FORWARDER_PERMISSIONS = (
     *(Permission(v, "services") for v in ("get", "list", "watch", "patch")),
     *(Permission(v, "endpointslices", "discovery.k8s.io") for v in ("list", "watch")),
     *(Permission(v, "nodes") for v in ("list", "watch")),
-    Permission("create", "events"),
+    Permission("create", "events"), Permission("patch", "events"),
     *(Permission(v, "leases", "coordination.k8s.io", namespace=facts.SYSTEM_NAMESPACE)
-      for v in ("create", "patch")),
+      for v in ("create", "patch", "delete")),  # delete: `lbctl forwarder --cleanup` gives its Lease up
     *(Permission(v, "bgppeers", "lbctl.io") for v in ("get", "list", "watch")),
     Permission("patch", "bgppeers", "lbctl.io", subresource="status"),
     *(Permission(v, "loadbalancerpools", "lbctl.io") for v in ("get", "list", "watch")),
@@ -107,6 +108,7 @@ class Snapshot:
     extra: Sequence[Check] = ()  # provider checks (credentials, tags, subnets)
     peers: Sequence[Mapping[str, Any]] | None = ()  # BGPPeers (None: their CRD is not installed)
     forwarder_daemonset: Mapping[str, Any] | None = None  # lbctl-system/lbctl-forwarder, when installed
+    classes: tuple[str, ...] = ()  # loadBalancerClasses counted as lbctl's besides lbctl.io/* (--class)
 
 
 def check_crd(crd: Mapping[str, Any] | None) -> Check:
@@ -337,8 +339,9 @@ def check_bgp(peers: Sequence[Mapping[str, Any]] | None, pools: Sequence[Mapping
     return checks
 
 
-def check_services(services: Sequence[Mapping[str, Any]], now: float, limit: int = 10) -> Check:
-    ours = [s for s in services if facts.is_lbctls(s)]
+def check_services(services: Sequence[Mapping[str, Any]], now: float, limit: int = 10,
+                   classes: tuple[str, ...] = ()) -> Check:
+    ours = [s for s in services if facts.is_lbctls(s, classes)]
     late = []
     for service in ours:
         state = facts.service_state(service)
@@ -384,7 +387,7 @@ def run_checks(snapshot: Snapshot) -> list[Check]:
         check_forwarders(s.nodes, s.leases, s.now, s.forwarder_daemonset, s.services, s.pools),
         *check_pools(s.pools),
         *check_bgp(s.peers, s.pools, s.nodes),
-        check_services(s.services, s.now),
+        check_services(s.services, s.now, classes=s.classes),
         check_nodes(s.nodes),
         *s.extra,
     ]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from lbctl.report import doctor, facts, render, status
 
@@ -256,6 +258,10 @@ def test_services_waiting_over_a_minute_fail_with_their_reason() -> None:
     assert check.status == "fail"
     assert "1 Service(s)" in check.message and "shop/old (90s): pool 'a' has no free address" in check.message
     assert doctor.check_services([READY_SVC, young], NOW).status == "pass"
+    custom = service("custom", lb_class="example.com/lb", age_s=600)  # the operator runs with --class example.com/lb
+    assert doctor.check_services([custom], NOW).status == "pass"
+    check = doctor.check_services([custom], NOW, classes=("example.com/lb",))
+    assert check.status == "fail" and "shop/custom" in check.message
 
 
 def test_nodes_excluded_are_named_with_why() -> None:
@@ -263,6 +269,59 @@ def test_nodes_excluded_are_named_with_why() -> None:
                                 node("c", labels={"node.kubernetes.io/exclude-from-external-load-balancers": ""})])
     assert check.status == "warn"
     assert "b (not Ready)" in check.message and "c (labelled node.kubernetes.io/exclude" in check.message
+
+
+DEPLOY = Path(__file__).resolve().parents[2] / "examples" / "deploy"
+
+
+def shipped_rules(account: tuple[str, str]) -> list[tuple[str, dict[str, Any]]]:
+    """(namespace, rule) of every Role/ClusterRole examples/deploy binds to the ServiceAccount
+    (namespace "" for a ClusterRole)."""
+    docs = [d for path in sorted(DEPLOY.glob("*.yaml")) for d in yaml.safe_load_all(path.read_text()) if d]
+    roles = {(d["kind"], d["metadata"].get("namespace", ""), d["metadata"]["name"]): d for d in docs
+             if d["kind"] in ("Role", "ClusterRole")}
+    found = []
+    for binding in docs:
+        if binding["kind"] not in ("RoleBinding", "ClusterRoleBinding"):
+            continue
+        if {"kind": "ServiceAccount", "namespace": account[0], "name": account[1]} not in binding["subjects"]:
+            continue
+        namespace = binding["metadata"].get("namespace", "")
+        role = roles[(binding["roleRef"]["kind"], namespace if binding["roleRef"]["kind"] == "Role" else "",
+                      binding["roleRef"]["name"])]
+        found += [(namespace, rule) for rule in role["rules"]]
+    return found
+
+
+def grants(namespace: str, rule: dict[str, Any], p: doctor.Permission) -> bool:
+    resource = p.resource + (f"/{p.subresource}" if p.subresource else "")
+    return (p.group in rule["apiGroups"] and resource in rule["resources"] and p.verb in rule["verbs"]
+            and (not namespace or namespace == p.namespace)
+            and (not rule.get("resourceNames") or p.name in rule["resourceNames"]))
+
+
+@pytest.mark.parametrize(("account", "needed"), [
+    (doctor.OPERATOR_ACCOUNT, doctor.OPERATOR_PERMISSIONS), (doctor.FORWARDER_ACCOUNT, doctor.FORWARDER_PERMISSIONS),
+], ids=["operator", "forwarder"])
+def test_doctor_permissions_are_the_shipped_rbac(account: tuple[str, str],
+                                                 needed: tuple[doctor.Permission, ...]) -> None:
+    """doctor asks about exactly what examples/deploy grants (the chart's RBAC equals it:
+    tests/integration/test_chart.py), so a verb added to one and not the other fails here."""
+    rules = shipped_rules(account)
+    assert rules
+    ungranted = [p.describe() for p in needed if not any(grants(ns, rule, p) for ns, rule in rules)]
+    assert not ungranted, f"doctor checks what examples/deploy does not grant: {ungranted}"
+    unchecked = []
+    for namespace, rule in rules:
+        for resource in rule["resources"]:
+            name, _, sub = resource.partition("/")
+            for verb in rule["verbs"]:
+                for object_name in rule.get("resourceNames") or [""]:
+                    if not any(p.verb == verb and p.resource == name and p.subresource == sub and
+                               p.group in rule["apiGroups"] and p.namespace == namespace and p.name == object_name
+                               for p in needed):
+                        unchecked.append(f"{verb} {resource} {object_name} in {namespace or 'the cluster'}")
+    assert not unchecked, f"examples/deploy grants what doctor does not check: {unchecked}"
 
 
 def test_access_check() -> None:
