@@ -184,6 +184,16 @@ class Pool:
     def restricted(self) -> bool:
         return bool(self.namespaces) or self.service_selector is not None
 
+    def usable_addresses(self, version: int) -> int:
+        """How many addresses of this family the pool can hand out (avoidBuggyIPs leaves out .0/.255)."""
+        usable = 0
+        for r in self.ranges:
+            if r.version == version:
+                usable += r.last - r.first + 1
+                if self.avoid_buggy_ips and version == 4:
+                    usable -= _buggy_up_to(r.last) - _buggy_up_to(r.first - 1)
+        return usable
+
     def contains(self, ip: IPAddress) -> bool:
         """True when `ip` is one of the pool's usable addresses."""
         n = int(ip)
@@ -825,13 +835,7 @@ class Allocator:
         usage: dict[tuple[str, int], tuple[int, int]] = {}
         for name, state in self._pools.items():
             for version in state.free:
-                usable = 0
-                for r in state.pool.ranges:
-                    if r.version == version:
-                        usable += r.last - r.first + 1
-                        if state.pool.avoid_buggy_ips and version == 4:
-                            usable -= _buggy_up_to(r.last) - _buggy_up_to(r.first - 1)
-                usage[(name, version)] = (usable, assigned[(name, version)])
+                usage[(name, version)] = (state.pool.usable_addresses(version), assigned[(name, version)])
         return usage
 
     # -- services ------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ of what the cluster holds in, checks out; lbctl.report.gather reads the cluster)
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -19,7 +20,7 @@ from lbctl.model.bgp import (
 from lbctl.model.nodes import daemon_pod_misfit, ineligibility
 from lbctl.model.status import current_condition
 from lbctl.report import facts
-from providers.local_pools import PoolError, overlapping_pools, parse_pool
+from providers.local_pools import Pool, PoolError, overlapping_pools, parse_pool
 
 PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
 PENDING_AFTER_S = 60.0
@@ -225,16 +226,52 @@ def check_forwarders(nodes: Sequence[Mapping[str, Any]], leases: Sequence[Mappin
     return Check("forwarders", PASS, f"a live forwarder on each of the {len(wanted)} eligible nodes{not_selected}")
 
 
-def check_pools(pools: Sequence[Mapping[str, Any]]) -> list[Check]:
+def family_usage(pool: Pool, services: Sequence[Mapping[str, Any]]) -> dict[int, tuple[int, int]]:
+    """IP version → (usable, assigned) for one pool: its addresses against the distinct addresses
+    the operator recorded in lbctl local Services' status.loadBalancer.ingress (a shared address
+    counts once, as in the pool's status)."""
+    taken: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+    for service in services:
+        if not facts.is_lbctls(service) or facts.provider_of(service) != "local":
+            continue
+        for ingress in facts.ingress_of(service):
+            try:
+                ip = ipaddress.ip_address(str(ingress.get("ip") or ""))
+            except ValueError:
+                continue
+            if pool.contains(ip):
+                taken.add(ip)
+    return {version: (pool.usable_addresses(version), sum(1 for ip in taken if ip.version == version))
+            for version in sorted(pool.families)}
+
+
+def _usage_check(name: str, free: int, assigned: int, family: str = "") -> Check:
+    total = free + assigned
+    what = f"{family} addresses" if family else "addresses"
+    usage = f"{assigned} of {total} {what} assigned, {free} free"
+    if free <= 0:
+        return Check(f"pool {name}", FAIL, f"exhausted{f' for {family}' if family else ''}: {usage}",
+                     f"add {family + ' ' if family else ''}addresses to spec.addresses of pool {name}, or delete "
+                     "Services that use it")
+    if free < NEARLY_EXHAUSTED * total:
+        return Check(f"pool {name}", WARN, f"nearly exhausted{f' for {family}' if family else ''}: {usage}",
+                     f"add {family + ' ' if family else ''}addresses to spec.addresses of pool {name}")
+    return Check(f"pool {name}", PASS, usage)
+
+
+def check_pools(pools: Sequence[Mapping[str, Any]], services: Sequence[Mapping[str, Any]] = ()) -> list[Check]:
+    """Each pool: valid, not overlapping another, and not (nearly) exhausted. A dual-stack pool is
+    judged per family (its IPv4 half can run out while IPv6 has plenty): the pool status holds only
+    the sums, so the per-family counts come from its addresses and the Services' ingress."""
     checks = []
-    parsed = []
+    parsed: dict[str, Pool] = {}
     for obj in pools:
         name = str(facts.meta(obj).get("name"))
         try:
-            parsed.append(parse_pool(obj))
+            parsed[name] = parse_pool(obj)
         except PoolError as exc:
             checks.append(Check(f"pool {name}", FAIL, f"invalid: {exc}", "fix the pool's spec"))
-    overlapping = {o.rejected.name: o for o in overlapping_pools(parsed)}
+    overlapping = {o.rejected.name: o for o in overlapping_pools(parsed.values())}
     for obj in pools:
         name = str(facts.meta(obj).get("name"))
         if name in overlapping:
@@ -242,23 +279,24 @@ def check_pools(pools: Sequence[Mapping[str, Any]]) -> list[Check]:
             checks.append(Check(f"pool {name}", FAIL, o.message,
                                 f"give each pool its own addresses (pool {o.kept.name} keeps them)"))
             continue
-        if any(c.name == f"pool {name}" for c in checks):
+        if name not in parsed:
             continue
         status = obj.get("status") or {}
         if "free" not in status:
             checks.append(Check(f"pool {name}", SKIP, "no usage recorded yet (the operator writes it)"))
             continue
-        free, assigned = int(status.get("free") or 0), int(status.get("assigned") or 0)
-        total = free + assigned
-        usage = f"{assigned} of {total} addresses assigned, {free} free"
-        if free == 0:
-            checks.append(Check(f"pool {name}", FAIL, f"exhausted: {usage}",
-                                f"add addresses to spec.addresses of pool {name}, or delete Services that use it"))
-        elif free < NEARLY_EXHAUSTED * total:
-            checks.append(Check(f"pool {name}", WARN, f"nearly exhausted: {usage}",
-                                f"add addresses to spec.addresses of pool {name}"))
+        pool = parsed[name]
+        if len(pool.families) < 2:
+            checks.append(_usage_check(name, int(status.get("free") or 0), int(status.get("assigned") or 0)))
+            continue
+        by_family = {f"IPv{v}": _usage_check(name, usable - assigned, assigned, f"IPv{v}")
+                     for v, (usable, assigned) in family_usage(pool, services).items()}
+        worst = min(by_family.values(), key=lambda c: (FAIL, WARN, PASS).index(c.status))
+        if worst.status == PASS:
+            checks.append(Check(f"pool {name}", PASS, "; ".join(c.message for c in by_family.values())))
         else:
-            checks.append(Check(f"pool {name}", PASS, usage))
+            others = "; ".join(c.message for c in by_family.values() if c is not worst)
+            checks.append(Check(worst.name, worst.status, f"{worst.message} ({others})", worst.fix))
     if not pools:
         checks.append(Check("pools", SKIP, "no LoadBalancerPool (needed only by the local provider)"))
     return checks
@@ -385,7 +423,7 @@ def run_checks(snapshot: Snapshot) -> list[Check]:
         check_access("forwarder-rbac", FORWARDER_ACCOUNT, FORWARDER_PERMISSIONS, s.access.get(forwarder_account),
                      s.access_problem),
         check_forwarders(s.nodes, s.leases, s.now, s.forwarder_daemonset, s.services, s.pools),
-        *check_pools(s.pools),
+        *check_pools(s.pools, s.services),
         *check_bgp(s.peers, s.pools, s.nodes),
         check_services(s.services, s.now, classes=s.classes),
         check_nodes(s.nodes),

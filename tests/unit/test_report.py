@@ -250,6 +250,36 @@ def test_pool_checks(pools: list[dict[str, Any]], results: list[str]) -> None:
     assert [c.status for c in doctor.check_pools(pools)] == results
 
 
+def holding(name: str, *ips: str, lb_class: str = "lbctl.io/local") -> dict[str, Any]:
+    return service(name, lb_class=lb_class, ingress=[{"ip": ip} for ip in ips])
+
+
+DUAL = pool("d", ["198.18.0.0/30", "fd00::/126"], 4, 4)  # the status holds sums: 4 of 8 assigned
+
+
+@pytest.mark.parametrize(("services", "status", "words"), [
+    # IPv4 used up while IPv6 has room: the sums (4 of 8) would pass
+    ([holding(f"s{i}", f"198.18.0.{i}") for i in range(4)], "fail",
+     "exhausted for IPv4: 4 of 4 IPv4 addresses assigned, 0 free (0 of 4 IPv6 addresses assigned, 4 free)"),
+    ([holding("a", "198.18.0.0", "fd00::"), holding("b", "198.18.0.1", "fd00::1")], "pass",
+     "2 of 4 IPv4 addresses assigned, 2 free; 2 of 4 IPv6 addresses assigned, 2 free"),
+    # a shared address counts once; an address outside the pool, or of another provider, not at all
+    ([holding("a", "fd00::"), holding("b", "fd00::"), holding("c", "198.18.1.1"),
+      holding("d", "198.18.0.1", lb_class="lbctl.io/gce")], "pass", "1 of 4 IPv6 addresses assigned"),
+])
+def test_a_dual_stack_pool_is_judged_per_family(services: list[dict[str, Any]], status: str, words: str) -> None:
+    (check,) = doctor.check_pools([DUAL], services)
+    assert (check.status, check.name) == (status, "pool d") and words in check.message, check
+    if status == "fail":
+        assert check.fix == "add IPv4 addresses to spec.addresses of pool d, or delete Services that use it"
+
+
+def test_nearly_exhausted_per_family() -> None:
+    big = pool("big", ["198.18.0.0/28", "fd00::/120"], 15, 100)
+    (check,) = doctor.check_pools([big], [holding(f"s{i}", f"198.18.0.{i}") for i in range(15)])
+    assert check.status == "warn" and check.message.startswith("nearly exhausted for IPv4: 15 of 16"), check
+
+
 def test_services_waiting_over_a_minute_fail_with_their_reason() -> None:
     old = service("old", annotations=MARKED, age_s=600, condition=(
         "False", "Pending", "pool 'a' has no free address for this Service; fix: add addresses"), condition_age_s=90)
