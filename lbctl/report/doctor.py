@@ -109,23 +109,77 @@ class Snapshot:
     extra: Sequence[Check] = ()  # provider checks (credentials, tags, subnets)
     peers: Sequence[Mapping[str, Any]] | None = ()  # BGPPeers (None: their CRD is not installed)
     forwarder_daemonset: Mapping[str, Any] | None = None  # lbctl-system/lbctl-forwarder, when installed
+    peer_crd: Mapping[str, Any] | None = None
     classes: tuple[str, ...] = ()  # loadBalancerClasses counted as lbctl's besides lbctl.io/* (--class)
 
 
-def check_crd(crd: Mapping[str, Any] | None) -> Check:
-    fix = f"install it: kubectl apply -f examples/deploy/crd-loadbalancerpool.yaml, or {INSTALL}"
+CRD_REVISION_ANNOTATION = "lbctl.io/crd-revision"
+
+
+@dataclass(frozen=True)
+class ExpectedCrd:
+    """A CRD as this lbctl ships it: its revision (the lbctl.io/crd-revision annotation on both
+    copies, raised with every schema change) and schema fields an older copy lacks."""
+
+    name: str
+    file: str  # in examples/deploy
+    revision: int
+    fields: tuple[str, ...]  # dotted paths under the served version's openAPIV3Schema
+    required: bool  # False: only BGP needs it
+
+
+POOL_CRD = ExpectedCrd(facts.POOL_CRD, "crd-loadbalancerpool.yaml", 1,
+                       ("spec.addresses", "spec.advertisement", "spec.serviceSelector", "status.free"), True)
+PEER_CRD = ExpectedCrd(facts.BGP_PEER_CRD, "crd-bgppeer.yaml", 1,
+                       ("spec.peerAddress", "spec.passwordSecretRef", "spec.nodeSelector", "status.nodes"), False)
+
+
+def _schema_lacks(version: Mapping[str, Any], fields: Sequence[str]) -> list[str]:
+    missing = []
+    for path in fields:
+        node = (version.get("schema") or {}).get("openAPIV3Schema") or {}
+        for part in path.split("."):
+            node = (node.get("properties") or {}).get(part) or {}
+            if not node:
+                missing.append(path)
+                break
+    return missing
+
+
+def check_crd(crd: Mapping[str, Any] | None, expected: ExpectedCrd = POOL_CRD) -> Check:
+    """Installed, serving v1alpha1, Established, and at the schema revision this lbctl ships."""
+    name = f"crd {expected.name.split('.')[0]}"
+    apply = f"kubectl apply -f examples/deploy/{expected.file}, or {INSTALL}"
     if crd is None:
-        return Check("crd", FAIL, f"CustomResourceDefinition {facts.POOL_CRD} is not installed", fix)
+        if not expected.required:
+            return Check(name, WARN, f"CustomResourceDefinition {expected.name} is not installed: BGP "
+                         "advertisement cannot be used", f"install it: {apply}")
+        return Check(name, FAIL, f"CustomResourceDefinition {expected.name} is not installed", f"install it: {apply}")
     versions = {v.get("name"): v for v in (crd.get("spec") or {}).get("versions") or ()}
     version = versions.get(facts.POOL_CRD_VERSION)
     if version is None or not version.get("served"):
-        return Check("crd", FAIL, f"{facts.POOL_CRD} does not serve {facts.POOL_CRD_VERSION} (it serves "
-                     f"{', '.join(sorted(str(v) for v in versions)) or 'nothing'})", "upgrade it: " + fix)
+        return Check(name, FAIL, f"{expected.name} does not serve {facts.POOL_CRD_VERSION} (it serves "
+                     f"{', '.join(sorted(str(v) for v in versions)) or 'nothing'})", f"upgrade it: {apply}")
     conditions = {c.get("type"): c.get("status") for c in (crd.get("status") or {}).get("conditions") or ()}
     if conditions.get("Established") != "True":
-        return Check("crd", FAIL, f"{facts.POOL_CRD} is not Established yet",
-                     "wait a few seconds; if it stays so, kubectl describe crd " + facts.POOL_CRD)
-    return Check("crd", PASS, f"{facts.POOL_CRD} {facts.POOL_CRD_VERSION} installed")
+        return Check(name, FAIL, f"{expected.name} is not Established yet",
+                     "wait a few seconds; if it stays so, kubectl describe crd " + expected.name)
+    written = str((facts.meta(crd).get("annotations") or {}).get(CRD_REVISION_ANNOTATION) or "")
+    revision = int(written) if written.isdigit() else None
+    lacks = _schema_lacks(version, expected.fields)
+    upgrade = f"apply this lbctl's CRD: {apply}"
+    if revision is not None and revision > expected.revision:
+        return Check(name, WARN, f"{expected.name} is newer than this lbctl (revision {revision}, it knows "
+                     f"{expected.revision})", "use the lbctl release that installed it")
+    if lacks or (revision is not None and revision < expected.revision):
+        have = f"revision {revision}" if revision is not None else f"no {CRD_REVISION_ANNOTATION}"
+        why = f"; its schema lacks {', '.join(lacks)}" if lacks else ""
+        return Check(name, FAIL, f"{expected.name} is outdated ({have}, this lbctl expects revision "
+                     f"{expected.revision}){why}", upgrade)
+    if revision is None:
+        return Check(name, WARN, f"{expected.name} records no {CRD_REVISION_ANNOTATION} (applied by an older "
+                     f"lbctl; this one expects revision {expected.revision})", upgrade)
+    return Check(name, PASS, f"{expected.name} {facts.POOL_CRD_VERSION} installed (revision {revision})")
 
 
 def check_operator(lease: Mapping[str, Any] | None, deployment: Mapping[str, Any] | None, now: float) -> Check:
@@ -416,7 +470,8 @@ def run_checks(snapshot: Snapshot) -> list[Check]:
     operator_account = "/".join(OPERATOR_ACCOUNT)
     forwarder_account = "/".join(FORWARDER_ACCOUNT)
     return [
-        check_crd(s.pool_crd),
+        check_crd(s.pool_crd, POOL_CRD),
+        check_crd(s.peer_crd, PEER_CRD),
         check_operator(s.operator_lease, s.operator_deployment, s.now),
         check_access("operator-rbac", OPERATOR_ACCOUNT, OPERATOR_PERMISSIONS, s.access.get(operator_account),
                      s.access_problem),

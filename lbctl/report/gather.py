@@ -239,4 +239,4 @@ async def doctor_snapshot(reader: Reader, check_access: bool = True) -> Snapshot
     return Snapshot(now=time.time(), pool_crd=crd, operator_lease=lease, operator_deployment=deployment,
                     nodes=nodes, leases=leases, pools=pools, services=services, access=results,
                     access_problem=problem, peers=peers if peer_crd is not None else None,
-                    forwarder_daemonset=daemonset)
+                    forwarder_daemonset=daemonset, peer_crd=peer_crd)

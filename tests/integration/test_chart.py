@@ -85,6 +85,8 @@ def test_the_defaults_install_what_examples_deploy_installs(helm_bin: Path) -> N
     for name in ("loadbalancerpools.lbctl.io", "bgppeers.lbctl.io"):
         crd = ("CustomResourceDefinition", name)
         assert chart[crd]["spec"] == shipped[crd]["spec"], name
+        revision = "lbctl.io/crd-revision"  # what `lbctl doctor` compares
+        assert chart[crd]["metadata"]["annotations"][revision] == shipped[crd]["metadata"]["annotations"][revision]
     operator, shipped_operator = chart[("Deployment", "lbctl-operator")], shipped[("Deployment", "lbctl-operator")]
     for field in ("replicas", "strategy", "selector"):
         assert operator["spec"][field] == shipped_operator["spec"][field], field
@@ -117,6 +119,32 @@ def test_values_reach_the_pods(helm_bin: Path) -> None:
     assert ("PodDisruptionBudget", "lbctl-operator") not in docs  # one replica: a PDB would block every drain
     args = docs[("DaemonSet", "lbctl-forwarder")]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--mode=announce" in args
+
+
+def test_node_selectors_tolerations_and_resources_reach_both_pods(helm_bin: Path, tmp_path: Path) -> None:
+    placement = {
+        "nodeSelector": {"lbctl.io/edge": "true"},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "lb", "effect": "NoSchedule"}],
+        "resources": {"requests": {"cpu": "250m", "memory": "96Mi"}, "limits": {"memory": "300Mi"}},
+    }
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"operator": placement, "forwarder": {**placement, "nodeSelector": {
+        "lbctl.io/forwarder": "yes"}}}))
+    docs = by_kind(render(helm_bin, "-f", str(values)))
+    for kind, name, selector in (("Deployment", "lbctl-operator", {"lbctl.io/edge": "true"}),
+                                 ("DaemonSet", "lbctl-forwarder", {"lbctl.io/forwarder": "yes"})):
+        pod = docs[(kind, name)]["spec"]["template"]["spec"]
+        assert pod["nodeSelector"] == selector, name
+        assert pod["tolerations"] == placement["tolerations"], name
+        assert pod["containers"][0]["resources"] == placement["resources"], name
+
+    # the gce CI values: the operator placed on the control plane
+    gce = by_kind(render(helm_bin, "-f", str(CHART / "ci" / "gce-values.yaml")))
+    gce_values = yaml.safe_load((CHART / "ci" / "gce-values.yaml").read_text())
+    pod = gce[("Deployment", "lbctl-operator")]["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == gce_values["operator"]["nodeSelector"]
+    assert pod["tolerations"] == gce_values["operator"]["tolerations"]
+    assert ("DaemonSet", "lbctl-forwarder") not in gce  # forwarder.enabled: false
 
 
 @pytest.mark.parametrize(("settings", "message"), [

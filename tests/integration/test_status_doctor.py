@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
-from kubernetes import client
+from kubernetes import client, config
 
 from lbctl.dev import controlplane
 from lbctl.dev.layout import ClusterInfo, kubeconfig_yaml
@@ -25,6 +25,7 @@ from lbctl.kube.client import KubeClient
 from lbctl.lab.kube import LabKube
 from lbctl.report import doctor
 from tests.integration.harness import (
+    POOL_CRD,
     REPO,
     Nodes,
     OperatorProcess,
@@ -239,7 +240,8 @@ def test_doctor_passes_on_a_healthy_setup_and_fails_on_exhaustion_and_a_node_wit
 
     code, lines = doctor_lines(cluster)
     assert code == 0, "\n".join(lines)
-    assert "PASS  crd: loadbalancerpools.lbctl.io v1alpha1 installed" in lines
+    assert "PASS  crd loadbalancerpools: loadbalancerpools.lbctl.io v1alpha1 installed (revision 1)" in lines
+    assert "PASS  crd bgppeers: bgppeers.lbctl.io v1alpha1 installed (revision 1)" in lines
     assert any(re.fullmatch(r"PASS  operator: leader \S+ \(Lease lbctl-system/lbctl-operator renewed \d+s ago\)", line)
                for line in lines), lines
     assert ("PASS  operator-rbac: ServiceAccount lbctl-system/lbctl-operator has the "
@@ -314,7 +316,8 @@ def bare_cluster(tmp_path: Path) -> Iterator[ClusterInfo]:
 def test_doctor_fails_on_a_missing_crd(bare_cluster: ClusterInfo) -> None:
     code, lines = doctor_lines(bare_cluster)
     assert code == 1
-    index = lines.index("FAIL  crd: CustomResourceDefinition loadbalancerpools.lbctl.io is not installed")
+    index = lines.index("FAIL  crd loadbalancerpools: CustomResourceDefinition loadbalancerpools.lbctl.io is not "
+                        "installed")
     assert lines[index + 1] == ("      fix: install it: kubectl apply -f examples/deploy/crd-loadbalancerpool.yaml, "
                                 "or kubectl apply -k examples/deploy (or helm install lbctl charts/lbctl)")
     assert ("FAIL  operator: no operator seen: no Lease lbctl-system/lbctl-operator and no Deployment "
@@ -324,13 +327,32 @@ def test_doctor_fails_on_a_missing_crd(bare_cluster: ClusterInfo) -> None:
     # nothing asks for forwarders here (no DaemonSet, no local Service, no pool), as on an aws/gce install
     assert ("PASS  forwarders: not used: no DaemonSet lbctl-system/lbctl-forwarder, no local-provider Service and "
             "no LoadBalancerPool (aws and gce balancers need no forwarder)") in lines
+    assert ("WARN  crd bgppeers: CustomResourceDefinition bgppeers.lbctl.io is not installed: BGP advertisement "
+            "cannot be used") in lines
+
+    # a pool CRD from before BGP: no spec.advertisement, no schema revision
+    old = yaml.safe_load(POOL_CRD.read_text())
+    del old["metadata"]["annotations"]
+    del old["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["advertisement"]
+    extensions = client.ApiextensionsV1Api(config.new_client_from_config(bare_cluster.kubeconfig))
+    extensions.create_custom_resource_definition(old)
+    wait_until(lambda: any(c.type == "Established" and c.status == "True" for c in
+                           extensions.read_custom_resource_definition(old["metadata"]["name"]).status.conditions or ()),
+               what="the old CRD is Established")
+    code, lines = doctor_lines(bare_cluster)
+    assert code == 1
+    outdated = ("FAIL  crd loadbalancerpools: loadbalancerpools.lbctl.io is outdated (no lbctl.io/crd-revision, this "
+                "lbctl expects revision 1); its schema lacks spec.advertisement")
+    assert lines[lines.index(outdated) + 1] == (
+        "      fix: apply this lbctl's CRD: kubectl apply -f examples/deploy/crd-loadbalancerpool.yaml, or kubectl "
+        "apply -k examples/deploy (or helm install lbctl charts/lbctl)")
 
 
 def test_doctor_json(cluster: ClusterInfo, installed: None, pool_crd: None) -> None:
     result = lbctl(cluster.kubeconfig, "doctor", "-o", "json", "--no-rbac")
     checks = json.loads(result.stdout)
     by_name = {c["name"]: c for c in checks}
-    assert by_name["crd"]["status"] == "pass"
+    assert by_name["crd loadbalancerpools"]["status"] == "pass"
     assert by_name["operator-rbac"]["status"] == "skip"
     assert result.returncode == (1 if any(c["status"] == "fail" for c in checks) else 0)
 

@@ -10,6 +10,7 @@ import yaml
 
 from lbctl.report import doctor, facts, render, status
 
+DEPLOY = Path(__file__).resolve().parents[2] / "examples" / "deploy"
 NOW = 1_800_000_000.0  # 2027-01-15T08:00:00Z
 
 
@@ -166,17 +167,74 @@ def test_status_table_lines() -> None:
 
 # -- doctor -----------------------------------------------------------------------------------------
 
-CRD = {"spec": {"versions": [{"name": "v1alpha1", "served": True, "storage": True}]},
-       "status": {"conditions": [{"type": "Established", "status": "True"}]}}
+def shipped_crd(file: str, annotation: str | None = "keep", drop: str = "") -> dict[str, Any]:
+    """examples/deploy's CRD as the apiserver returns it once Established; `annotation` replaces
+    the revision (None: removed), `drop` removes a spec property (an older schema)."""
+    crd: dict[str, Any] = yaml.safe_load((DEPLOY / file).read_text())
+    annotations = crd["metadata"].setdefault("annotations", {})
+    if annotation is None:
+        annotations.pop(doctor.CRD_REVISION_ANNOTATION)
+    elif annotation != "keep":
+        annotations[doctor.CRD_REVISION_ANNOTATION] = annotation
+    if drop:
+        crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"].pop(drop)
+    crd["status"] = {"conditions": [{"type": "Established", "status": "True"}]}
+    return crd
 
 
-@pytest.mark.parametrize(("crd", "result"), [
-    (CRD, "pass"), (None, "fail"),
-    ({"spec": {"versions": [{"name": "v1beta9", "served": True}]}, "status": {}}, "fail"),
-    ({**CRD, "status": {}}, "fail"),
+CRD = shipped_crd("crd-loadbalancerpool.yaml")
+
+
+@pytest.mark.parametrize(("crd", "result", "words"), [
+    (CRD, "pass", "loadbalancerpools.lbctl.io v1alpha1 installed (revision 1)"),
+    (None, "fail", "is not installed"),
+    ({"spec": {"versions": [{"name": "v1beta9", "served": True}]}, "status": {}}, "fail", "does not serve v1alpha1"),
+    ({**CRD, "status": {}}, "fail", "not Established"),
+    # a pool CRD from before BGP: no spec.advertisement, no revision
+    (shipped_crd("crd-loadbalancerpool.yaml", None, drop="advertisement"), "fail",
+     "outdated (no lbctl.io/crd-revision, this lbctl expects revision 1); its schema lacks spec.advertisement"),
+    (shipped_crd("crd-loadbalancerpool.yaml", "0"), "fail", "outdated (revision 0, this lbctl expects revision 1)"),
+    (shipped_crd("crd-loadbalancerpool.yaml", None), "warn", "records no lbctl.io/crd-revision"),
+    (shipped_crd("crd-loadbalancerpool.yaml", "7"), "warn", "newer than this lbctl (revision 7"),
 ])
-def test_crd_check(crd: dict[str, Any] | None, result: str) -> None:
-    assert doctor.check_crd(crd).status == result
+def test_crd_check(crd: dict[str, Any] | None, result: str, words: str) -> None:
+    check = doctor.check_crd(crd, doctor.POOL_CRD)
+    assert check.status == result and words in check.message, check
+    if "outdated" in words:
+        assert check.fix.startswith("apply this lbctl's CRD: kubectl apply -f "
+                                    "examples/deploy/crd-loadbalancerpool.yaml")
+
+
+def test_the_bgppeer_crd_is_checked_too() -> None:
+    assert doctor.check_crd(shipped_crd("crd-bgppeer.yaml"), doctor.PEER_CRD).status == "pass"
+    missing = doctor.check_crd(None, doctor.PEER_CRD)
+    assert (missing.name, missing.status) == ("crd bgppeers", "warn")
+    assert "kubectl apply -f examples/deploy/crd-bgppeer.yaml" in missing.fix
+    old = doctor.check_crd(shipped_crd("crd-bgppeer.yaml", None, drop="passwordSecretRef"), doctor.PEER_CRD)
+    assert old.status == "fail" and "lacks spec.passwordSecretRef" in old.message
+
+
+# The shipped CRDs' specs, hashed: a schema change fails here until the revision is raised
+CRD_DIGESTS = {
+    "crd-loadbalancerpool.yaml": (1, "690303287ff719f0"),
+    "crd-bgppeer.yaml": (1, "70f1d22228606a43"),
+}
+
+
+@pytest.mark.parametrize("expected", [doctor.POOL_CRD, doctor.PEER_CRD], ids=lambda e: e.file)
+def test_the_shipped_crds_carry_the_revision_doctor_expects(expected: doctor.ExpectedCrd) -> None:
+    import hashlib
+    import json
+
+    crd = yaml.safe_load((DEPLOY / expected.file).read_text())
+    assert crd["metadata"]["name"] == expected.name
+    assert crd["metadata"]["annotations"][doctor.CRD_REVISION_ANNOTATION] == str(expected.revision)
+    assert doctor.check_crd(shipped_crd(expected.file), expected).status == "pass"  # every field doctor wants
+    digest = hashlib.sha256(json.dumps(crd["spec"], sort_keys=True).encode()).hexdigest()[:16]
+    assert CRD_DIGESTS[expected.file] == (expected.revision, digest), (
+        f"{expected.file} changed: raise lbctl.io/crd-revision in it and in charts/lbctl/templates/{expected.file}, "
+        f"and in doctor.{'POOL' if 'pool' in expected.file else 'PEER'}_CRD, then record it here with the new digest "
+        f"{digest}")
 
 
 OPERATOR_LEASE = {"spec": {"holderIdentity": "lbctl-operator-1", "leaseDurationSeconds": 3, "renewTime": stamp(1)}}
@@ -301,9 +359,6 @@ def test_nodes_excluded_are_named_with_why() -> None:
     assert "b (not Ready)" in check.message and "c (labelled node.kubernetes.io/exclude" in check.message
 
 
-DEPLOY = Path(__file__).resolve().parents[2] / "examples" / "deploy"
-
-
 def shipped_rules(account: tuple[str, str]) -> list[tuple[str, dict[str, Any]]]:
     """(namespace, rule) of every Role/ClusterRole examples/deploy binds to the ServiceAccount
     (namespace "" for a ClusterRole)."""
@@ -366,7 +421,8 @@ def test_access_check() -> None:
 
 def test_a_healthy_snapshot_passes_and_the_text_ends_with_a_count() -> None:
     snapshot = doctor.Snapshot(
-        now=NOW, pool_crd=CRD, operator_lease=OPERATOR_LEASE, operator_deployment=None, nodes=[node("a")],
+        now=NOW, pool_crd=CRD, peer_crd=shipped_crd("crd-bgppeer.yaml"), operator_lease=OPERATOR_LEASE,
+        operator_deployment=None, nodes=[node("a")],
         leases=[lease("a", 3)], pools=[pool("a", ["198.18.0.0/28"], 1, 15)], services=[READY_SVC],
         access={"lbctl-system/lbctl-operator": dict.fromkeys(doctor.OPERATOR_PERMISSIONS, True),
                 "lbctl-system/lbctl-forwarder": dict.fromkeys(doctor.FORWARDER_PERMISSIONS, True)})
