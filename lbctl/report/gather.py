@@ -90,9 +90,23 @@ class Reader:
         return ReadError(f"cannot reach the cluster at {self.client.base} ({reason}); check that it runs and that "
                          "your kubeconfig's current context points to it")
 
+    async def _get(self, path: str, params: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """One GET; a 429 (e.g. "storage is (re)initializing" right after a CRD is created, or
+        API priority and fairness) is tried again for up to the request timeout."""
+        deadline = time.monotonic() + self.timeout_s
+        delay = 0.2
+        while True:
+            try:
+                return await self.client.request("GET", path, params=params, timeout_s=self.timeout_s)
+            except ApiError as exc:
+                if exc.status != 429 or time.monotonic() + delay > deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
     async def get(self, path: str, what: str, missing_ok: bool = True) -> dict[str, Any] | None:
         try:
-            return await self.client.request("GET", path, timeout_s=self.timeout_s)
+            return await self._get(path)
         except ApiError as exc:
             if exc.status == 404 and missing_ok:
                 return None
@@ -108,7 +122,7 @@ class Reader:
         items: list[dict[str, Any]] = []
         while True:
             try:
-                page = await self.client.request("GET", path, params=query, timeout_s=self.timeout_s)
+                page = await self._get(path, query)
             except ApiError as exc:
                 if exc.status == 404 and missing_ok:
                     return []

@@ -339,10 +339,12 @@ def test_doctor_fails_on_a_missing_crd(bare_cluster: ClusterInfo) -> None:
     wait_until(lambda: any(c.type == "Established" and c.status == "True" for c in
                            extensions.read_custom_resource_definition(old["metadata"]["name"]).status.conditions or ()),
                what="the old CRD is Established")
-    code, lines = doctor_lines(bare_cluster)
-    assert code == 1
+    result = lbctl(bare_cluster.kubeconfig, "doctor")
+    assert result.returncode == 1, result
+    lines = result.stdout.splitlines()
     outdated = ("FAIL  crd loadbalancerpools: loadbalancerpools.lbctl.io is outdated (no lbctl.io/crd-revision, this "
                 "lbctl expects revision 1); its schema lacks spec.advertisement")
+    assert outdated in lines, result
     assert lines[lines.index(outdated) + 1] == (
         "      fix: apply this lbctl's CRD: kubectl apply -f examples/deploy/crd-loadbalancerpool.yaml, or kubectl "
         "apply -k examples/deploy (or helm install lbctl charts/lbctl)")
