@@ -262,7 +262,7 @@ def _add_forwarder(commands: argparse._SubParsersAction[argparse.ArgumentParser]
                     help="serve Prometheus /metrics on this port (0: off)")
     fw.add_argument("--lease-duration", type=int, default=_env("LEASE_DURATION", "40"),
                     help="leaseDurationSeconds of the node's Lease (a record for tools, not VIP liveness)")
-    fw.add_argument("--renew-interval", type=float, default=_env("RENEW_INTERVAL", "10"),
+    fw.add_argument("--renew-interval", type=float, default=_env("RENEW_INTERVAL", "15"),
                     help="seconds between renewals of the node's Lease")
     fw.add_argument("--cleanup", action="store_true",
                     help="remove this node's table, VIPs and Lease, then exit (the node stops running a forwarder)")

@@ -1,9 +1,10 @@
 """The node's record in the apiserver: Lease lbctl-forwarder-<node> in lbctl-system, renewed every
-`renew_s` (10 s, as the kubelet renews its own), so tools can tell which nodes run a forwarder.
+`renew_s` (15 s; 40 s duration), so tools can tell which nodes run a forwarder.
 
 It is a record, not the liveness that moves VIPs: that is judged between the forwarders directly
-(membership.py), so an apiserver outage moves nothing and the apiserver carries one write per
-node per 10 s whatever the cluster's size."""
+(membership.py), so an apiserver outage moves nothing. The budget is the kubelet's Lease rate, one
+write per node per 10 s for *all* of a forwarder's writes: the Lease takes 4 a minute, BGPPeer
+status refreshes at most one more (bgp_status.py), whatever the cluster's size."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def lease_body(node: str, duration_s: int) -> dict[str, Any]:
 
 class NodeLease:
     def __init__(self, client: KubeClient, node: str, *, namespace: str = LEASE_NAMESPACE, duration_s: int = 40,
-                 renew_s: float = 10.0) -> None:
+                 renew_s: float = 15.0) -> None:
         self._client = client
         self._node = node
         self._namespace = namespace

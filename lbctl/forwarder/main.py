@@ -72,7 +72,7 @@ class ForwarderConfig:
     pod_networks: tuple[str, ...] = ()
     lease_namespace: str = LEASE_NAMESPACE
     lease_duration_s: int = 40
-    renew_interval_s: float = 10.0
+    renew_interval_s: float = 15.0  # the Lease; with BGP status refreshes <= 5 writes a minute (issue 9: <= 6)
     resync_interval_s: float = 300.0
     announce_interval_s: float = 0.2
     peer_port: int = DEFAULT_PORT

@@ -4,6 +4,7 @@ to each peer, ExaBGP's configuration, commands and events, the status entry and 
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import os
 import subprocess
@@ -33,7 +34,8 @@ from lbctl.forwarder.bgp_model import (
     parse_pool_advert,
     parse_selector,
 )
-from lbctl.forwarder.bgp_status import NodeEntry, apply_body, due
+from lbctl.forwarder.bgp_status import NodeEntry, apply_body, writes_due
+from lbctl.forwarder.main import ForwarderConfig
 from lbctl.forwarder.state import Backend, ServicePort, ServiceState
 
 
@@ -258,10 +260,31 @@ def test_status_entry_and_throttle() -> None:
         "status": {"nodes": [{"node": "n1", "state": "Established", "since": "2026-01-01T00:00:00Z",
                               "routesAnnounced": 2}]}}
     assert "message" in apply_body("tor", "n1", NodeEntry("Active", "t", 0, "session down"))["status"]["nodes"][0]
-    assert due(None, 0.0, entry, 1.0, 300.0)
-    assert not due(entry, 0.0, entry, 10.0, 300.0)
-    assert due(entry, 0.0, entry, 301.0, 300.0)
-    assert due(entry, 0.0, NodeEntry("Established", "2026-01-01T00:00:00Z", 3), 10.0, 300.0)
+    more = NodeEntry("Established", "2026-01-01T00:00:00Z", 3)
+    assert writes_due({"tor": entry}, {}, 1.0, 300.0, float("-inf"), 60.0) == (["tor"], None)
+    assert writes_due({"tor": entry}, {"tor": (entry, 0.0)}, 10.0, 300.0, float("-inf"), 60.0) == ([], None)
+    assert writes_due({"tor": entry}, {"tor": (entry, 0.0)}, 301.0, 300.0, float("-inf"), 60.0) == ([], "tor")
+    assert writes_due({"tor": more}, {"tor": (entry, 0.0)}, 10.0, 300.0, 5.0, 60.0) == (["tor"], None)
+
+
+def test_status_refreshes_add_at_most_one_write_a_minute_however_many_peers() -> None:
+    """The write budget (issue 9): a node's steady-state writes stay under one per 10 s with the
+    Lease renewed every 15 s, for any number of BGPPeers."""
+    entry = NodeEntry("Established", "2026-01-01T00:00:00Z", 2)
+    wanted = {f"peer-{n:02d}": entry for n in range(20)}
+    written = {peer: (entry, 0.0) for peer in wanted}
+    refreshed_at, writes = float("-inf"), []
+    for now in range(0, 3601):  # PeerStatus looks once a second
+        changed, refresh = writes_due(wanted, written, float(now), 300.0, refreshed_at, 60.0)
+        assert changed == []
+        if refresh is not None:
+            refreshed_at = now
+            written[refresh] = (entry, float(now))
+            writes.append(now)
+    assert len(writes) <= 60 and all(b - a >= 60 for a, b in itertools.pairwise(writes))
+    assert len(writes) >= 40  # and they do happen: each entry refreshed within 20 minutes
+    lease_per_min = 60 / ForwarderConfig(node="n").renew_interval_s
+    assert lease_per_min + len(writes) / 60 <= 5  # every write a forwarder makes in steady state: <= 5 a minute < 6
 
 
 def test_peer_is_hashable_plain_data() -> None:
