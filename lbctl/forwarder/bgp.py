@@ -112,7 +112,7 @@ class Session:
 class BgpSpeaker:
     def __init__(self, node: str, client: KubeClient, namespace: str,
                  states: Callable[[], Iterable[ServiceState]], states_version: Callable[[], int],
-                 nodes: Reflector, workdir_base: str | None = None) -> None:
+                 nodes: Reflector, workdir: Path) -> None:
         self.node = node
         self._client = client
         self._namespace = namespace
@@ -121,10 +121,7 @@ class BgpSpeaker:
         self._nodes = nodes
         self.peers_cache = Reflector(client, PEERS_PATH, self._changed, name="bgppeers")
         self.pools_cache = Reflector(client, POOLS_PATH, self._changed, name="loadbalancerpools")
-        base = workdir_base or tempfile.gettempdir()
-        remove_stale(base, node)
-        self.workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{node}-", dir=base))
-        (self.workdir / OWNER_FILE).write_text(f"{os.getpid()}\n")
+        self.workdir = workdir  # from make_workdir (file work: the caller runs it in a thread)
         self.exabgp = ExaBgp(self.workdir, self._event, self._restarted)
         self.status = PeerStatus(client, node)
         self.peers: list[Peer] = []
@@ -375,7 +372,7 @@ class BgpSpeaker:
                     self.announced.clear()
             await self.exabgp.stop()
         finally:
-            remove_workdir(self.workdir)
+            await asyncio.to_thread(remove_workdir, self.workdir)
 
 
 def _alive(pid: int) -> bool:
@@ -386,6 +383,16 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def make_workdir(node: str, workdir_base: str | None = None) -> Path:
+    """A fresh private directory for this run's ExaBGP files (those of dead runs removed first).
+    Blocking: the forwarder runs it in a thread."""
+    base = workdir_base or tempfile.gettempdir()
+    remove_stale(base, node)
+    workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{node}-", dir=base))
+    (workdir / OWNER_FILE).write_text(f"{os.getpid()}\n")
+    return workdir
 
 
 def remove_stale(base: str, node: str) -> None:

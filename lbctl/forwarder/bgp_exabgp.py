@@ -200,11 +200,19 @@ class ExaBgp:
     def connected(self) -> bool:
         return self._writer is not None and self._connected.is_set()
 
-    async def start(self) -> None:
+    def _prepare(self) -> None:
+        """Blocking file work: run in a thread."""
         self.workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         stop_leftover(self.workdir)
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
+        self._remove_socket()
+
+    def _write_config(self, text: str) -> None:
+        """Blocking file work: run in a thread."""
+        self.config_path.write_text(text)
+        self.config_path.chmod(0o600)  # md5 passwords
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._prepare)  # the event loop never waits on a file
         self._server = await asyncio.start_unix_server(self._accept, path=str(self.socket_path))
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -231,8 +239,7 @@ class ExaBgp:
         text = render_config(neighbors, self.relay_command())
         if text == self._config and self.running:
             return
-        self.config_path.write_text(text)
-        self.config_path.chmod(0o600)  # md5 passwords
+        await asyncio.to_thread(self._write_config, text)
         previous, self._config = self._config, text
         if self.running:
             assert self._proc is not None
@@ -322,6 +329,9 @@ class ExaBgp:
         if self._server is not None:
             self._server.close()
             self._server = None
+        await asyncio.to_thread(self._remove_socket)
+
+    def _remove_socket(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
 

@@ -226,12 +226,26 @@ class Forwarder:
         if plan.transaction and (elements_tried or not self._send_elements(plan)):
             self.nft.apply(plan.transaction)
 
+    async def _send_elements_from_loop(self, plan: Plan) -> bool:
+        """`_send_elements` on the event loop, never blocking it (a non-blocking socket, the
+        kernel's answers awaited)."""
+        batch = netlink.encode(plan.transaction, KNOWN_COLLECTIONS) if self.netlink_elements else None
+        if batch is None:
+            return False
+        try:
+            await netlink.send_async(batch)
+            return True
+        except (OSError, netlink.NetlinkError) as exc:
+            log.debug("element batch not taken over netlink (%s); giving it to nft", exc)
+            return False
+
     async def _apply_incremental(self, plan: Plan) -> None:
         """A small batch of element changes is sent from the event loop itself (well under a
         millisecond: the kernel answers within the send): handed to a thread it would wait for the
-        GIL while the announce loop works on the same change."""
+        GIL while the announce loop works on the same change. The socket is non-blocking, so the
+        loop never waits for an answer; anything else goes to a thread."""
         small = len(plan.transaction) <= _INLINE_OPERATIONS
-        if not (small and self._send_elements(plan)):
+        if not (small and await self._send_elements_from_loop(plan)):
             await asyncio.to_thread(self._apply, plan, small)
 
     async def _sync_kernel(self, changed: set[str]) -> None:
@@ -455,13 +469,15 @@ class Forwarder:
         marks = ServiceMarks(self.config.node, client, lambda key: services.cache.get(key))
         self.problem_events = problem_events = ProblemEvents(self.config.node, client,
                                                              lambda key: services.cache.get(key))
+        secret = await asyncio.to_thread(peer_key, self.config.peer_secret_file)  # files: never on the loop
         peering = Peering(self.membership, lambda: self.claims(announcer), port=self.config.peer_port,
-                          on_change=self._announce_wake.set, key=peer_key(self.config.peer_secret_file))
+                          on_change=self._announce_wake.set, key=secret)
         status = StatusServer(self.config.status_port, lambda query: self.status_report(announcer, query))
         metrics_server = MetricsServer(self.config.metrics_port)
         self.bgp = speaker = bgp.BgpSpeaker(self.config.node, client, self.config.lease_namespace,
                                             self.states.values, lambda: self._states_version, nodes,
-                                            self.config.bgp_dir)
+                                            await asyncio.to_thread(bgp.make_workdir, self.config.node,
+                                                                    self.config.bgp_dir))
         metrics.VIPS.set_function(lambda: len(announcer.owned))
         metrics.PEERS.source = lambda: [p.state for p in self.membership.view(time.monotonic())]
         metrics.PROGRAMMED.rules = lambda: self.planner.rules

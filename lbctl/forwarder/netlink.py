@@ -13,7 +13,8 @@ shards it touches; declaring an existing map changes nothing, so those are left 
 of a collection whose types the transaction does not declare and that is not one of the table's
 fixed maps and sets, or a transaction larger than a few thousand operations. The caller then uses
 nft. `send` (I/O) writes the batch on a NETLINK_NETFILTER socket of the calling thread's network
-namespace and waits for the kernel's answer to every message; if the kernel refuses (say the
+namespace and waits for the kernel's answer to every message (`send_async` the same from an event
+loop, without blocking it); if the kernel refuses (say the
 shard map does not exist yet: `add map` was left out) nothing was changed and the caller gives the
 same transaction to nft.
 
@@ -25,6 +26,7 @@ verdict with its chain's name.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import ipaddress
@@ -250,25 +252,63 @@ def open_socket() -> socket.socket:
     return sock
 
 
+class _Answers:
+    """The kernel's answers to a batch, as they come."""
+
+    def __init__(self, batch: Batch) -> None:
+        self.waiting = set(batch.seqs)
+        self.failure = 0
+
+    def feed(self, data: bytes) -> None:
+        for seq, code in acknowledgements(data).items():
+            if seq in self.waiting:
+                self.waiting.discard(seq)
+                self.failure = self.failure or code
+
+    def check(self) -> None:
+        if self.failure:
+            raise NetlinkError(self.failure, "nf_tables refused the element batch")
+
+
 def send(batch: Batch, timeout_s: float = 5.0, sock: socket.socket | None = None) -> None:
     """Commit `batch` in this thread's network namespace (or `sock`'s); raises NetlinkError when
-    the kernel refuses any of it (then none of it was applied) or does not answer."""
+    the kernel refuses any of it (then none of it was applied) or does not answer. Blocking: for a
+    thread (the event loop uses send_async)."""
     with contextlib.nullcontext(sock) if sock is not None else open_socket() as sock:
         sock.settimeout(timeout_s)
         sock.sendto(batch.data, (0, 0))
-        waiting, failure = set(batch.seqs), 0
-        while waiting:
+        answers = _Answers(batch)
+        while answers.waiting:
             try:
                 data = sock.recv(1 << 16)
             except TimeoutError:
-                if failure:
+                if answers.failure:
                     break  # the refusal is known; the kernel may not answer for the rest
                 raise NetlinkError(errno.ETIMEDOUT, "no answer from nf_tables") from None
-            for seq, code in acknowledgements(data).items():
-                if seq in waiting:
-                    waiting.discard(seq)
-                    failure = failure or code
-            if failure:
+            answers.feed(data)
+            if answers.failure:
                 sock.settimeout(0.05)
-        if failure:
-            raise NetlinkError(failure, "nf_tables refused the element batch")
+        answers.check()
+
+
+async def send_async(batch: Batch, timeout_s: float = 5.0) -> None:
+    """`send` from the event loop, which never blocks on it: the socket is non-blocking and the
+    answers are awaited (loop.sock_recv). The kernel handles the batch within the send and queues
+    its answers before the call returns, so they are normally read at once."""
+    loop = asyncio.get_running_loop()
+    with open_socket() as sock:
+        sock.setblocking(False)
+        sock.sendto(batch.data, (0, 0))
+        answers = _Answers(batch)
+        deadline = loop.time() + timeout_s
+        while answers.waiting:
+            try:
+                data = await asyncio.wait_for(loop.sock_recv(sock, 1 << 16), max(deadline - loop.time(), 0.0))
+            except TimeoutError:
+                if answers.failure:
+                    break  # the refusal is known; the kernel may not answer for the rest
+                raise NetlinkError(errno.ETIMEDOUT, "no answer from nf_tables") from None
+            answers.feed(data)
+            if answers.failure:
+                deadline = min(deadline, loop.time() + 0.05)
+        answers.check()

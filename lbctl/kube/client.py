@@ -16,6 +16,8 @@ from urllib.parse import quote
 import aiohttp
 from prometheus_client import Counter
 
+from lbctl.kube import kubeconfig
+
 if TYPE_CHECKING:
     from kubernetes import client as k8s_client
 
@@ -84,6 +86,12 @@ class KubeClient:
     def configuration(self) -> ClientConfiguration:
         return self._configuration
 
+    async def refresh_credentials(self) -> None:
+        """Before a request: a token file due to be read again is read in a thread (lbctl's own
+        configuration; the library's refreshes inside get_api_key_with_prefix, as it always did)."""
+        if isinstance(self._configuration, kubeconfig.Configuration):
+            await self._configuration.refresh()
+
     def headers(self, content_type: str | None = None) -> dict[str, str]:
         headers = {"Accept": "application/json", "User-Agent": self._user_agent}
         # refreshes when due; the loaders store "Bearer <token>" under BearerToken
@@ -110,6 +118,7 @@ class KubeClient:
         params: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
     ) -> dict[str, Any]:
+        await self.refresh_credentials()
         session = self.session()
         REQUESTS.labels(verb=method).inc()
         if body is not None and content_type is None:

@@ -8,11 +8,13 @@ files in $KUBECONFIG, exec plugins, auth providers, basic auth, proxies — so t
 back to the library's loaders, which handle everything.
 
 Tokens read from a file (`tokenFile`, the in-cluster account's projected token, which the kubelet
-rotates) are read again once a minute, as client-go does.
+rotates) are read when the configuration is made and again once a minute, as client-go does, in a
+thread (`Configuration.refresh`, which lbctl.kube.client awaits before each request).
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import base64
 import contextlib
@@ -47,15 +49,30 @@ class Configuration:
         self._token = token
         self._token_file = token_file
         self._token_read_at = float("-inf")
+        if token_file:
+            self._read_token()  # at start-up, before any event loop runs
+
+    def _read_token(self) -> None:
+        if not self._token_file:
+            return
+        with contextlib.suppress(OSError):  # keep the last token; the apiserver says when it is no longer good
+            self._token = Path(self._token_file).read_text().strip() or self._token
+        self._token_read_at = time.monotonic()
+
+    def token_due(self) -> bool:
+        """Whether the token file is due to be read again (the kubelet rotates it)."""
+        return bool(self._token_file) and time.monotonic() - self._token_read_at >= _TOKEN_REREAD_S
+
+    async def refresh(self) -> None:
+        """Read the token file again when due, in a thread: never on the event loop (a file read
+        can stall on a slow disk or a busy node; every request of the forwarder passes here)."""
+        if self.token_due():
+            self._token_read_at = time.monotonic()  # one read at a time
+            await asyncio.to_thread(self._read_token)
 
     def get_api_key_with_prefix(self, identifier: str, alias: str | None = None) -> str | None:
-        """"Bearer <token>" (the library's spelling), or None without a token."""
-        if self._token_file and time.monotonic() - self._token_read_at >= _TOKEN_REREAD_S:
-            try:
-                self._token = Path(self._token_file).read_text().strip() or self._token
-                self._token_read_at = time.monotonic()
-            except OSError:
-                pass  # keep the last token; the apiserver says when it is no longer good
+        """"Bearer <token>" (the library's spelling), or None without a token. No I/O: the file
+        was read when this was made, and `refresh` reads it again."""
         return f"Bearer {self._token}" if self._token else None
 
 

@@ -114,6 +114,7 @@ class Reflector:
         params = dict(self._params, limit="500")
         version = ""
         while True:
+            await self._api.refresh_credentials()
             async with self._api.session().get(self._api.base + self._path, params=params,
                                                headers=self._api.headers(None)) as response:
                 if response.status >= 400:
@@ -143,6 +144,7 @@ class Reflector:
     async def _watch(self) -> None:
         params = dict(self._params, watch="true", allowWatchBookmarks="true",
                       resourceVersion=self._resource_version, timeoutSeconds=str(_WATCH_TIMEOUT_S))
+        await self._api.refresh_credentials()
         async with self._api.session().get(
             self._api.base + self._path, params=params, headers=self._api.headers(None),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=_WATCH_TIMEOUT_S + 30),

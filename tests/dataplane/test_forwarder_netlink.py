@@ -63,7 +63,10 @@ def test_netlink_element_batches_leave_the_table_nft_leaves(pair: tuple[str, str
             plan = step(planner)
             batch = netlink.encode(plan.transaction, KNOWN_COLLECTIONS) if namespace == by_netlink else None
             if batch is not None:
-                call_in(namespace, lambda b=batch: netlink.send(b))  # type: ignore[misc]
+                if number % 2:  # from a thread, and as the forwarder's event loop sends a small batch
+                    call_in(namespace, lambda b=batch: netlink.send(b))  # type: ignore[misc]
+                else:
+                    call_in(namespace, lambda b=batch: asyncio.run(netlink.send_async(b)))  # type: ignore[misc]
                 over_netlink += 1
             else:
                 nft_in(namespace).apply(plan.transaction)
@@ -93,18 +96,25 @@ def test_a_refused_batch_changes_nothing(pair: tuple[str, str]) -> None:
     with pytest.raises(netlink.NetlinkError):
         call_in(namespace, lambda: netlink.send(batch))
     assert nft_in(namespace).list_table("inet", "lbctl") == before
+    with pytest.raises(netlink.NetlinkError):
+        call_in(namespace, lambda: asyncio.run(netlink.send_async(batch)))
+    assert nft_in(namespace).list_table("inet", "lbctl") == before
 
 
 def test_the_forwarder_commits_endpoint_moves_over_netlink_and_the_rest_with_nft(
         pair: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     namespace, _ = pair
     sent: list[int] = []
-    real_send = netlink.send
+    real_send_async = netlink.send_async
 
-    def counted(batch: netlink.Batch, timeout_s: float = 5.0) -> None:  # the real send, counted
-        real_send(batch, timeout_s)
+    def blocking(batch: netlink.Batch, timeout_s: float = 5.0, sock: object = None) -> None:
+        raise AssertionError("a small batch is sent from the event loop without blocking it (send_async)")
+
+    async def counted(batch: netlink.Batch, timeout_s: float = 5.0) -> None:  # the real one, counted
+        await real_send_async(batch, timeout_s)
         sent.append(len(batch.seqs))
-    monkeypatch.setattr(netlink, "send", counted)
+    monkeypatch.setattr(netlink, "send", blocking)
+    monkeypatch.setattr(netlink, "send_async", counted)
 
     def run() -> None:
         forwarder = Forwarder(ForwarderConfig(node="n1"))  # `nft` in this namespace: netlink is used

@@ -3,23 +3,28 @@ to each peer, ExaBGP's configuration, commands and events, the status entry and 
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from lbctl.forwarder.bgp import OWNER_FILE, l2_states, remove_stale, unique_peers
+from lbctl.forwarder.bgp import OWNER_FILE, l2_states, make_workdir, remove_stale, unique_peers
 from lbctl.forwarder.bgp_decide import NodeView, Route, announcements, bgp_only_addresses
 from lbctl.forwarder.bgp_exabgp import (
+    ExaBgp,
     Neighbor,
     StateEvent,
     announce_command,
     parse_event,
+    remove_workdir,
     render_config,
     render_neighbor,
     withdraw_command,
@@ -37,6 +42,7 @@ from lbctl.forwarder.bgp_model import (
 from lbctl.forwarder.bgp_status import NodeEntry, apply_body, writes_due
 from lbctl.forwarder.main import ForwarderConfig
 from lbctl.forwarder.state import Backend, ServicePort, ServiceState
+from tests.loopcheck import file_work_on_this_thread
 
 
 def peer_obj(name: str = "tor", labels: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
@@ -302,3 +308,26 @@ def test_stale_speaker_directories_go_and_live_ones_stay(tmp_path: Any) -> None:
         (path / OWNER_FILE).write_text(pid + "\n")
     remove_stale(str(tmp_path), "n1")
     assert not dead.exists() and alive.exists()
+
+
+def test_the_bgp_speakers_files_are_made_and_written_off_the_event_loop(tmp_path: Path) -> None:
+    """Issue 9: the forwarder's loop (heartbeats every 0.2 s) never waits on a file. ExaBGP's
+    directory, configuration and socket are made in threads (`true` stands in for Python here, so
+    no ExaBGP runs)."""
+    base = tmp_path / "base"
+    base.mkdir()
+    ran = []
+
+    async def speaker_lifecycle() -> None:
+        workdir = await asyncio.to_thread(make_workdir, "n1", str(base))
+        exabgp = ExaBgp(workdir, lambda event: None, ran.append, python=shutil.which("true") or "/bin/true")
+        await exabgp.start()
+        await exabgp.configure([Neighbor(PEER, "192.0.2.11", "192.0.2.11", "s3cret")])
+        await exabgp.configure([Neighbor(PEER, "192.0.2.12", "192.0.2.12", "s3cret")])
+        await exabgp.stop()
+        await asyncio.to_thread(remove_workdir, workdir)
+
+    with file_work_on_this_thread() as file_work:
+        asyncio.run(speaker_lifecycle())
+    assert file_work == []
+    assert ran and not list(base.iterdir())  # it ran (and was started again) and its directory is gone

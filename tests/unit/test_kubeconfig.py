@@ -3,6 +3,7 @@ and leaves to the library what it does not handle."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
 from lbctl.kube import kubeconfig
+from lbctl.kube.client import KubeClient
+from tests.loopcheck import file_work_on_this_thread
 
 PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 
@@ -97,13 +100,44 @@ def test_in_cluster_reads_the_account_and_rereads_its_token(tmp_path: Path, monk
     assert loaded.ssl_ca_cert == str(tmp_path / "ca.crt")
     assert loaded.get_api_key_with_prefix("BearerToken") == "Bearer first"
     (tmp_path / "token").write_text("rotated")
+    asyncio.run(loaded.refresh())
     assert loaded.get_api_key_with_prefix("BearerToken") == "Bearer first"  # within the minute
     clock = [0.0]
     monkeypatch.setattr(kubeconfig.time, "monotonic", lambda: clock[0])
     loaded._token_read_at = 0.0
     clock[0] = 61.0
+    assert loaded.get_api_key_with_prefix("BearerToken") == "Bearer first"  # no I/O here: refresh reads it
+    asyncio.run(loaded.refresh())
     assert loaded.get_api_key_with_prefix("BearerToken") == "Bearer rotated"
     assert kubeconfig.in_cluster(tmp_path, {}) is None
+
+
+def test_the_token_file_is_never_read_on_the_event_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every request of the forwarder asks for the token: a rotated token file is read again in a
+    thread, never on the loop that also sends the heartbeats."""
+    (tmp_path / "token").write_text("first")
+    (tmp_path / "ca.crt").write_text(PEM)
+    loaded = kubeconfig.in_cluster(tmp_path, {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "KUBERNETES_SERVICE_PORT": "443"})
+    assert loaded is not None
+    loaded.ssl_ca_cert = None  # the system's CAs: the test's PEM is no certificate
+    client = KubeClient(loaded)
+    (tmp_path / "token").write_text("rotated")
+    clock = [kubeconfig.time.monotonic() + 61.0]  # the file is due to be read again
+    monkeypatch.setattr(kubeconfig.time, "monotonic", lambda: clock[0])
+
+    async def requests_as_the_forwarder_makes_them() -> list[str]:
+        seen = []
+        for _ in range(3):
+            await client.refresh_credentials()
+            seen.append(client.headers()["Authorization"])
+            clock[0] += 61.0
+        await client.close()
+        return seen
+
+    with file_work_on_this_thread() as file_work:
+        tokens = asyncio.run(requests_as_the_forwarder_makes_them())
+    assert file_work == []
+    assert tokens == ["Bearer rotated"] * 3  # read (in a thread) once due
 
 
 def test_inline_certificates_and_keys_are_removed_when_the_process_exits(tmp_path: Path) -> None:
