@@ -86,7 +86,7 @@ def detail_text(d: Detail, colour: bool = False) -> str:
         probed = any(n.healthz for n in d.nodes)
         checked = any(n.health_check for n in d.nodes)
         header = ["NODE", "FORWARDER", "ANNOUNCES", "READY-ENDPOINTS"] + (["HEALTH-CHECK"] if checked else []) + \
-            (["HEALTHZ", "PROGRAMMED"] if probed else [])
+            (["HEALTHZ", "PROGRAMMED", "SEEN-ENDPOINTS"] if probed else [])
         body = []
         for n in d.nodes:
             how = "L2, BGP" if n.announcing and n.bgp else "yes" if n.announcing else "BGP" if n.bgp else ""
@@ -94,9 +94,13 @@ def detail_text(d: Detail, colour: bool = False) -> str:
             if checked:
                 cells.append(n.health_check)
             if probed:
-                cells += [n.healthz or "-", "-" if n.programmed is None else ("yes" if n.programmed else "no")]
+                seen = "-" if n.seen_endpoints is None else str(n.seen_endpoints) + (
+                    f" ({n.local_endpoints} local)" if n.local_endpoints is not None else "")
+                cells += [n.healthz or "-", "-" if n.programmed is None else ("yes" if n.programmed else "no"), seen]
             body.append(cells)
         lines += ["  " + line for line in table(header, body).splitlines()]
+        for n in d.nodes:
+            lines += [f"  {n.node}: left out: {problem}" for problem in n.problems]
     lines += ["", "Events:"]
     if d.events:
         body = [[e["age"], e["type"], e["reason"], str(e["count"]), e["message"]] for e in d.events]

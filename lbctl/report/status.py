@@ -158,6 +158,10 @@ class NodeView:
     programmed: bool | None = None  # from /healthz: are the Service's rules in the kernel?
     health_check: str = ""  # externalTrafficPolicy Local: what its healthCheckNodePort answers there
     bgp: bool = False  # announces the Service's address to its BGP peers
+    # from /healthz (--probe): what the forwarder itself saw of the Service
+    seen_endpoints: int | None = None  # ready endpoints it balances to (cluster-wide)
+    local_endpoints: int | None = None  # of them on this node (what its health check counts)
+    problems: tuple[str, ...] = ()  # what it had to leave out of the Service's rules
 
 
 @dataclass(frozen=True)
@@ -221,17 +225,37 @@ def _forwarder(lease: Mapping[str, Any] | None, now: float) -> str:
     return f"{'live' if view.fresh else 'stale'} (renewed {ago})"
 
 
-def _probe(body: Mapping[str, Any] | str | None, key: str) -> tuple[str, bool | None]:
+@dataclass(frozen=True)
+class Probe:
+    """One node's /healthz answer about one Service (empty when not asked)."""
+
+    healthz: str = ""  # the forwarder's state, or why it did not answer
+    programmed: bool | None = None
+    seen_endpoints: int | None = None
+    local_endpoints: int | None = None
+    problems: tuple[str, ...] = ()
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def parse_probe(body: Mapping[str, Any] | str | None, key: str) -> Probe:
     if body is None:
-        return "", None
+        return Probe()
     if isinstance(body, str):
-        return body, None
+        return Probe(body)
     service = (body.get("services") or {}).get(key)
     state = str(body.get("state") or "?")
     if not isinstance(service, Mapping):
-        return state, None
+        return Probe(state)
+    if service.get("known") is False:
+        state += " (does not know the Service)"
     programmed = service.get("programmed")
-    return state, programmed if isinstance(programmed, bool) else None
+    problems = service.get("problems")
+    return Probe(state, programmed if isinstance(programmed, bool) else None, _count(service.get("readyEndpoints")),
+                 _count(service.get("localEndpoints")),
+                 tuple(str(p) for p in problems) if isinstance(problems, list) else ())
 
 
 def detail(service: Mapping[str, Any], pools: Iterable[Mapping[str, Any]], events: Iterable[Mapping[str, Any]],
@@ -251,10 +275,13 @@ def detail(service: Mapping[str, Any], pools: Iterable[Mapping[str, Any]], event
     views = []
     if the_row.provider == "local":
         for node in sorted(str(facts.meta(n).get("name")) for n in nodes):
-            healthz, programmed = _probe((probes or {}).get(node), key)
+            probe = parse_probe((probes or {}).get(node), key)
             ready = endpoints.get(node, 0)
-            views.append(NodeView(node, _forwarder(by_node.get(node), now), node == announcing, ready, healthz,
-                                  programmed, health_check(ready) if local_only else "", node in by_bgp))
+            # the health check answers from the forwarder's own count when it was asked, else from the slices
+            local = probe.local_endpoints if probe.local_endpoints is not None else ready
+            views.append(NodeView(node, _forwarder(by_node.get(node), now), node == announcing, ready, probe.healthz,
+                                  probe.programmed, health_check(local) if local_only else "", node in by_bgp,
+                                  probe.seen_endpoints, probe.local_endpoints, probe.problems))
     listed = [{
         "age": facts.age(now - facts.event_time(e)), "type": str(e.get("type") or ""),
         "reason": str(e.get("reason") or ""), "count": int(e.get("count") or 1),

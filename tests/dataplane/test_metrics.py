@@ -165,8 +165,8 @@ def test_both_metrics_endpoints_during_the_demo(demo: RunningDemo) -> None:
                            timeout=60)
     assert story.returncode == 0, story.stderr
     for node in ("node-1", "node-2"):
-        assert re.search(rf"^  {node}\s+live \(renewed \d+s ago\)\s+(yes\s+)?1\s+serving\s+yes$", story.stdout,
-                         re.M), story.stdout
+        assert re.search(rf"^  {node}\s+live \(renewed \d+s ago\)\s+(yes\s+)?1\s+serving\s+yes\s+2 \(1 local\)$",
+                         story.stdout, re.M), story.stdout  # the forwarder saw both endpoints, one on its node
 
     kube = LabKube(demo.kubeconfig)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -148,9 +149,45 @@ def test_detail_shows_each_nodes_forwarder_and_endpoints() -> None:
         ("node-3", "none (no Lease lbctl-system/lbctl-forwarder-<node>)", False, 0,
          "unreachable (ClientConnectorError)", None)]
     assert result.spec["ports"] == ["80/TCP→31000"]
+    assert [(n.seen_endpoints, n.local_endpoints, n.problems) for n in result.nodes] == [(None, None, ())] * 3
     text = render.detail_text(result)
     assert "Served by:     node-1 (L2)" in text and "Pool:          a" in text
     assert render.dump(result.to_dict(), "json").startswith("{")
+
+
+def test_probe_shows_what_each_forwarder_saw() -> None:
+    """--probe: per node, rules programmed, the endpoints the forwarder balances to (and how many are
+    local), what it left out, and a health-check answer from its own local count."""
+    local = {**READY_SVC, "spec": {**READY_SVC["spec"], "externalTrafficPolicy": "Local", "healthCheckNodePort": 32000}}
+    slices = [{"endpoints": [{"nodeName": "node-1", "conditions": {"ready": True}},
+                             {"nodeName": "node-2", "conditions": {"ready": True}}]}]
+    probes: dict[str, Any] = {
+        "node-1": {"state": "serving", "services": {"shop/web": {
+            "known": True, "programmed": True, "readyEndpoints": 2, "localEndpoints": 1, "problems": []}}},
+        # the apiserver has a ready endpoint on node-2, but this forwarder has not seen it (yet)
+        "node-2": {"state": "serving", "services": {"shop/web": {
+            "known": True, "programmed": False, "readyEndpoints": 1, "localEndpoints": 0,
+            "problems": ["endpoint fd00::5 is IPv6 but the Service is IPv4 only"]}}},
+        "node-3": {"state": "no-state", "services": {"shop/web": {"known": False, "programmed": False,
+                                                                   "readyEndpoints": 0, "localEndpoints": 0}}},
+    }
+    result = status.detail(local, [], [], [node("node-1"), node("node-2"), node("node-3")], [], slices, NOW, probes)
+    assert [(n.node, n.healthz, n.programmed, n.seen_endpoints, n.local_endpoints, n.health_check)
+            for n in result.nodes] == [
+        ("node-1", "serving", True, 2, 1, "200 (1 local)"),
+        ("node-2", "serving", False, 1, 0, "503 (no local endpoint)"),  # the slices alone would say 200
+        ("node-3", "no-state (does not know the Service)", False, 0, 0, "503 (no local endpoint)")]
+    text = render.detail_text(result)
+    assert re.search(r"^  NODE\s+FORWARDER\s+ANNOUNCES\s+READY-ENDPOINTS\s+HEALTH-CHECK\s+HEALTHZ\s+PROGRAMMED\s+"
+                     r"SEEN-ENDPOINTS$", text, re.M), text
+    assert re.search(r"^  node-1\s+none .*\s+yes\s+1\s+200 \(1 local\)\s+serving\s+yes\s+2 \(1 local\)$", text,
+                     re.M), text
+    assert re.search(r"^  node-2\s+none .*\s+1\s+503 \(no local endpoint\)\s+serving\s+no\s+1 \(0 local\)$", text,
+                     re.M), text
+    assert "  node-2: left out: endpoint fd00::5 is IPv6 but the Service is IPv4 only" in text.splitlines()
+    as_json = result.to_dict()["nodes"][1]
+    assert (as_json["seen_endpoints"], as_json["local_endpoints"], as_json["problems"]) == (
+        1, 0, ("endpoint fd00::5 is IPv6 but the Service is IPv4 only",))
 
 
 def test_status_table_lines() -> None:
