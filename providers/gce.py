@@ -242,6 +242,15 @@ class _LegacyHttpHealthChecks:
         self._session.close()  # type: ignore[no-untyped-call]
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Whether one thing the options name exists in the project (`lbctl doctor`)."""
+
+    what: str  # region, network or subnetwork
+    name: str
+    found: bool
+
+
 @dataclass
 class _Clients:
     addresses: compute_v1.AddressesClient
@@ -255,6 +264,7 @@ class _Clients:
     instances: compute_v1.InstancesClient
     regions: compute_v1.RegionsClient
     subnetworks: compute_v1.SubnetworksClient
+    networks: compute_v1.NetworksClient
     zone_operations: compute_v1.ZoneOperationsClient
     region_operations: compute_v1.RegionOperationsClient
     global_operations: compute_v1.GlobalOperationsClient
@@ -263,7 +273,7 @@ class _Clients:
         self.http_health_checks.close()
         for client in (self.addresses, self.firewalls, self.region_health_checks, self.target_pools,
                        self.forwarding_rules, self.backend_services, self.instance_groups, self.instances,
-                       self.regions, self.subnetworks, self.zone_operations, self.region_operations,
+                       self.regions, self.subnetworks, self.networks, self.zone_operations, self.region_operations,
                        self.global_operations):
             client.transport.close()  # type: ignore[no-untyped-call]
 
@@ -284,6 +294,7 @@ class _Clients:
             instances=compute_v1.InstancesClient(**kwargs),
             regions=compute_v1.RegionsClient(**kwargs),
             subnetworks=compute_v1.SubnetworksClient(**kwargs),
+            networks=compute_v1.NetworksClient(**kwargs),
             zone_operations=compute_v1.ZoneOperationsClient(**kwargs),
             region_operations=compute_v1.RegionOperationsClient(**kwargs),
             global_operations=compute_v1.GlobalOperationsClient(**kwargs),
@@ -1086,6 +1097,29 @@ class GceProvider(Provider):
                 if owner is not None:
                     refs.setdefault(owner.name, owner)
         return sorted(refs.values(), key=lambda ref: (ref.namespace, ref.service_name, ref.name))
+
+    async def placement(self) -> list[Placement]:
+        """For `lbctl doctor`: whether the region, network and subnetwork the options name exist
+        (read-only gets, uncached; the subnetwork matters only to internal balancers)."""
+        config = self._config
+        network = resource_path(config.network_url).split("/")  # projects/P/global/networks/N
+        subnetwork = resource_path(config.subnetwork_url).split("/")  # projects/P/regions/R/subnetworks/S
+        region = await self._read(f"reading region {self._region}", self._regional(self._clients.regions.get))
+        found = [Placement("region", f"{self._region} (project {self._project})", region is not None)]
+        if len(network) == 5 and network[2:4] == ["global", "networks"]:
+            item = await self._read(f"reading network {network[4]}", partial(
+                self._clients.networks.get, project=network[1], network=network[4], retry=None, timeout=TIMEOUT_S))
+            found.append(Placement("network", network[4], item is not None))
+        else:
+            found.append(Placement("network", config.network, False))
+        if len(subnetwork) == 6 and subnetwork[2] == "regions" and subnetwork[4] == "subnetworks":
+            item = await self._read(f"reading subnetwork {subnetwork[5]}", partial(
+                self._clients.subnetworks.get, project=subnetwork[1], region=subnetwork[3],
+                subnetwork=subnetwork[5], retry=None, timeout=TIMEOUT_S))
+            found.append(Placement("subnetwork", f"{subnetwork[5]} (region {subnetwork[3]})", item is not None))
+        else:
+            found.append(Placement("subnetwork", config.subnetwork, False))
+        return found
 
     async def close(self) -> None:
         self._clients.close()

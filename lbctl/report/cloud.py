@@ -36,6 +36,8 @@ async def provider_checks(provider: str, cluster_name: str, options: Mapping[str
                             f"{cloud_tags.CLUSTER_PREFIX}{cluster_name}"))
         if provider == "aws":
             checks.append(await _aws_subnets(adapter, cluster_name))
+        if provider == "gce":
+            checks += await _gce_placement(adapter)
     finally:
         await adapter.close()
     return checks
@@ -66,3 +68,31 @@ async def _aws_subnets(adapter: Any, cluster_name: str) -> Check:
                      f"tag one subnet per zone {tag}=owned and kubernetes.io/role/elb=1")
     return Check("aws-subnets", PASS, f"subnets tagged for the cluster: {roles['kubernetes.io/role/elb']} for "
                  f"internet-facing, {roles['kubernetes.io/role/internal-elb']} for internal balancers")
+
+
+GCE_PLACEMENT_FIX = {
+    "region": "set the gce region option (gce.region in the chart) to the region of the cluster's nodes",
+    "network": "set the gce network option (gce.network) to the VPC network of the cluster's nodes",
+    "subnetwork": "set the gce subnetwork option to a subnetwork of that network in the region (internal "
+                  "balancers take their addresses from it; an auto-mode network has one named like the network)",
+}
+
+
+async def _gce_placement(adapter: Any) -> list[Check]:
+    """The region, network and subnetwork the options name exist (a missing subnetwork fails only
+    internal balancers: warn)."""
+    try:
+        found = await asyncio.wait_for(adapter.placement(), timeout=60)
+    except Exception as exc:
+        return [Check("gce-placement", FAIL, f"reading the region, network and subnetwork failed: {_one_line(exc)}",
+                      "grant compute.regions.get, compute.networks.get and compute.subnetworks.get")]
+    checks = []
+    for item in found:
+        name = f"gce-{item.what}"
+        if item.found:
+            checks.append(Check(name, PASS, f"{item.what} {item.name} exists"))
+        else:
+            status = WARN if item.what == "subnetwork" else FAIL
+            effect = ": internal balancers cannot be made" if item.what == "subnetwork" else ""
+            checks.append(Check(name, status, f"no {item.what} {item.name}{effect}", GCE_PLACEMENT_FIX[item.what]))
+    return checks

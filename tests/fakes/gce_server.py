@@ -97,6 +97,7 @@ COLLECTIONS = (
     Collection("instanceGroups", "zones", "instanceGroups", "compute#instanceGroup", compute_v1.InstanceGroup),
     Collection("instances", "zones", "instances", "compute#instance", compute_v1.Instance),
     Collection("subnetworks", "regions", "subnetworks", "compute#subnetwork", compute_v1.Subnetwork),
+    Collection("networks", "global", "networks", "compute#network", compute_v1.Network),
 )
 _BY_ROUTE = {(c.scope, c.segment): c for c in COLLECTIONS}
 BY_KEY = {c.key: c for c in COLLECTIONS}
@@ -199,6 +200,8 @@ class FakeCompute:
         self._instance_ips = itertools.count(2)
         self._ipv6_prefixes = itertools.count(1)
         self._ipv6_hosts = itertools.count(0x100)
+        # the regions that exist (None: any region name answers, with zones a to d)
+        self.regions: set[str] | None = None
 
     # -- test API ----------------------------------------------------------------------------
 
@@ -240,6 +243,9 @@ class FakeCompute:
                 fault = self._take_fault("regions.get")
                 if fault is not None:
                     return fault.status, ApiError(fault.status, fault.reason, fault.message).body()
+                if self.regions is not None and region["region"] not in self.regions:
+                    path = f"projects/{region['project']}/regions/{region['region']}"
+                    return 404, ApiError(404, "notFound", f"The resource '{path}' was not found").body()
                 return 200, self._region(region["project"], region["region"])
             match = _PATH.match(path)
             if match is None:
@@ -352,6 +358,9 @@ class FakeCompute:
 
     def _get(self, coll: Collection, project: str, location: str, name: str) -> Json:
         item = self._items(coll.key, project, location).get(name)
+        if item is None and coll.key == "networks" and name == "default":  # every project starts with one
+            return {"kind": coll.kind, "name": name, "id": "1", "autoCreateSubnetworks": True,
+                    "selfLink": self._link(coll, project, location, name)}
         if item is None:
             raise ApiError(404, "notFound",
                            f"The resource '{self._path(coll, project, location, name)}' was not found")
@@ -685,6 +694,9 @@ class FakeCompute:
     def _next_ipv6(self, subnetwork: Json) -> str:
         prefix = ipaddress.IPv6Network(subnetwork["internalIpv6Prefix"])
         return str(prefix.network_address + next(self._ipv6_hosts))
+
+    def _check_networks(self, project: str, _: str, item: Json, creating: bool) -> None:
+        item.setdefault("autoCreateSubnetworks", True)
 
     def _check_subnetworks(self, project: str, region: str, item: Json, creating: bool) -> None:
         item.setdefault("network", f"{BASE_URL}projects/{project}/global/networks/default")

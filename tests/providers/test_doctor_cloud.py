@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import requests
 from prometheus_client import REGISTRY
 
 from lbctl.report.cloud import provider_checks
@@ -39,9 +40,45 @@ def test_gce_credentials_and_a_provider_that_cannot_start() -> None:
     with GceFakeServer() as fake:
         options = {"project": "lbctl-test", "region": "europe-west1", "endpoint": fake.url}
         checks = asyncio.run(provider_checks("gce", "prod", options))
-    assert [(c.name, c.status) for c in checks] == [("gce-credentials", "pass")]
+    assert (checks[0].name, checks[0].status) == ("gce-credentials", "pass")
     assert calls("gce", "listing_forwarding_rules") + calls("gce", "listing_target_pools") > 0
 
     broken = asyncio.run(provider_checks("gce", "prod", {"region": "europe-west1", "endpoint": "http://127.0.0.1:9"}))
     assert [(c.name, c.status) for c in broken] == [("gce-credentials", "fail")]
     assert broken[0].message.startswith("the gce provider cannot start: ")
+
+
+def test_gce_region_network_and_subnetwork_exist() -> None:
+    """Read-only gets of what the provider options name: the region, the VPC network, and the
+    subnetwork internal balancers use."""
+    with GceFakeServer() as fake:
+        fake.compute.regions = {"europe-west1"}
+        base = f"{fake.url}/compute/v1/projects/lbctl-test"
+        assert requests.post(f"{base}/global/networks", json={"name": "prod-vpc", "autoCreateSubnetworks": False},
+                             timeout=10).status_code == 200
+        assert requests.post(f"{base}/regions/europe-west1/subnetworks", timeout=10, json={
+            "name": "prod-nodes", "ipCidrRange": "10.8.0.0/20",
+            "network": "projects/lbctl-test/global/networks/prod-vpc"}).status_code == 200
+        options = {"project": "lbctl-test", "region": "europe-west1", "endpoint": fake.url, "network": "prod-vpc",
+                   "subnetwork": "prod-nodes"}
+        fake.reset_calls()
+        checks = asyncio.run(provider_checks("gce", "prod", options))
+        assert [(c.name, c.status, c.message) for c in checks[1:]] == [
+            ("gce-region", "pass", "region europe-west1 (project lbctl-test) exists"),
+            ("gce-network", "pass", "network prod-vpc exists"),
+            ("gce-subnetwork", "pass", "subnetwork prod-nodes (region europe-west1) exists")]
+        assert all(call.verb == "GET" for call in fake.calls)  # read-only
+
+        # the default network (every project has one), but no subnetwork named like it
+        defaults = asyncio.run(provider_checks("gce", "prod", {**options, "network": "", "subnetwork": ""}))
+        assert [(c.name, c.status) for c in defaults[1:]] == [
+            ("gce-region", "pass"), ("gce-network", "pass"), ("gce-subnetwork", "warn")]
+        assert defaults[3].message == ("no subnetwork default (region europe-west1): internal balancers cannot be "
+                                       "made")
+
+        wrong = asyncio.run(provider_checks("gce", "prod", {**options, "region": "europe-west9", "network": "nope"}))
+    assert [(c.name, c.status) for c in wrong[1:]] == [
+        ("gce-region", "fail"), ("gce-network", "fail"), ("gce-subnetwork", "warn")]
+    assert wrong[1].message == "no region europe-west9 (project lbctl-test)"
+    assert wrong[1].fix.startswith("set the gce region option")
+    assert wrong[2].message == "no network nope" and wrong[2].fix.startswith("set the gce network option")
