@@ -8,10 +8,11 @@ import asyncio
 import contextlib
 import re
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from lbctl.forwarder.nftables import Table, Transaction
+from lbctl.forwarder import netlink
+from lbctl.forwarder.nftables import Map, Set, StagedLoad, Table, Transaction
 
 _CHUNK_LINES = 2000
 _LOCATION = re.compile(r"^(?:/dev/stdin|<cmdline>):(\d+):\d+(?:-\d+)?: Error: (.*)$", re.MULTILINE)
@@ -107,3 +108,15 @@ class Nft:
 
     async def apply_async(self, transaction: str) -> None:
         await asyncio.to_thread(self.apply, transaction)
+
+
+def load_dark(nft: Nft, load: StagedLoad, known: Iterable[Map | Set]) -> None:
+    """Build a table that is not in the kernel yet, hooks last (see StagedLoad): nft for the
+    structure, netlink batches for the elements, nft for the base chains. Raises NftError,
+    NetlinkError, OSError or ValueError; a table left half-built by a failure has no hooks, so
+    it serves nothing, and the caller's one-transaction load replaces it."""
+    nft.apply(load.structure)
+    with netlink.open_socket() as sock:
+        for batch in netlink.encode_additions(load.structure.table, load.elements, [*known, *load.collections]):
+            netlink.send(batch, sock=sock)
+    nft.apply(load.hooks)

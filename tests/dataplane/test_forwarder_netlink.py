@@ -6,19 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import pytest
 
-from lbctl.forwarder import netlink
+from lbctl.forwarder import main as forwarder_main
+from lbctl.forwarder import netlink, nftables
+from lbctl.forwarder.apply import Nft, load_dark
 from lbctl.forwarder.main import KNOWN_COLLECTIONS, Forwarder, ForwarderConfig
 from lbctl.forwarder.nftables import Element, EndpointValue, Map, SlotKey, Transaction
 from lbctl.forwarder.render import LBCTL, Plan, Planner, shard_map
 from lbctl.forwarder.state import Backend, ServiceState
 from lbctl.lab.netns import Lab, call_in
 from tests.dataplane.harness import require_root_tools
-from tests.dataplane.test_forwarder_nft import api, dual, nft_in, web
+from tests.dataplane.test_forwarder_nft import api, dual, many_ports, nft_in, web
 
 pytestmark = pytest.mark.dataplane
 
@@ -105,9 +108,16 @@ def test_the_forwarder_commits_endpoint_moves_over_netlink_and_the_rest_with_nft
         pair: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     namespace, _ = pair
     sent: list[int] = []
-    real_send_async = netlink.send_async
+    real_send, real_send_async = netlink.send, netlink.send_async
+    staged: list[int] = []
 
-    def blocking(batch: netlink.Batch, timeout_s: float = 5.0, sock: object = None) -> None:
+    def blocking(batch: netlink.Batch, timeout_s: float = 5.0, sock: socket.socket | None = None) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # a worker thread, where blocking sends belong (the start-up load)
+            real_send(batch, timeout_s, sock)
+            staged.append(len(batch.seqs))
+            return
         raise AssertionError("a small batch is sent from the event loop without blocking it (send_async)")
 
     async def counted(batch: netlink.Batch, timeout_s: float = 5.0) -> None:  # the real one, counted
@@ -121,7 +131,7 @@ def test_the_forwarder_commits_endpoint_moves_over_netlink_and_the_rest_with_nft
         assert forwarder.netlink_elements
         forwarder.states = {"default/web": web(), "prod/dual": dual(key="prod/dual", created="2024-01-05T00:00:00Z")}
         asyncio.run(forwarder._sync_kernel({"default/web", "prod/dual"}))
-        assert sent == []
+        assert staged and not sent  # no table yet: its elements went over netlink from a thread (a staged load)
         forwarder.states["prod/dual"] = moved(forwarder.states["prod/dual"], 0, (
             Backend("10.244.1.7", 8080), Backend("2001:db8:1:1::7", 8080), Backend("2001:db8:1:2::42", 8080)))
         asyncio.run(forwarder._sync_kernel({"prod/dual"}))
@@ -137,3 +147,49 @@ def test_the_forwarder_commits_endpoint_moves_over_netlink_and_the_rest_with_nft
     assert "2001:db8:1:2::42 . 8080" in table and "2001:db8:1:2::7 . 8080" not in table
     assert "192.0.2.31 . tcp . 80" in table and "192.0.2.10" not in table
     assert "lb/default/web" not in table
+
+
+def blocks(listing: str) -> list[str]:
+    """A table's listing as its maps, sets and chains, sorted."""
+    body = listing.strip().removeprefix("table inet lbctl {").removesuffix("}")
+    return sorted(block.strip() for block in body.split("\n\n"))
+
+
+def test_a_dark_load_leaves_the_table_one_nft_transaction_leaves(pair: tuple[str, str]) -> None:
+    staged_in, whole_in = pair
+    states = [web(), api(), dual(), many_ports(40)]
+    plan = Planner().plan_full(states, replace=True)
+    load = nftables.staged(plan.transaction)
+    assert load is not None
+    assert not call_in(staged_in, lambda: netlink.exists(LBCTL))
+    call_in(staged_in, lambda: load_dark(nft_in(staged_in), load, KNOWN_COLLECTIONS))
+    nft_in(whole_in).apply(Planner().plan_full(states, replace=True).transaction)
+    # the same maps, sets and chains with the same contents (listed in creation order: hooks last)
+    assert blocks(nft_in(staged_in).list_table("inet", "lbctl")) == blocks(nft_in(whole_in).list_table("inet", "lbctl"))
+    assert call_in(staged_in, lambda: netlink.exists(LBCTL) and netlink.exists(LBCTL, "prerouting"))
+    assert not call_in(staged_in, lambda: netlink.exists(LBCTL, "no-such-chain"))
+
+
+def test_the_forwarder_loads_a_new_table_in_stages_and_replaces_an_existing_one_whole(
+        pair: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    namespace, _ = pair
+    staged_loads: list[int] = []
+
+    def counted(nft: Nft, load: nftables.StagedLoad, known: Iterable[nftables.Map | nftables.Set]) -> None:
+        load_dark(nft, load, known)  # the real load, counted
+        staged_loads.append(len(load.elements))
+    monkeypatch.setattr(forwarder_main, "load_dark", counted)
+
+    def start_up(states: dict[str, ServiceState]) -> None:
+        forwarder = Forwarder(ForwarderConfig(node="n1"))
+        forwarder.states = states
+        asyncio.run(forwarder._sync_kernel(set(states)))
+    states = {"default/web": web(), "prod/dual": dual(key="prod/dual", created="2024-01-05T00:00:00Z")}
+    call_in(namespace, lambda: start_up(states))
+    assert len(staged_loads) == 1 and staged_loads[0] > 0  # no table yet: in stages
+    first = blocks(nft_in(namespace).list_table("inet", "lbctl"))
+    assert any("192.0.2.10 . tcp . 80 : goto lb/default/web/tcp/80" in block for block in first)
+    # a restart finds the table: it is replaced in one transaction, and ends the same
+    call_in(namespace, lambda: start_up(states))
+    assert len(staged_loads) == 1
+    assert blocks(nft_in(namespace).list_table("inet", "lbctl")) == first

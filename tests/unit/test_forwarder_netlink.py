@@ -87,3 +87,23 @@ def test_acknowledgements_name_each_message_and_its_error() -> None:
     def error(seq: int, code: int) -> bytes:
         return struct.pack("=IHHII", 36, 2, 0, seq, 0) + struct.pack("=i", code) + bytes(16)
     assert netlink.acknowledgements(error(5, 0) + error(6, -2)) == {5: 0, 6: 2}
+
+
+def test_many_additions_go_in_batches_no_larger_than_a_send_carries() -> None:
+    elements = [Element(SHARD, slot, (f"10.0.{slot >> 8}.{slot & 255}", 8080)) for slot in range(5000)]
+    elements += [Element("lb-ips", f"192.0.2.{n}") for n in range(200)]
+    batches = list(netlink.encode_additions(LBCTL, elements, (*KNOWN, shard_map(SHARD)), max_bytes=16 * 1024))
+    assert len(batches) > 5 and all(len(b.data) <= 16 * 1024 + 40 for b in batches)  # + batch begin and end
+    seqs = [s for b in batches for s in b.seqs]
+    assert seqs == list(range(1, len(seqs) + 1))  # every message answered by its own number
+    data = b"".join(b.data for b in batches)
+    for slot in (0, 4999):  # the first and the last endpoint: address . port, as nft writes them
+        assert bytes([10, 0, slot >> 8, slot & 255]) + struct.pack("!H", 8080) + b"\0\0" in data
+    assert data.count(b"lb-ips\0") >= 1 and bytes([192, 0, 2, 199]) in data
+
+
+def test_additions_netlink_cannot_carry_are_refused_whole() -> None:
+    with pytest.raises(ValueError, match="cannot carry"):
+        list(netlink.encode_additions(LBCTL, [Element("lb-ips", "not-an-address")], KNOWN))
+    with pytest.raises(ValueError, match="cannot carry"):
+        list(netlink.encode_additions(LBCTL, [Element(SHARD, 1, ("10.0.0.1", 80))], KNOWN))  # undeclared

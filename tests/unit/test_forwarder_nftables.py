@@ -3,6 +3,8 @@ nft reads it, in `ip` and `inet` tables, and transactions with their owners line
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from lbctl.forwarder.nftables import (
@@ -41,6 +43,7 @@ from lbctl.forwarder.nftables import (
     element_text,
     family_of,
     rule_body,
+    staged,
     write,
 )
 
@@ -141,3 +144,46 @@ def test_unbatched_transactions_write_one_element_per_command() -> None:
 def test_family_and_element_text() -> None:
     assert (family_of("10.0.0.0/8"), family_of("2001:db8::/32"), family_of("::ffff:1.2.3.4")) == (4, 6, 6)
     assert element_text(Element("node-ports", ("udp", 30053), Goto("svc/d"))) == "udp . 30053 : goto svc/d"
+
+
+# -- staged loads ---------------------------------------------------------------------------------
+def _start_up() -> Transaction:
+    """The shape of a start-up plan: the replace idiom, maps, a regular chain with a rule, base
+    chains with their rules, elements of both kinds."""
+    out = Transaction(Table("inet", "t"))
+    table = out.table
+    out.add(None, table)
+    out.delete(None, table)
+    out.add(None, table, Map("m", (Datatype.IPV4_ADDR,), (Datatype.VERDICT,)), Set("s", Datatype.IPV4_ADDR),
+            Chain("services"), Chain("pre", Hook("nat", "prerouting", "dstnat")))
+    out.add(None, Rule("pre", (Jump("services"),)), Rule("services", (Drop(),)))
+    out.add("a/b", Chain("svc/a/b"), Rule("svc/a/b", (Drop(),)), Element("m", "192.0.2.1", Goto("svc/a/b")),
+            Element("s", "192.0.2.1"))
+    return out
+
+
+def test_a_start_up_load_is_split_structure_elements_then_hooks() -> None:
+    load = staged(_start_up())
+    assert load is not None
+    assert [o.object for o in load.hooks.ops] == [Chain("pre", Hook("nat", "prerouting", "dstnat")),
+                                                   Rule("pre", (Jump("services"),))]
+    assert load.elements == [Element("m", "192.0.2.1", Goto("svc/a/b")), Element("s", "192.0.2.1")]
+    structure = [(o.verb, o.object) for o in load.structure.ops]
+    assert structure[:3] == [(Verb.ADD, Table("inet", "t")), (Verb.DELETE, Table("inet", "t")),
+                             (Verb.ADD, Table("inet", "t"))]
+    assert not any(isinstance(obj, Element) or obj in [o.object for o in load.hooks.ops] for _, obj in structure)
+    assert load.collections == [Map("m", (Datatype.IPV4_ADDR,), (Datatype.VERDICT,)), Set("s", Datatype.IPV4_ADDR)]
+    # every operation lands in exactly one stage, owners kept
+    assert len(load.structure) + len(load.elements) + len(load.hooks) == len(_start_up())
+    assert ("a/b", "add rule inet t svc/a/b drop") in list(load.structure.lines())
+
+
+@pytest.mark.parametrize(("what", "change"), [
+    ("a chain flushed", lambda t: t.flush("a/b", Chain("svc/a/b"))),
+    ("an element deleted", lambda t: t.delete("a/b", Element("s", "192.0.2.1"))),
+    ("a map deleted", lambda t: t.delete(None, Map("m", (Datatype.IPV4_ADDR,), (Datatype.VERDICT,)))),
+])
+def test_only_additions_can_be_staged(what: str, change: Callable[[Transaction], None]) -> None:
+    out = _start_up()
+    change(out)
+    assert staged(out) is None, what
