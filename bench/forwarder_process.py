@@ -15,10 +15,10 @@ cores): --rounds and --baseline run several forwarders, one after another, again
 Prints JSON (with --rounds or --baseline: a list of these per checkout, "current" and "baseline"):
 - process_rss_mb: the forwarder's peak resident memory (VmHWM of /proc/<pid>/status), and
   process_rss_end_mb (VmRSS once the changes are done);
-- first_sync_s: from starting the process to the full table committed in the kernel (the table
-  appears in one transaction: the start-up sync replaces it atomically; polled every 5 ms with a
-  netlink dump of the node's nftables tables); caches_filled_s, the part of it until the forwarder
-  logged its caches filled (start-up, imports and both lists);
+- first_sync_s: from starting the process to the full table serving in the kernel: its base chain
+  `prerouting` there, which a staged load adds last and a one-transaction load with everything
+  (polled every 5 ms with a netlink GETCHAIN in the node's namespace); caches_filled_s, the part
+  of it until the forwarder logged its caches filled (start-up, imports and both lists);
 - endpoint_change_to_kernel_ms p50/p99/max: one endpoint of an EndpointSlice moved to a new
   address (a PATCH to the apiserver) → the kernel's notification that a map element holding that
   address was committed; missed_changes lists changes no notification named within 60 s (seen
@@ -64,6 +64,8 @@ from typing import Any
 from forwarder_sync import objects  # bench/ is the script's directory, first on sys.path
 
 from lbctl.dev import controlplane
+from lbctl.forwarder import netlink as nl
+from lbctl.forwarder.render import LBCTL
 from lbctl.kube.client import KubeClient
 from lbctl.lab.kube import LabKube, wait_for
 from lbctl.lab.netns import Lab, call_in
@@ -73,10 +75,7 @@ NFNLGRP_NFTABLES = 7
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
 NFT_SUBSYS = 10 << 8
-NFT_MSG_NEWTABLE, NFT_MSG_GETTABLE, NFT_MSG_NEWSETELEM = 0, 1, 12
-NLMSG_DONE = 3
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-NFPROTO_INET = 1
+NFT_MSG_NEWSETELEM = 12
 STATUS_PORT = 7479
 CHECKOUT = Path(__file__).resolve().parent.parent  # the lbctl this bench belongs to
 MANAGED_BY = {"endpointslice.kubernetes.io/managed-by": "bench.lbctl.io"}
@@ -91,21 +90,6 @@ def _messages(data: bytes) -> Iterator[tuple[int, bytes]]:
             return
         yield kind, data[offset + 20:offset + length]
         offset += (length + 3) & ~3
-
-
-def has_table(sock: socket.socket, name: bytes = b"lbctl") -> bool:
-    """Whether the namespace has table inet `name` (one GETTABLE dump)."""
-    sock.send(struct.pack("=IHHII", 20, NFT_SUBSYS | NFT_MSG_GETTABLE, NLM_F_REQUEST | NLM_F_DUMP, 0, 0)
-              + struct.pack("=BBH", 0, 0, 0))
-    found = False
-    while True:
-        data = sock.recv(1 << 16)
-        for kind, payload in _messages(data):
-            if kind == NLMSG_DONE:
-                return found
-            # the family is the first byte of the nfgenmsg, just before the payload
-            if kind == NFT_SUBSYS | NFT_MSG_NEWTABLE and name + b"\0" in payload:
-                found = True
 
 
 class Notifications:
@@ -281,14 +265,16 @@ def forwarder_run(lab: Lab, node: str, workdir: Path, cp_dir: Path, node_kubecon
                "--announce-class", "bench.lbctl.io/none", "--log-level", "info"]
     netlink = call_in(node, lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER))
     netlink.bind((0, 0))
-    assert not has_table(netlink), "the node still has a table"
+    assert not nl.exists(LBCTL, sock=netlink), "the node still has a table"
     started, started_wall = time.perf_counter(), time.time()
     forwarder = lab.start(node, command, log_name, env=env)
     try:
         def committed() -> bool | None:
             if forwarder.poll() is not None:
                 raise RuntimeError(f"the forwarder exited: {(workdir / log_name).read_text()[-2000:]}")
-            return has_table(netlink) or None
+            # the hooks: what makes the table serve, the last part of a staged load (and part of a
+            # one-transaction load, as earlier versions did it)
+            return nl.exists(LBCTL, "prerouting", sock=netlink) or None
         wait_for(committed, 300, "the forwarder's first full sync", interval=0.005)
         result["first_sync_s"] = round(time.perf_counter() - started, 3)
         netlink.close()

@@ -449,16 +449,16 @@ async def send_async(batch: Batch, timeout_s: float = 5.0) -> None:
         answers.check()
 
 
-def exists(table: Table, chain: str | None = None, timeout_s: float = 5.0) -> bool:
-    """Whether `table` (or its chain `chain`) is in this thread's network namespace: one GET
-    request, answered with the object or ENOENT."""
+def exists(table: Table, chain: str | None = None, timeout_s: float = 5.0, sock: socket.socket | None = None) -> bool:
+    """Whether `table` (or its chain `chain`) is in this thread's network namespace (or `sock`'s):
+    one GET request, answered with the object or ENOENT."""
     family = _FAMILIES[table.family]
     if chain is None:
         kind, body = _NFT_MSG_GETTABLE, _string(_NFTA_TABLE_NAME, table.name)
     else:
         kind, body = _NFT_MSG_GETCHAIN, _string(_NFTA_CHAIN_TABLE, table.name) + _string(_NFTA_CHAIN_NAME, chain)
     found = (_NFNL_SUBSYS_NFTABLES << 8) | (_NFT_MSG_NEWTABLE if chain is None else _NFT_MSG_NEWCHAIN)
-    with open_socket() as sock:
+    with contextlib.nullcontext(sock) if sock is not None else open_socket() as sock:
         sock.settimeout(timeout_s)
         sock.send(_message((_NFNL_SUBSYS_NFTABLES << 8) | kind, _NLM_F_REQUEST, 1, family, body))
         data = sock.recv(1 << 16)
