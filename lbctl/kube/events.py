@@ -203,7 +203,7 @@ class EventRecorder:
                     last = str(event.get("lastTimestamp") or event.get("firstTimestamp") or "")
                     self._correlator.seed(key, str((event.get("metadata") or {}).get("name") or ""),
                                           int(event.get("count") or 1), str(event.get("firstTimestamp") or last), last)
-                    found.append(RecordedEvent(ref.uid, key.reason, last))
+                    found.append(RecordedEvent(ref.uid, key.reason, last, key.message))
         except (ApiError, aiohttp.ClientError, OSError, TimeoutError) as exc:
             log.warning("could not list earlier events (%s): repeats start new Events, none is re-derived", exc)
         return found

@@ -41,10 +41,38 @@ class EventSpec:
 
 
 ENSURING = EventSpec(NORMAL, "EnsuringLoadBalancer", "Ensuring load balancer")
-ENSURED = EventSpec(NORMAL, "EnsuredLoadBalancer", "Ensured load balancer")
+ENSURED = EventSpec(NORMAL, "EnsuredLoadBalancer", "Ensured load balancer")  # + " at <addresses>"
 UPDATED_HOSTS = EventSpec(NORMAL, "UpdatedLoadBalancer", "Updated load balancer with new hosts")
 DELETING = EventSpec(NORMAL, "DeletingLoadBalancer", "Deleting load balancer")
 DELETED = EventSpec(NORMAL, "DeletedLoadBalancer", "Deleted load balancer")
+
+
+_AT = " at "
+_MOVED = "Load balancer moved from "
+
+
+def ensured(ingress: Iterable[Mapping[str, Any]]) -> EventSpec:
+    """The service controller's `EnsuredLoadBalancer`, naming the addresses: after a crash, the
+    Event shows which addresses it was for (see `missing_events`)."""
+    return EventSpec(NORMAL, ENSURED.reason, f"{ENSURED.message}{_AT}{addresses(ingress)}")
+
+
+def moved(before: Iterable[Mapping[str, Any]], after: Iterable[Mapping[str, Any]]) -> EventSpec:
+    return _moved(addresses(before), addresses(after))
+
+
+def _moved(before: str, after: str) -> EventSpec:
+    return EventSpec(NORMAL, "UpdatedLoadBalancer", f"{_MOVED}{before} to {after}")
+
+
+def shown_addresses(reason: str, message: str) -> str | None:
+    """The addresses an Ensured or moved Event says the Service got; None when it names none (an
+    Event with new hosts, or an Ensured Event of an earlier version without them)."""
+    if reason == ENSURED.reason and message.startswith(ENSURED.message + _AT):
+        return message[len(ENSURED.message + _AT):]
+    if reason == "UpdatedLoadBalancer" and message.startswith(_MOVED) and " to " in message:
+        return message.rsplit(" to ", 1)[1]
+    return None
 
 
 @dataclass(frozen=True)
@@ -115,14 +143,13 @@ def after_ensure(service: Mapping[str, Any], ingress: list[dict[str, Any]], prov
                                 _generation(service), now, previous)
     events: tuple[EventSpec, ...] = ()
     if not before:
-        events = (ENSURED,)
+        events = (ensured(ingress),)
     elif addresses(before) != addresses(ingress):
-        events = (EventSpec(NORMAL, "UpdatedLoadBalancer",
-                            f"Load balancer moved from {addresses(before)} to {addresses(ingress)}"),)
+        events = (moved(before, ingress),)
     elif hosts_changed:
         events = (UPDATED_HOSTS,)
     elif previous is not None and previous.get("status") != "True":
-        events = (ENSURED,)  # recovered
+        events = (ensured(ingress),)  # recovered
     return Outcome(condition=condition, ingress=ingress, events=events)
 
 
@@ -197,6 +224,7 @@ class RecordedEvent:
     uid: str  # involvedObject.uid
     reason: str
     last_timestamp: str  # RFC 3339
+    message: str = ""
 
 
 #: kube-apiserver's default --event-ttl: an outcome older than this would have no Event by now anyway
@@ -214,20 +242,34 @@ def _time(text: str) -> dt.datetime | None:
 def missing_events(service: Mapping[str, Any], recorded: Iterable[RecordedEvent], now: dt.datetime,
                    ttl_s: float = EVENT_TTL_S) -> list[EventSpec]:
     """The Events a Service's status promises but the apiserver does not have (a crash lost them
-    from the recorder's queue): a True condition with an address needs an `EnsuredLoadBalancer` (or
-    `UpdatedLoadBalancer`) Event at or after the condition's lastTransitionTime.
+    from the recorder's queue). A True condition with addresses needs, at or after the condition's
+    lastTransitionTime, an `EnsuredLoadBalancer` or `UpdatedLoadBalancer` Event; and the latest of
+    those that name addresses must name the current ones, else the move to them was lost (a move
+    keeps the condition True, so its lastTransitionTime does not say when it happened): an
+    `UpdatedLoadBalancer` "moved from <what the last Event named> to <now>" is recorded.
 
-    A False condition needs nothing here: a failing Service is synced again at start-up, and that
-    attempt records its Warning (folded into the existing Event)."""
+    Not derived: a False condition (a failing Service is synced again at start-up, and that attempt
+    records its Warning, folded into the existing Event); new hosts (the status does not show
+    them; the next node change records one again)."""
     condition = current_condition(service)
-    if condition is None or condition.get("status") != "True" or not _ingress(service):
+    ingress = _ingress(service)
+    if condition is None or condition.get("status") != "True" or not ingress:
         return []
     since = _time(str(condition.get("lastTransitionTime") or ""))
     if since is None or (now - since).total_seconds() > ttl_s:
         return []
     uid = (service.get("metadata") or {}).get("uid")
+    shown: list[tuple[dt.datetime, bool, str | None]] = []
     for event in recorded:
         seen = _time(event.last_timestamp)
         if event.uid == uid and event.reason in _SHOWS_SUCCESS and seen is not None and seen >= since:
-            return []
-    return [ENSURED]
+            # a move sorts after an Ensured of the same second
+            shown.append((seen, event.reason != ENSURED.reason, shown_addresses(event.reason, event.message)))
+    if not shown:
+        return [ensured(ingress)]
+    naming = [(at, is_move, where) for at, is_move, where in shown if where is not None]
+    if not naming:
+        return []  # Events that name no addresses (an earlier version's): trust them
+    last = max(naming, key=lambda item: (item[0], item[1]))[2]
+    now_at = addresses(ingress)
+    return [] if last == now_at else [_moved(str(last), now_at)]

@@ -140,7 +140,7 @@ def test_status_of_one_service_tells_the_story(cluster: ClusterInfo, namespace: 
     assert f"Pool:          {three_services['pool']}" in text
     assert re.search(r"^  node-1\s+live \(renewed \d+s ago\)\s+yes\s+0$", text, re.M), text
     assert re.search(r"^  node-2\s+none \(no Lease lbctl-system/lbctl-forwarder-<node>\)\s+0$", text, re.M), text
-    assert re.search(r"^  \d+s\s+Normal\s+EnsuredLoadBalancer\s+1\s+Ensured load balancer$", text, re.M), text
+    assert re.search(r"^  \d+s\s+Normal\s+EnsuredLoadBalancer\s+1\s+Ensured load balancer at \S+$", text, re.M), text
 
     queued = lbctl(cluster.kubeconfig, "status", f"{namespace}/queued", "-o", "yaml")
     assert queued.returncode == 0, queued.stderr

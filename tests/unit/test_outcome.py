@@ -18,7 +18,6 @@ from lbctl.model.errors import (
 )
 from lbctl.model.outcome import (
     DELETING,
-    ENSURED,
     ENSURING,
     PENDING,
     TRANSIENT,
@@ -44,6 +43,10 @@ NOW = "2026-11-29T16:00:00Z"
 EARLIER = "2026-11-29T15:00:00Z"
 A = [{"ip": "198.18.0.1", "ipMode": "VIP"}]
 B = [{"ip": "198.18.0.2", "ipMode": "VIP"}]
+
+
+ENSURED_AT_A = EventSpec("Normal", "EnsuredLoadBalancer", "Ensured load balancer at 198.18.0.1")
+MOVED_A_B = EventSpec("Normal", "UpdatedLoadBalancer", "Load balancer moved from 198.18.0.1 to 198.18.0.2")
 
 
 def svc(ingress: list[dict[str, Any]] | None = None, ready: str | None = None, reason: str = "LoadBalancerEnsured",
@@ -74,13 +77,13 @@ def test_deleting_once_per_release(announced: bool, expected: EventSpec | None) 
 
 
 @pytest.mark.parametrize(("service", "ingress", "hosts_changed", "events"), [
-    (svc(), A, False, (ENSURED,)),
-    (svc(ready="False", reason="Pending"), A, False, (ENSURED,)),
+    (svc(), A, False, (ENSURED_AT_A,)),
+    (svc(ready="False", reason="Pending"), A, False, (ENSURED_AT_A,)),
     (svc(A, ready="True"), A, False, ()),  # nothing changed: nothing to say
     (svc(A, ready="True"), A, True, (UPDATED_HOSTS,)),
     (svc(A, ready="True"), B, False,
      (EventSpec("Normal", "UpdatedLoadBalancer", "Load balancer moved from 198.18.0.1 to 198.18.0.2"),)),
-    (svc(A, ready="False", reason="ProviderError"), A, False, (ENSURED,)),  # recovered
+    (svc(A, ready="False", reason="ProviderError"), A, False, (ENSURED_AT_A,)),  # recovered
 ])
 def test_after_ensure_events(service: dict[str, Any], ingress: list[dict[str, Any]], hosts_changed: bool,
                              events: tuple[EventSpec, ...]) -> None:
@@ -154,14 +157,36 @@ LATER = "2026-11-29T15:00:05Z"
 CLOCK = dt.datetime(2026, 11, 29, 15, 30, tzinfo=dt.UTC)
 
 
+def seen(reason: str, at: str = LATER, message: str = "", uid: str = "u1") -> RecordedEvent:
+    return RecordedEvent(uid, reason, at, message)
+
+
+AT_A, AT_B = "Ensured load balancer at 198.18.0.1", "Ensured load balancer at 198.18.0.2"
+A_TO_B, B_TO_A = MOVED_A_B.message, "Load balancer moved from 198.18.0.2 to 198.18.0.1"
+LATEST = "2026-11-29T15:10:00Z"
+
+
 @pytest.mark.parametrize(("service", "recorded", "missing"), [
-    (svc(A, ready="True"), [], [ENSURED]),
-    (svc(A, ready="True"), [RecordedEvent("u1", "EnsuredLoadBalancer", LATER)], []),
-    (svc(A, ready="True"), [RecordedEvent("u1", "EnsuredLoadBalancer", EARLIER)], []),  # same second
-    (svc(A, ready="True"), [RecordedEvent("u1", "UpdatedLoadBalancer", LATER)], []),
-    (svc(A, ready="True"), [RecordedEvent("u1", "EnsuredLoadBalancer", "2026-11-29T14:59:59Z")], [ENSURED]),
-    (svc(A, ready="True"), [RecordedEvent("u1", "EnsuringLoadBalancer", LATER)], [ENSURED]),
-    (svc(A, ready="True"), [RecordedEvent("other", "EnsuredLoadBalancer", LATER)], [ENSURED]),
+    (svc(A, ready="True"), [], [ENSURED_AT_A]),
+    (svc(A, ready="True"), [seen("EnsuredLoadBalancer", message=AT_A)], []),
+    (svc(A, ready="True"), [seen("EnsuredLoadBalancer")], []),  # an earlier version's Event, no addresses
+    (svc(A, ready="True"), [seen("EnsuredLoadBalancer", EARLIER, AT_A)], []),  # same second
+    (svc(A, ready="True"), [seen("UpdatedLoadBalancer", message=B_TO_A)], []),
+    (svc(A, ready="True"), [seen("UpdatedLoadBalancer")], []),
+    (svc(A, ready="True"), [seen("EnsuredLoadBalancer", "2026-11-29T14:59:59Z", AT_A)], [ENSURED_AT_A]),
+    (svc(A, ready="True"), [seen("EnsuringLoadBalancer")], [ENSURED_AT_A]),
+    (svc(A, ready="True"), [seen("EnsuredLoadBalancer", uid="other", message=AT_A)], [ENSURED_AT_A]),
+    # moves keep the condition True: the latest Event naming addresses must name the current ones
+    (svc(B, ready="True"), [seen("EnsuredLoadBalancer", message=AT_A)], [MOVED_A_B]),  # the move was lost
+    (svc(B, ready="True"), [seen("EnsuredLoadBalancer", message=AT_A),
+                            seen("UpdatedLoadBalancer", LATEST, A_TO_B)], []),
+    (svc(B, ready="True"), [seen("EnsuredLoadBalancer", message=AT_A),
+                            seen("UpdatedLoadBalancer", LATER, A_TO_B)], []),  # a move in the same second
+    (svc(B, ready="True"), [seen("UpdatedLoadBalancer", LATER, A_TO_B),  # A → B, back to A, then to B (lost)
+                            seen("UpdatedLoadBalancer", LATEST, B_TO_A)], [MOVED_A_B]),
+    (svc(A, ready="True"), [seen("EnsuredLoadBalancer", message=AT_A),
+                            seen("UpdatedLoadBalancer", LATEST, "Updated load balancer with new hosts")], []),
+    (svc(B, ready="True"), [seen("EnsuredLoadBalancer", message=AT_B)], []),
     (svc(A, ready="False", reason="ProviderError"), [], []),  # its re-sync records the failure
     (svc(ready="True"), [], []),  # no address: nothing was ensured
     (svc(), [], []),

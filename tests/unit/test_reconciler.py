@@ -566,6 +566,26 @@ def test_an_outcome_without_its_event_is_recorded_when_leading_starts() -> None:
     run(scenario)
 
 
+def test_a_move_without_its_event_is_recorded_when_leading_starts() -> None:
+    async def scenario() -> None:
+        cluster, _ = local_cluster(p=["198.18.0.10/32"])
+        async with leading(cluster):
+            key = cluster.add(service("web"))
+            await cluster.sync()
+        stamp = condition(cluster, key)["lastTransitionTime"]  # type: ignore[index]
+        uid = cluster.writer.services[key]["metadata"]["uid"]
+        # its last Event named another address: the move to 198.18.0.10 never reached the apiserver
+        earlier = RecordedEvent(uid, "EnsuredLoadBalancer", stamp, "Ensured load balancer at 198.18.0.99")
+        events = MemoryEvents([earlier])
+        restarted = Cluster(ObservedLocalProvider(cluster.writer), cluster.writer, events)
+        restarted.add_pool("p", ["198.18.0.10/32"])
+        restarted.reconciler.on_service(None, copy.deepcopy(cluster.writer.services[key]))
+        async with leading(restarted):
+            assert events.of(key) == [("UpdatedLoadBalancer", "Load balancer moved from 198.18.0.99 to 198.18.0.10")]
+
+    run(scenario)
+
+
 def test_nothing_is_written_once_the_lease_is_lost() -> None:
     async def scenario() -> None:
         cluster, provider = local_cluster(p=["198.18.0.10/31"])
