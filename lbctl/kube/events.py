@@ -67,6 +67,16 @@ def event_body(key: EventKey, api_version: str, name: str, count: int, first: st
     }
 
 
+#: objects waiting per poster: a poster writes one object's Events at a time, a few ms each
+BACKLOG_PER_POSTER = 20
+
+
+def posters_wanted(backlog: int, max_posters: int) -> int:
+    """How many posters a backlog of `backlog` objects waiting needs: one per BACKLOG_PER_POSTER,
+    at least one, at most `max_posters` (posters never stop; a burst's posters serve the next)."""
+    return max(1, min(max_posters, 1 + backlog // BACKLOG_PER_POSTER))
+
+
 def _retryable(exc: Exception) -> bool:
     if isinstance(exc, ApiError):
         return exc.status == 429 or exc.status >= 500
@@ -117,9 +127,12 @@ class EventRecorder:
     async def warning(self, obj: Mapping[str, Any], reason: str, message: str) -> None:
         await self.record(obj, "Warning", reason, message)
 
+    @property
+    def posters(self) -> int:
+        return len(self._posters)
+
     def _grow(self) -> None:
-        """One poster per 20 objects waiting, at least one, at most max_posters."""
-        wanted = min(self._max_posters, 1 + self._ready.qsize() // 20)
+        wanted = posters_wanted(self._ready.qsize(), self._max_posters)
         while len(self._posters) < wanted:
             self._posters.append(asyncio.create_task(self._post_loop(), name="event poster"))
 
