@@ -18,6 +18,14 @@ loop, without blocking it); if the kernel refuses (say the
 shard map does not exist yet: `add map` was left out) nothing was changed and the caller gives the
 same transaction to nft.
 
+`encode_additions` writes many additions as a series of batches, for a table that serves nothing
+yet (the staged start-up load, lbctl.forwarder.apply.load_dark); `exists` asks whether a table or
+chain is there.
+
+Why by hand, with pyroute2 at hand: its generic message classes (pyroute2.netlink.nfnetlink.
+nftsocket) encode a set element in about 110 µs here, against about 2 µs for the writers below,
+compiled once per collection: a start-up load of 160,000 elements would take 18 s instead of 0.4.
+
 Encodings, as nft itself writes them: integers of `typeof numgen` keys in host byte order;
 addresses in network order; ports (inet_service) as two bytes in network order; protocols
 (inet_proto) as one byte; in a concatenation every part padded to 4 bytes; a `goto` value as a
