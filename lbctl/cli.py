@@ -48,6 +48,11 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"LBCTL_{name}", default)
 
 
+def _env_list(name: str) -> list[str]:
+    """LBCTL_<name> as a comma-separated list."""
+    return [item.strip() for item in (_env(name) or "").split(",") if item.strip()]
+
+
 def _env_flag(name: str) -> bool:
     return (_env(name) or "").lower() in ("1", "true", "yes", "on")
 
@@ -214,7 +219,7 @@ def _forwarder(args: argparse.Namespace) -> int:
             nft_command=tuple(args.nft.split()), peer_port=args.peer_port,
             heartbeat_interval_s=args.heartbeat_interval, dead_after_s=args.dead_after,
             restart_grace_s=args.restart_grace, status_port=args.status_port, metrics_port=args.metrics_port,
-            peer_secret_file=args.peer_secret_file,
+            peer_secret_file=args.peer_secret_file, lan_probes=tuple(args.lan_probe or _env_list("LAN_PROBE")),
         )
     except ValueError as exc:
         print(f"lbctl forwarder: {exc}", file=sys.stderr)
@@ -253,6 +258,10 @@ def _add_forwarder(commands: argparse._SubParsersAction[argparse.ArgumentParser]
                     help="seconds a peer may neither heartbeat nor answer ping before its VIPs move")
     fw.add_argument("--restart-grace", type=float, default=_env("RESTART_GRACE", "15"),
                     help="seconds a peer whose kernel answers ping keeps its VIPs while its forwarder is away")
+    fw.add_argument("--lan-probe", action="append", default=[], metavar="IPV4",
+                    help="a LAN address (not a node) that answers ping, asked when no peer answers to tell 'this "
+                         "node is cut off' from 'the peers are gone' (repeatable; LBCTL_LAN_PROBE, comma-separated; "
+                         "default: the IPv4 default gateway)")
     fw.add_argument("--peer-secret-file", default=_env("PEER_SECRET_FILE"),
                     help="a file holding a key shared by every forwarder: heartbeats are signed with it "
                          "(HMAC-SHA256) and unsigned ones ignored")

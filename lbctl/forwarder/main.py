@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lbctl.forwarder import bgp, conntrack, fields, metrics, netlink, nftables
+from lbctl.forwarder import bgp, conntrack, fields, metrics, netlink, nftables, uplink
 from lbctl.forwarder.addresses import VipAddresses
 from lbctl.forwarder.announce import Announcer, ServiceMarks
 from lbctl.forwarder.apply import Nft, NftError, load_dark
 from lbctl.forwarder.desired import BuildContext, build_service, service_key, slice_service_key
 from lbctl.forwarder.health import HealthCheck, HealthServers
+from lbctl.forwarder.isolation import Evidence, Verdict, Witnesses, judge
 from lbctl.forwarder.leases import LEASE_NAMESPACE, NodeLease
 from lbctl.forwarder.membership import Membership, Timing, format_claim
 from lbctl.forwarder.metrics_http import MetricsServer
@@ -81,6 +82,7 @@ class ForwarderConfig:
     restart_grace_s: float = 15.0  # a peer whose kernel answers keeps its VIPs this long
     status_port: int = 0  # /healthz (0: off)
     peer_secret_file: str | None = None  # a shared key: heartbeats are signed and checked with it
+    lan_probes: tuple[str, ...] = ()  # LAN witnesses for a node that hears no peer (default: the default gateway)
     metrics_port: int = 0  # /metrics (0: off)
     health_bind: str = ""  # "": every address of both families
     nft_command: tuple[str, ...] = ("nft",)
@@ -94,6 +96,12 @@ class ForwarderConfig:
         if not self.node:
             raise ValueError("the node name is empty: pass --node (in a DaemonSet: spec.nodeName via the downward API)")
         self.timing()  # raises for impossible timings
+        for address in self.lan_probes:
+            try:
+                ipaddress.IPv4Address(address)
+            except ValueError:
+                raise ValueError(f"--lan-probe {address!r} is not an IPv4 address (a LAN host that answers ping, "
+                                 "such as the default gateway)") from None
 
     def timing(self) -> Timing:
         return Timing(interval=self.heartbeat_interval_s, probe_after=min(2.5 * self.heartbeat_interval_s,
@@ -124,6 +132,8 @@ class Forwarder:
         self.netlink_elements = config.nft_command == ("nft",)
         self.health = HealthServers(config.health_bind)
         self.membership = Membership(config.node, config.timing())
+        self.witnesses = Witnesses(config.lan_probes, window=config.dead_after_s)
+        self._verdict: Verdict | None = None  # the last judgement while no peer answered (isolation.py)
         self._slices: dict[str, dict[str, Mapping[str, Any]]] = {}
         self._dirty: set[str] = set()
         self._quarantine: dict[str, _Quarantine] = {}
@@ -426,6 +436,40 @@ class Forwarder:
         self._api_checked = (time.monotonic(), reachable)
         return reachable
 
+    async def _find_witnesses(self) -> None:
+        if not self.config.lan_probes:
+            try:
+                self.witnesses.set_addresses(await asyncio.to_thread(uplink.default_gateways))
+            except Exception as exc:
+                log.warning("reading the default gateway: %s", exc)
+        if self.witnesses.addresses:
+            log.info("LAN witnesses when no peer answers: %s", ", ".join(self.witnesses.addresses))
+        else:
+            log.warning("no LAN witness (no IPv4 default gateway, no --lan-probe, or no raw ICMP socket): when no "
+                        "peer and no apiserver answer, this node counts as cut off and gives up its VIPs, even "
+                        "if it is the last node alive")
+
+    async def _alone(self, client: KubeClient, now: float) -> Verdict:
+        """No peer answers: are we cut off, or are they all gone? (isolation.py)"""
+        api = await self._api_reachable(client)
+        link: bool | None = None
+        if not api:
+            try:
+                link = await asyncio.to_thread(uplink.link_up, self.membership.targets())
+            except Exception as exc:
+                log.warning("reading the node network's link state: %s", exc)
+        verdict = judge(Evidence(api_reachable=api, link_up=link, witnesses=len(self.witnesses.addresses),
+                                 witness_answered=self.witnesses.answered(now),
+                                 witness_pending=self.witnesses.pending(now)))
+        if verdict != self._verdict:
+            self._verdict = verdict
+            if verdict is Verdict.PEERS_GONE:
+                log.warning("no peer answers, but %s does: the peers are gone; this node keeps its VIPs and "
+                            "takes theirs", "the apiserver" if api else "a LAN witness")
+            elif verdict is Verdict.UNDECIDED:
+                log.info("no peer answers; asking the LAN witnesses before deciding (holding what we hold)")
+        return verdict
+
     async def _announce_loop(self, announcer: Announcer, marks: ServiceMarks, nodes: Reflector,
                              client: KubeClient) -> None:
         while True:
@@ -443,13 +487,18 @@ class Forwarder:
             self._nodes_dirty = False
             self.membership.set_addresses(node_addresses(nodes.cache.values()))
         now = time.monotonic()
-        if self.membership.isolated(now) and not await self._api_reachable(client):
-            # No peer answers and neither does the apiserver: we are the ones cut off. Our VIPs
-            # have moved to nodes the clients can reach; holding them would answer ARP for them
-            # next to the new holders once our link is back.
+        verdict = await self._alone(client, now) if self.membership.isolated(now) else None
+        if verdict is None:
+            self._verdict = None
+        if verdict is Verdict.UNDECIDED and not self.fenced:
+            return  # keep what we hold, take nothing: the witnesses answer within a second or not at all
+        if verdict is Verdict.CUT_OFF or (verdict is Verdict.UNDECIDED and self.fenced):
+            # No peer answers, the apiserver does not, and our link is down or no LAN witness
+            # answers: we are the ones cut off. Our VIPs have moved to nodes the clients can reach;
+            # holding them would answer ARP for them next to the new holders once our link is back.
             if not self.fenced:
-                log.warning("no peer and no apiserver answers: this node is cut off; giving up %d VIP(s)",
-                            len(announcer.owned))
+                log.warning("no peer and no apiserver answers, and the link is down or no LAN witness answers: "
+                            "this node is cut off; giving up %d VIP(s)", len(announcer.owned))
                 self.fenced = True
             await announcer.release_all()
             marks.update({}, set())
@@ -490,7 +539,7 @@ class Forwarder:
                                                              lambda key: services.cache.get(key))
         secret = await asyncio.to_thread(peer_key, self.config.peer_secret_file)  # files: never on the loop
         peering = Peering(self.membership, lambda: self.claims(announcer), port=self.config.peer_port,
-                          on_change=self._announce_wake.set, key=secret)
+                          on_change=self._announce_wake.set, key=secret, witnesses=self.witnesses)
         status = StatusServer(self.config.status_port, lambda query: self.status_report(announcer, query))
         metrics_server = MetricsServer(self.config.metrics_port)
         self.bgp = speaker = bgp.BgpSpeaker(self.config.node, client, self.config.lease_namespace,
@@ -507,6 +556,7 @@ class Forwarder:
             await metrics_server.start()
             await announcer.start()
             await peering.start()
+            await self._find_witnesses()
             tasks.append(asyncio.create_task(peering.run(), name="peering"))
             if not self.full:
                 # kube-proxy carries the traffic: rules an earlier full-mode run left would compete

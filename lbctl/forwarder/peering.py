@@ -2,8 +2,9 @@
 
 A UDP socket sends our heartbeat to every peer each `interval` and feeds the peers' heartbeats to
 `Membership`; a raw ICMP socket pings the kernels of peers whose heartbeats stopped, so that a
-restarting forwarder (kernel up) is told from a dead node (no answer). Both are non-blocking
-sockets on the event loop: nothing here waits.
+restarting forwarder (kernel up) is told from a dead node (no answer), and, while a peer is silent
+or none answers, the LAN witnesses (isolation.py), so a node that hears no peer can tell "cut off"
+from "the peers are gone". Both are non-blocking sockets on the event loop: nothing here waits.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import struct
 import time
 from collections.abc import Callable
 
+from lbctl.forwarder.isolation import Witnesses
 from lbctl.forwarder.membership import Membership, decode, encode_all
 
 log = logging.getLogger(__name__)
@@ -71,8 +73,10 @@ class Peering:
     """Runs the heartbeat and probe sockets for `membership`; `claims()` gives what we hold now."""
 
     def __init__(self, membership: Membership, claims: Callable[[], frozenset[str]], *, port: int = DEFAULT_PORT,
-                 bind: str = "0.0.0.0", on_change: Callable[[], None] = lambda: None, key: bytes = b"") -> None:
+                 bind: str = "0.0.0.0", on_change: Callable[[], None] = lambda: None, key: bytes = b"",
+                 witnesses: Witnesses | None = None) -> None:
         self.membership = membership
+        self.witnesses = witnesses if witnesses is not None else Witnesses()
         self._key = key
         self._claims = claims
         self._port = port
@@ -98,7 +102,9 @@ class Peering:
             icmp = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
         except PermissionError as exc:
             log.warning("no raw ICMP socket (%s): a peer whose forwarder stops counts as gone after %.1fs, "
-                        "without the restart grace (grant NET_RAW)", exc, self.membership.timing.dead_after)
+                        "without the restart grace, and no LAN witness can be asked (grant NET_RAW)", exc,
+                        self.membership.timing.dead_after)
+            self.witnesses.set_addresses(())
         else:
             icmp.setblocking(False)
             loop.add_reader(icmp.fileno(), self._icmp_readable)
@@ -124,7 +130,9 @@ class Peering:
                 log.debug("icmp socket: %s", exc)
                 return
             if parse_echo_reply(packet, self._icmp_id):
-                self.membership.echo_reply(str(addr[0]), time.monotonic())
+                now = time.monotonic()
+                self.membership.echo_reply(str(addr[0]), now)
+                self.witnesses.echo_reply(str(addr[0]), now)
 
     def send_heartbeats(self) -> None:
         if self._transport is None:
@@ -142,7 +150,9 @@ class Peering:
     def send_probes(self, now: float) -> None:
         if self._icmp is None:
             return
-        for address in self.membership.to_probe(now):
+        peers = self.membership.to_probe(now)
+        witnesses = self.witnesses.to_probe(bool(peers) or self.membership.isolated(now), now)
+        for address in (*peers, *witnesses):
             self._icmp_seq = (self._icmp_seq + 1) & 0xFFFF
             with contextlib.suppress(OSError):  # unreachable right now: that is the answer
                 self._icmp.sendto(echo_request(self._icmp_id, self._icmp_seq), (address, 0))
