@@ -627,6 +627,7 @@ class Forwarder:
             "message": ("rules and VIPs follow the cluster" if has_state else
                         "waiting for a first list from the apiserver: nothing is programmed until then"),
             "fenced": self.fenced, "vips": sorted(announcer.owned),
+            "alone": self._verdict.value if self._verdict is not None else None,  # no peer answers: isolation.py
             "peers": [{"node": p.node, "address": p.address, "state": p.state, "heartbeatAgeSeconds": p.heartbeat_age_s}
                       for p in self.membership.view(now)],
         }

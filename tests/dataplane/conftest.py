@@ -76,6 +76,8 @@ def dp() -> Iterator[DataplaneEnv]:
                            node_kubeconfig=node_kubeconfig,
                            forwarder_args=["--pod-cidr", "198.19.0.0/16", "--pod-cidr", "2001:db8:1::/48",
                                            "--resync-interval", "20",
+                                           # the lab's nodes have no default gateway: the bridge is the LAN witness
+                                           "--lan-probe", lab.bridge_address,
                                            "--restart-grace", str(RESTART_GRACE_S)])
         for index in NODES:
             env.start_forwarder(index)

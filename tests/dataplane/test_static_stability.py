@@ -200,3 +200,63 @@ def test_a_forwarder_started_without_the_apiserver_changes_nothing(dp: Dataplane
     assert watch.failures == []
     assert watch.moves() == [frozenset({owner})]
     assert dp.holders(vip) == {owner}
+
+
+def node_dies(dp: DataplaneEnv, index: int) -> None:
+    """As a host dying does: its forwarder gone and its link to the LAN cut (restored by the
+    k8s_namespace fixture)."""
+    dp.kill_forwarder(index)
+    dp.lab.set_link(index, up=False)
+
+
+def peer_state(dp: DataplaneEnv, index: int, peer: int) -> str | None:
+    status = dp.forwarder_status(index)
+    if status is None:
+        return None
+    return next((p["state"] for p in status[1]["peers"] if p["node"] == f"node-{peer}"), None)
+
+
+@pytest.mark.parametrize("dies", ["the-owner", "the-other-node"])
+def test_a_sole_survivor_keeps_serving_without_the_apiserver_and_a_cut_off_node_still_lets_go(
+        dp: DataplaneEnv, k8s_namespace: str, dies: str) -> None:
+    """A 2-node cluster (the lab's third node has died first) loses the apiserver, then one of its
+    two nodes: the node left hears no peer and no apiserver, but its link is up and the LAN witness
+    (the bridge's address, --lan-probe) answers ping, so it keeps the VIP, or takes it over from the
+    dead owner, and the client keeps getting answers. Then its own link is cut: now it is the one
+    cut off, and it gives the VIP up (announce mode: each node answers with its own name)."""
+    with announce_mode(dp):
+        vip, owner = setup_service(dp, k8s_namespace, mode="announce")
+        others = [index for index in NODES if index != owner]
+        victim, survivor = (owner, others[0]) if dies == "the-owner" else (others[0], owner)
+        third = others[1]
+        node_dies(dp, third)
+        wait_for(lambda: peer_state(dp, survivor, third) == "dead", 20, f"node-{third} dead to node-{survivor}")
+        log_path = dp.workdir / f"forwarder-node-{survivor}.log"
+        log_size = log_path.stat().st_size
+        with watch_vip(dp, vip, node_server_name) as watch:
+            wait_for(lambda: len(watch.answers) >= 5, 10, "answers through the VIP")
+            with apiserver_away(dp, "kill"):
+                wait_for(lambda: not apiserver_ready(dp), 10, "the apiserver gone")
+                node_dies(dp, victim)
+                wait_for(lambda: survivor in dp.holders(vip), 10, f"{vip} on node-{survivor}")
+                # requests go one at a time: once one is answered by the survivor, every earlier failure is counted
+                wait_for(lambda: bool(watch.answers) and watch.answers[-1] == survivor, 10,
+                         "an answer from the survivor")
+                failed_before, answered_before = len(watch.failures), len(watch.answers)
+                wait_for(lambda: len(watch.answers) >= answered_before + 50, 30, "50 more answers")
+                assert watch.failures[failed_before:] == [], "the survivor stopped answering"
+                assert set(watch.answers[answered_before:]) == {survivor}
+                status = dp.forwarder_status(survivor)
+                assert status is not None and status[1]["alone"] == "peers-gone" and vip in status[1]["vips"]
+                live = [sample - {victim, third} for sample in watch.holder_samples]
+                assert all(len(sample) <= 1 for sample in live), "two live holders"
+                if dies == "the-other-node":
+                    assert watch.failures == [] and set(live) == {frozenset({owner})}, "the VIP moved"
+                print(f"\nsole survivor ({dies} died): {len(watch.failures)} failures before the takeover, "
+                      f"{len(watch.answers) - answered_before} answers from node-{survivor} after it")
+
+                dp.lab.set_link(survivor, up=False)  # now the survivor is the one cut off
+                wait_for(lambda: vip not in dp.vips_on(survivor), 10, f"node-{survivor} giving {vip} up")
+        log = log_path.read_bytes()[log_size:].decode(errors="replace")
+        assert "the peers are gone; this node keeps its VIPs" in log
+        assert "this node is cut off; giving up" in log
