@@ -15,6 +15,7 @@ from kubernetes import client
 from lbctl.dev.layout import ClusterInfo
 from lbctl.model.names import load_balancer_name
 from lbctl.model.scope import FINALIZER
+from providers.aws_plan import frontend_group_name, is_target_group_of
 from tests.fakes.aws_fault_proxy import AwsFaultProxy
 from tests.fakes.aws_world import AwsWorld, build_world, moto_server
 from tests.integration.harness import (
@@ -247,6 +248,44 @@ def test_a_kill_between_the_nlb_and_its_listeners_converges_to_one_complete_nlb(
     (lb,) = [b for b in world.elbv2.describe_load_balancers()["LoadBalancers"] if b["LoadBalancerName"] == name]
     assert sorted(listeners(world, lb["LoadBalancerArn"])) == [80, 443]
     assert proxy.calls.count("CreateLoadBalancer") == 1
+
+
+def test_a_leader_killed_between_the_nlb_and_its_listeners_leaves_the_standby_one_complete_nlb(
+    core: client.CoreV1Api, namespace: str, world: AwsWorld, proxy: AwsFaultProxy,
+    start_operator: Callable[..., OperatorProcess],
+) -> None:
+    """Two replicas with leader election: the leader makes the NLB, fails on every listener, and is
+    killed (-9) there. The standby, whose caches are warm but which never touched AWS, takes the
+    Lease and finishes from what it finds (the NLB by its name): one NLB with both listeners, each on
+    a target group of that NLB, and nothing orphaned beside it."""
+    elect = ["--leader-elect", "--leader-elect-namespace", namespace, "--leader-elect-lease", "aws-ha-test"]
+    proxy.inject("CreateListener", status=500, code="InternalFailure", times=-1)
+    leader = start_via(start_operator, world, proxy, *elect)
+    wait_until(lambda: "now leads" in leader.log(), what="the first replica leads")
+    standby = start_via(start_operator, world, proxy, *elect)
+    assert "standing by:" in standby.log()
+    core.create_namespaced_service(namespace, lb_service("web", [80, 443], lb_class=AWS_CLASS))
+    name = lb_name(core, namespace, "web")
+    wait_until(lambda: balancer(world, name) is not None and "CreateListener" in proxy.calls, timeout=20,
+               what="the NLB made and a listener attempted")
+    assert "now leads" not in standby.log()
+    leader.kill()
+    proxy.clear()
+    hostname(core, namespace, "web")
+    assert "now leads" in standby.log()
+
+    (lb,) = [b for b in world.elbv2.describe_load_balancers()["LoadBalancers"] if b["LoadBalancerName"] == name]
+    assert proxy.calls.count("CreateLoadBalancer") == 1
+    found = listeners(world, lb["LoadBalancerArn"])
+    assert sorted(found) == [80, 443]
+    groups = {g["TargetGroupArn"]: g for g in world.elbv2.describe_target_groups()["TargetGroups"]
+              if is_target_group_of(name, g["TargetGroupName"])}
+    assert len(groups) == 2
+    assert {listener["DefaultActions"][0]["TargetGroupArn"] for listener in found.values()} == set(groups)
+    assert all(g["LoadBalancerArns"] == [lb["LoadBalancerArn"]] for g in groups.values()), "a target group left over"
+    frontends = world.ec2.describe_security_groups(
+        Filters=[{"Name": "group-name", "Values": [frontend_group_name(name)]}])["SecurityGroups"]
+    assert len(frontends) == 1 and frontends[0]["GroupId"] in lb["SecurityGroups"]
 
 
 def test_throttling_is_retried_until_it_converges(
