@@ -50,3 +50,11 @@ def test_no_witness_is_never_pending_for_long_and_never_answers() -> None:
     witnesses = Witnesses()
     assert witnesses.to_probe(True, 0.0) == ()
     assert not witnesses.answered(0.5)
+
+
+def test_a_lan_probe_that_is_no_ipv4_address_is_refused_with_the_fix() -> None:
+    from lbctl.forwarder.main import ForwarderConfig
+
+    with pytest.raises(ValueError, match=r"--lan-probe 'gw\.example' is not an IPv4 address .*default gateway"):
+        ForwarderConfig(node="n1", lan_probes=("gw.example",))
+    assert ForwarderConfig(node="n1", lan_probes=("192.0.2.1",)).lan_probes == ("192.0.2.1",)
