@@ -12,8 +12,9 @@ claims them only tentatively until it has heard every peer: a tentative claim ke
 taking the VIP, and yields to a firm claim (a peer that took the VIP over while we were gone).
 
 The apiserver plays no part, so losing it changes nobody's view: the data plane stays as it was.
-A node that hears no peer at all cannot tell "I am cut off" from "everyone else died"; the
-forwarder asks the apiserver then (`isolated` is only the first half of that judgement).
+A node that hears no peer at all cannot tell "I am cut off" from "everyone else died" from
+heartbeats alone: `isolated` is only the first half of that judgement; isolation.py makes the rest
+(the apiserver, the link's carrier, LAN witnesses answering ping).
 """
 
 from __future__ import annotations
@@ -280,7 +281,7 @@ class Membership:
 
     def isolated(self, now: float) -> bool:
         """We know peers, and none of them is alive or answering: either we are cut off or they are
-        all gone; the caller decides which (the apiserver breaks the tie)."""
+        all gone; the caller decides which (isolation.judge)."""
         states = [self._state(p, now) for p in self._peers.values()]
         return bool(states) and all(s in ("dead", "unknown") for s in states)
 
