@@ -22,6 +22,7 @@ from lbctl.forwarder.state import Backend, ServiceState
 from lbctl.lab.netns import Lab, call_in
 from tests.dataplane.harness import require_root_tools
 from tests.dataplane.test_forwarder_nft import api, dual, many_ports, nft_in, web
+from tests.loopcheck import file_work_on_this_thread
 
 pytestmark = pytest.mark.dataplane
 
@@ -127,6 +128,11 @@ def test_the_forwarder_commits_endpoint_moves_over_netlink_and_the_rest_with_nft
     monkeypatch.setattr(netlink, "send_async", counted)
 
     def run() -> None:
+        with file_work_on_this_thread() as file_work:  # the loop runs in this thread: nft runs in another
+            syncs()
+        assert file_work == []
+
+    def syncs() -> None:
         forwarder = Forwarder(ForwarderConfig(node="n1"))  # `nft` in this namespace: netlink is used
         assert forwarder.netlink_elements
         forwarder.states = {"default/web": web(), "prod/dual": dual(key="prod/dual", created="2024-01-05T00:00:00Z")}
