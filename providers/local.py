@@ -23,6 +23,7 @@ from lbctl.model.bgp import (
     parse_peer,
 )
 from lbctl.model.errors import LoadBalancerError
+from lbctl.model.meta import API_GROUP, API_VERSION_NAME
 from lbctl.model.types import Ingress, LoadBalancerRef, LoadBalancerSpec, LoadBalancerStatus, PortStatus
 from providers.base import Provider, ProviderSettings, WatchedResource
 from providers.local_metrics import ALLOCATION_FAILURES, allocation_failure_reason
@@ -37,8 +38,8 @@ from providers.local_pools import (
     wanted_families,
 )
 
-POOLS = WatchedResource("lbctl.io", "v1alpha1", "loadbalancerpools")
-BGP_PEERS = WatchedResource("lbctl.io", "v1alpha1", "bgppeers")
+POOLS = WatchedResource(API_GROUP, API_VERSION_NAME, "loadbalancerpools")
+BGP_PEERS = WatchedResource(API_GROUP, API_VERSION_NAME, "bgppeers")
 _INT64_MAX = 2**63 - 1  # an IPv6 pool's free count does not fit the status field otherwise
 
 

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lbctl.model import selectors
+from lbctl.model.meta import API_GROUP, API_VERSION_NAME
 from lbctl.model.selectors import EVERYTHING, LabelSelector
 
-GROUP = "lbctl.io"
-VERSION = "v1alpha1"
+GROUP = API_GROUP
+VERSION = API_VERSION_NAME
 PEERS_PATH = f"/apis/{GROUP}/{VERSION}/bgppeers"
 POOLS_PATH = f"/apis/{GROUP}/{VERSION}/loadbalancerpools"
 PEER_KIND = "BGPPeer"

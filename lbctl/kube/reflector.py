@@ -70,6 +70,8 @@ class Reflector:
         self.synced = asyncio.Event()
         self._resource_version = ""
         self.relists = 0  # how many lists succeeded (the first one included)
+        self.failing = False  # the last list or watch failed, and no watch has started since
+        self.failures = 0  # lists and watches that failed, all told
 
     async def run(self) -> None:
         backoff = 0.2
@@ -93,6 +95,7 @@ class Reflector:
                 log.info("%s: resource version %s is gone (410): relisting", self.name, self._resource_version)
                 listed = False
             except Exception as exc:  # network, apiserver restarts, bad payloads
+                self.failing, self.failures = True, self.failures + 1
                 if phase == "watch":
                     failed_watches += 1
                     listed = failed_watches < _RESUME_ATTEMPTS
@@ -153,6 +156,9 @@ class Reflector:
                 raise _Gone()
             if response.status >= 400:
                 raise RuntimeError(f"watch {self._path}: HTTP {response.status}: {(await response.text())[:300]}")
+            if self.failing:
+                self.failing = False
+                log.info("%s: watching again", self.name)  # after the failures logged before
             async for event in json_lines(response):
                 kind, obj = event.get("type"), event.get("object")
                 if not isinstance(obj, dict):

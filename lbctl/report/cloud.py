@@ -62,12 +62,12 @@ async def _aws_subnets(adapter: Any, cluster_name: str) -> Check:
             if tags.get(role) in ("1", ""):
                 roles[role] += 1
     if not any(roles.values()):
-        return Check("aws-subnets", WARN, f"no subnet is tagged {tag}=owned|shared and kubernetes.io/role/elb "
+        return Check("aws-subnets", WARN, f"no subnet is tagged {tag}=owned|shared and {aws_plan.TAG_ROLE_ELB} "
                      "(or internal-elb): every Service must name its subnets "
                      "(service.beta.kubernetes.io/aws-load-balancer-subnets)",
-                     f"tag one subnet per zone {tag}=owned and kubernetes.io/role/elb=1")
-    return Check("aws-subnets", PASS, f"subnets tagged for the cluster: {roles['kubernetes.io/role/elb']} for "
-                 f"internet-facing, {roles['kubernetes.io/role/internal-elb']} for internal balancers")
+                     f"tag one subnet per zone {tag}=owned and {aws_plan.TAG_ROLE_ELB}=1")
+    return Check("aws-subnets", PASS, f"subnets tagged for the cluster: {roles[aws_plan.TAG_ROLE_ELB]} for "
+                 f"internet-facing, {roles[aws_plan.TAG_ROLE_INTERNAL_ELB]} for internal balancers")
 
 
 GCE_PLACEMENT_FIX = {

@@ -7,16 +7,19 @@ every 100 ms to see who holds the VIP."""
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from lbctl.dev import faults
-from lbctl.lab.kube import wait_for
+from lbctl.lab.kube import holds_for, wait_for
 from lbctl.lab.probes import VipWatch, exchange_all, open_flows
 from lbctl.lab.server import parse_answer
 from tests.dataplane.harness import NODES, RESTART_GRACE_S, DataplaneEnv
@@ -26,6 +29,8 @@ pytestmark = pytest.mark.dataplane
 HTTP = {"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080}
 ECHO = {"name": "echo", "protocol": "TCP", "port": 7000, "targetPort": 9000}
 OUTAGE_S = 30.0
+# what a forwarder decides VIP ownership from: after an outage, each must be watching again
+STATE_REFLECTORS = ("services", "endpointslices", "nodes")
 
 
 def watch_vip(dp: DataplaneEnv, vip: str, answered_by: Callable[[str], int]) -> VipWatch:
@@ -40,6 +45,29 @@ def masqueraded_node(dp: DataplaneEnv) -> Callable[[str], int]:
 def node_server_name(body: str) -> int:
     """Announce mode in the lab: a server on each node itself (standing in for kube-proxy's path)."""
     return int(parse_answer(body)[0].rsplit("-", 1)[1])
+
+
+def baseline(watch: VipWatch) -> None:
+    """A few answers through the VIP before the fault, so the watch is known to work."""
+    wait_for(lambda: len(watch.answers) >= 5, 15, "five answers through the VIP before the fault", interval=0.1)
+
+
+def forwarder_log(dp: DataplaneEnv, index: int) -> Path:
+    return dp.workdir / f"forwarder-node-{index}.log"
+
+
+def reconnected(dp: DataplaneEnv, index: int, log_from: int, back_at: dt.datetime) -> bool:
+    """node-`index`'s forwarder reaches the apiserver again after an outage: each reflector of its
+    state that failed meanwhile (its log since `log_from`) is watching again, and it has renewed
+    its node Lease since `back_at`."""
+    text = forwarder_log(dp, index).read_bytes()[log_from:].decode(errors="replace")
+    for name in STATE_REFLECTORS:
+        failed = max(text.rfind(f" {name}: watch failed"), text.rfind(f" {name}: list failed"))
+        if failed > text.rfind(f" {name}: watching again"):
+            return False
+    lease = client.CoordinationV1Api(dp.kube.api).read_namespaced_lease(f"lbctl-forwarder-node-{index}",
+                                                                         "lbctl-system")
+    return lease.spec.renew_time is not None and lease.spec.renew_time > back_at
 
 
 def setup_service(dp: DataplaneEnv, ns: str, ports: list[dict[str, object]] | None = None,
@@ -127,15 +155,24 @@ def test_an_apiserver_outage_moves_nothing_and_drops_nothing(dp: DataplaneEnv, k
         vip, owner = setup_service(dp, k8s_namespace, mode=mode)
         answered_by = node_server_name if mode == "announce" else masqueraded_node(dp)
         with watch_vip(dp, vip, answered_by) as watch:
-            time.sleep(1.0)
+            baseline(watch)
+            logs = {i: forwarder_log(dp, i).stat().st_size for i in NODES}
             with apiserver_away(dp, fault):
                 time.sleep(OUTAGE_S)  # the fault's length, not a wait for a condition
+            back_at = dt.datetime.now(dt.UTC)
             back = len(watch.holder_samples)
-            time.sleep(10.0)  # the reconnect is when split brain used to happen
+            # the reconnect is when split brain used to happen: wait until every forwarder is
+            # watching again, then hold (sampled) while their decisions on fresh state come in
+            for index in NODES:
+                wait_for(lambda i=index: reconnected(dp, i, logs[i], back_at), 60,  # type: ignore[misc]
+                         f"node-{index}'s forwarder watching and renewing its Lease again", interval=0.2)
+            reconnect_s = (dt.datetime.now(dt.UTC) - back_at).total_seconds()
+            holds_for(lambda: dp.holders(vip) == {owner}, 3.0, f"{vip} on node-{owner} only after the reconnect")
         print(f"\n{mode} mode, apiserver {fault}: {len(watch.answers)} answers, {len(watch.failures)} failures, "
-              f"{len(watch.holder_samples)} holder samples ({back} before it was back), moves {watch.moves()}")
+              f"{len(watch.holder_samples)} holder samples ({back} before it was back), forwarders reconnected "
+              f"{reconnect_s:.1f}s after, moves {watch.moves()}")
         assert watch.failures == []
-        assert len(watch.answers) > (OUTAGE_S + 10) * 5  # the client really kept asking
+        assert len(watch.answers) > OUTAGE_S * 5  # the client really kept asking
         assert watch.moves() == [frozenset({owner})], "the VIP moved or was held by two nodes"
         assert set(watch.answers) == {owner}
 
@@ -151,8 +188,9 @@ def test_a_restarted_forwarder_keeps_its_vips_and_every_flow(dp: DataplaneEnv, k
     try:
         assert exchange_all(flows, "hello") == []
         resets: list[str] = []
+        log_from = forwarder_log(dp, owner).stat().st_size
         with watch_vip(dp, vip, masqueraded_node(dp)) as watch:
-            time.sleep(0.5)
+            baseline(watch)
             if how == "sigterm":
                 dp.stop_forwarder(owner)
                 dp.start_forwarder(owner)
@@ -162,9 +200,16 @@ def test_a_restarted_forwarder_keeps_its_vips_and_every_flow(dp: DataplaneEnv, k
                 dp.start_forwarder(owner)
             wait_for(lambda: (s := dp.forwarder_status(owner)) is not None and s[0] == 200, 30,
                      f"node-{owner}'s forwarder serving again")
-            deadline = time.monotonic() + 4.0  # it decides ownership within ~1.5 s of starting
-            while time.monotonic() < deadline:
+            # the flows are exercised until its first ownership decision (it logs that its announce
+            # loop runs, which decides within one interval) and through a 2 s hold after it
+            decided: float | None = None
+            deadline = time.monotonic() + 30
+            while decided is None or time.monotonic() < decided + 2.0:
+                assert decided is not None or time.monotonic() < deadline, f"node-{owner}'s forwarder never decided"
                 resets += exchange_all(flows, "still there")
+                if decided is None and "running (" in forwarder_log(dp, owner).read_bytes()[log_from:].decode(
+                        errors="replace"):
+                    decided = time.monotonic()
                 time.sleep(0.2)
         print(f"\nforwarder {how}: {len(watch.answers)} answers, {len(watch.failures)} failures, "
               f"moves {watch.moves()}, resets {resets}")
@@ -182,7 +227,7 @@ def test_a_forwarder_started_without_the_apiserver_changes_nothing(dp: Dataplane
     """No state at all: it programs nothing, keeps what the kernel holds (the earlier run's rules
     and VIPs), says so on /healthz and in its log, and its peers leave its VIPs alone."""
     vip, owner = setup_service(dp, k8s_namespace)
-    log_path = dp.workdir / f"forwarder-node-{owner}.log"
+    log_path = forwarder_log(dp, owner)
     dp.stop_forwarder(owner)
     with watch_vip(dp, vip, masqueraded_node(dp)) as watch:
         with apiserver_away(dp, "kill"):
@@ -196,7 +241,11 @@ def test_a_forwarder_started_without_the_apiserver_changes_nothing(dp: Dataplane
             time.sleep(RESTART_GRACE_S + 2)  # past the grace: the peers hear it, so nothing moves
         wait_for(lambda: (s := dp.forwarder_status(owner)) is not None and s[0] == 200, 30,
                  "state once the apiserver is back")
-        time.sleep(2.0)  # its first ownership decision comes ~1.5 s after its state
+        # its first ownership decision follows its state once its peers are heard: it logs that its
+        # announce loop runs, which decides within one interval; then a sampled hold
+        wait_for(lambda: "running (" in log_path.read_bytes()[log_size:].decode(errors="replace"),
+                 30, f"node-{owner}'s forwarder deciding VIP ownership", interval=0.2)
+        holds_for(lambda: dp.holders(vip) == {owner}, 2.0, f"{vip} on node-{owner} only after its first decision")
     assert watch.failures == []
     assert watch.moves() == [frozenset({owner})]
     assert dp.holders(vip) == {owner}

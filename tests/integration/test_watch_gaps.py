@@ -304,7 +304,12 @@ def test_the_reflector_keeps_its_cache_while_cut_off_and_a_relist_after_410_repo
                 for _ in range(20):
                     counter += 1
                     await asyncio.to_thread(core.patch_node, "rf-keep", {"metadata": {"labels": {"n": str(counter)}}})
-            await asyncio.sleep(2)  # retrying against a closed door meanwhile
+            failures = reflector.failures
+            deadline = time.monotonic() + 30
+            while reflector.failures < failures + 2:  # it has tried the closed door again, twice
+                assert time.monotonic() < deadline, "the reflector did not notice the cut"
+                await asyncio.sleep(0.05)
+            assert reflector.failing
             assert {"/rf-keep", "/rf-drop"} <= set(reflector.cache), "the cache was cleared while cut off"
             assert seen == [], f"changes reported while cut off: {seen}"
             relists = reflector.relists
@@ -314,6 +319,9 @@ def test_the_reflector_keeps_its_cache_while_cut_off_and_a_relist_after_410_repo
                 assert time.monotonic() < deadline, f"not caught up; reported {seen}"
                 await asyncio.sleep(0.05)
             assert reflector.relists == relists + 1, "caught up without the re-list that 410 demands"
+            while reflector.failing:  # the watch after the re-list starts
+                assert time.monotonic() < deadline, "caught up, but not watching again"
+                await asyncio.sleep(0.05)
             assert ("rf-drop", None) in seen and (None, "rf-new") in seen
         finally:
             task.cancel()
