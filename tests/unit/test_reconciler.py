@@ -597,3 +597,39 @@ def test_nothing_is_written_once_the_lease_is_lost() -> None:
             assert cluster.writer.service_writes(key) == [] and provider.finalizer_at_ensure == {}
 
     run(scenario)
+
+
+def test_a_pool_that_becomes_invalid_gets_one_warning_until_its_problem_changes() -> None:
+    """The pool's status is the provider's; the Warning Event is the reconciler's decision
+    (lbctl.model.outcome.condition_warnings): once when the condition turns False, not again while
+    it stays the same, none once the pool is fixed."""
+    async def scenario() -> None:
+        cluster, _ = local_cluster(good=["198.18.0.0/30"])
+
+        def warnings() -> list[tuple[str, str]]:
+            return [(reason, message) for key, kind, reason, message in cluster.events.events
+                    if key == "/bad" and kind == "Warning"]
+
+        def status(name: str) -> dict[str, Any]:
+            return dict(cluster.writer.resources[(POOLS.plural, name)].get("status") or {})
+
+        async with leading(cluster):
+            cluster.add_pool("bad", ["not-an-address"])
+            await until(lambda: warnings())
+            [(reason, message)] = warnings()
+            assert "not-an-address" in message
+            assert status("bad")["conditions"][0] == {"type": "Ready", "status": "False", "reason": reason,
+                                                      "message": message}
+            cluster.add_pool("other", ["198.18.1.0/30"])  # the pools' statuses are written again
+            await until(lambda: status("other"))
+            assert len(warnings()) == 1  # still the same problem: told once
+
+            old = copy.deepcopy(cluster.writer.resources[(POOLS.plural, "bad")])
+            cluster.writer.resources[(POOLS.plural, "bad")]["spec"]["addresses"] = ["198.18.2.0/30"]
+            fixed = copy.deepcopy(cluster.writer.resources[(POOLS.plural, "bad")])
+            fixed["metadata"]["resourceVersion"] = "fixed"
+            cluster.reconciler.on_resource(POOLS, old, fixed)
+            await until(lambda: status("bad")["conditions"][0]["status"] == "True")
+            assert len(warnings()) == 1
+
+    run(scenario)
