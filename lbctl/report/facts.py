@@ -19,8 +19,8 @@ CLASS_PREFIX = model_meta.CLASS_PREFIX
 SYSTEM_NAMESPACE = model_meta.SYSTEM_NAMESPACE
 FORWARDER_LEASE_PREFIX = "lbctl-forwarder-"  # lbctl.forwarder.leases.lease_name
 OPERATOR_LEASE = "lbctl-operator"  # lbctl.operator.defaults.LEASE_NAME
-POOL_CRD = "loadbalancerpools.lbctl.io"
-BGP_PEER_CRD = "bgppeers.lbctl.io"
+POOL_CRD = f"loadbalancerpools.{model_meta.API_GROUP}"
+BGP_PEER_CRD = f"bgppeers.{model_meta.API_GROUP}"
 POOL_CRD_VERSION = model_meta.API_VERSION_NAME
 # condition reasons of a Service that waits for something outside it (lbctl.model.errors)
 _WAITING_REASONS = frozenset({"Pending", "NoEligibleNodes"})

@@ -13,6 +13,7 @@ from urllib.parse import quote
 import aiohttp
 
 from lbctl.kube.client import ApiError, KubeClient, load_configuration
+from lbctl.model import meta as model_meta
 from lbctl.report import facts
 from lbctl.report.doctor import (
     FORWARDER_ACCOUNT,
@@ -24,8 +25,8 @@ from lbctl.report.doctor import (
     Snapshot,
 )
 
-POOLS_PATH = "/apis/lbctl.io/v1alpha1/loadbalancerpools"
-PEERS_PATH = "/apis/lbctl.io/v1alpha1/bgppeers"
+POOLS_PATH = f"/apis/{model_meta.API_VERSION}/loadbalancerpools"
+PEERS_PATH = f"/apis/{model_meta.API_VERSION}/bgppeers"
 LEASES_PATH = f"/apis/coordination.k8s.io/v1/namespaces/{facts.SYSTEM_NAMESPACE}/leases"
 READ_ROLE_HINT = ("ask for read access to Services and Events (the `view` ClusterRole has them; nodes, leases in "
                   "lbctl-system and loadbalancerpools add the per-node view and the pools), or name a namespace "
@@ -160,7 +161,7 @@ async def service_story(reader: Reader, namespace: str, name: str) -> dict[str, 
     if service is None:
         raise ReadError(f"there is no Service {namespace}/{name} (kubectl get svc -n {namespace} lists them)")
     selector = {"fieldSelector": f"involvedObject.kind=Service,involvedObject.name={name}"}
-    slices_params = {"labelSelector": f"kubernetes.io/service-name={name}"}
+    slices_params = {"labelSelector": f"{model_meta.SERVICE_NAME_LABEL}={name}"}
     pools, events, nodes, leases, slices = await asyncio.gather(
         reader.list(POOLS_PATH, "loadbalancerpools", missing_ok=True, optional="the pool is not named"),
         reader.list(_ns_path("events", namespace), "events", selector),
