@@ -4,6 +4,7 @@ only by a change that can help it."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections import defaultdict
 from collections.abc import Callable
@@ -211,3 +212,23 @@ def test_only_a_pool_change_that_may_serve_a_waiting_service_wakes_it(
     assert ingress_ips(core, namespace, "holder")  # kept its address
     wait_for_condition(core, namespace, "waiter", "True")
     assert woken(operator, f"{namespace}/waiter") == 1
+
+
+def test_a_move_whose_event_a_crash_lost_is_posted_by_the_restarted_operator(
+    core: client.CoreV1Api, namespace: str, pools: Pools, operator: OperatorProcess
+) -> None:
+    pool = pools.create([pools.fresh_v4(31)])["metadata"]["name"]
+    core.create_namespaced_service(namespace, lb_service("web"))
+    (first,) = wait_for_ips(core, namespace, "web")
+    second = str(ipaddress.ip_address(first) + 1)  # the other address of the /31
+    pools.patch(pool, {"addresses": [f"{second}/32"]})  # the pool shrinks: the Service moves
+    moved = f"Load balancer moved from {first} to {second}"
+    wait_for_event(core, namespace, "web", "UpdatedLoadBalancer", moved)
+    operator.kill()
+    (event,) = [e for e in our_events(core, namespace)["web"] if e.reason == "UpdatedLoadBalancer"]
+    core.delete_namespaced_event(event.metadata.name, namespace)  # as if still queued at the kill
+    operator.start()
+    assert "recorded 1 events that an earlier run did not get to post" in operator.log()
+    wait_for_event(core, namespace, "web", "UpdatedLoadBalancer", moved)
+    (again,) = [e for e in our_events(core, namespace)["web"] if e.reason == "UpdatedLoadBalancer"]
+    assert again.message == moved and again.count == 1 and again.metadata.name != event.metadata.name
