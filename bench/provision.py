@@ -9,6 +9,10 @@ Events are watched too: `events_per_service` counts the Event objects lbctl made
 the burst (target ≤ 2.0: EnsuringLoadBalancer and EnsuredLoadBalancer), `event_lag_p50_s` /
 `event_lag_p99_s` the time from a Service's ingress to its EnsuredLoadBalancer Event, and
 `events_done_after_s` how long after the last ingress the last of those Events was seen (target ≤ 5 s).
+Events are counted once they have settled: no lbctl Event created or updated for `QUIET_S`
+(at most `SETTLE_DEADLINE_S`; `events_settled` says whether it came), so a late Warning or a second
+Ensured would count too. `event_occurrences_per_service` adds up their `count`s (repeats folded
+into one Event).
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from lbctl.kube.client import ApiError, KubeClient, json_lines
 
 REPO = Path(__file__).resolve().parents[1]
 NAMESPACE = "bench"
+QUIET_S = 3.0  # no new Event for this long: the burst's Events have settled
+SETTLE_DEADLINE_S = 60.0
 
 
 def service(name: str) -> dict[str, Any]:
@@ -74,10 +80,21 @@ def operator_requests(metrics_port: int) -> float:
     return sum(float(m) for m in re.findall(r'^lbctl_kube_requests_total\{[^}]*\} ([0-9.e+]+)$', text, re.M))
 
 
+async def quiet(last_event: list[float], quiet_s: float, deadline_s: float) -> bool:
+    """Until no Event came for `quiet_s` (True), or `deadline_s` passed (False)."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() - last_event[0] < quiet_s:
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.1)
+    return True
+
+
 async def run(count: int, workdir: Path) -> dict[str, Any]:
     info = controlplane.up(workdir / "cp")
     client = KubeClient.from_kubeconfig(info.kubeconfig)
     operator: subprocess.Popen[bytes] | None = None
+    background: list[asyncio.Task[None]] = []  # watchers and the RSS sampler, stopped before the operator
     try:
         crd = yaml.safe_load((REPO / "examples/deploy/crd-loadbalancerpool.yaml").read_text())
         await client.request("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", body=crd)
@@ -115,6 +132,8 @@ async def run(count: int, workdir: Path) -> dict[str, Any]:
         all_ready = asyncio.Event()
         peak_rss = [rss_mb(operator.pid)]
         event_objects: dict[str, set[str]] = {}  # Service -> names of its Events
+        event_counts: dict[str, int] = {}  # Event name -> its count
+        last_event = [time.monotonic()]
         ensured_seen: dict[str, float] = {}
         all_ensured = asyncio.Event()
 
@@ -125,7 +144,9 @@ async def run(count: int, workdir: Path) -> dict[str, Any]:
                 name = (obj.get("involvedObject") or {}).get("name")
                 if not name or (obj.get("source") or {}).get("component") != "lbctl":
                     continue
+                last_event[0] = time.monotonic()
                 event_objects.setdefault(name, set()).add(obj["metadata"]["name"])
+                event_counts[obj["metadata"]["name"]] = int(obj.get("count") or 1)
                 if obj.get("reason") == "EnsuredLoadBalancer" and name not in ensured_seen:
                     ensured_seen[name] = time.monotonic()
                     if len(ensured_seen) >= expected[0]:
@@ -151,9 +172,8 @@ async def run(count: int, workdir: Path) -> dict[str, Any]:
                 await asyncio.sleep(0.1)
 
         expected = [count]
-        watcher = asyncio.create_task(watch_services())
-        event_watcher = asyncio.create_task(watch_events())
-        sampler = asyncio.create_task(sample_rss())
+        background += [asyncio.create_task(watch_services()), asyncio.create_task(watch_events()),
+                       asyncio.create_task(sample_rss())]
         await asyncio.sleep(0.2)
         semaphore = asyncio.Semaphore(64)
 
@@ -166,6 +186,8 @@ async def run(count: int, workdir: Path) -> dict[str, Any]:
         burst_started = time.monotonic()
         await asyncio.gather(*(create(f"svc-{i:05d}") for i in range(count)))
         create_s = time.monotonic() - burst_started
+        if set(created) <= set(ready):  # the last ingresses came before their create's answer
+            all_ready.set()
         await asyncio.wait_for(all_ready.wait(), timeout=max(120, count / 5))
         burst_done = max(ready.values())
         latencies = sorted(ready[n] - created[n] for n in created)
@@ -173,19 +195,19 @@ async def run(count: int, workdir: Path) -> dict[str, Any]:
         burst = list(created)
         event_lags = [ensured_seen[n] - ready[n] for n in burst]
         events_done_after = max(ensured_seen[n] for n in burst) - burst_done
+        settled = await quiet(last_event, QUIET_S, SETTLE_DEADLINE_S)  # late Events count too
         events_per_service = sum(len(event_objects.get(n, ())) for n in burst) / count
-        await asyncio.sleep(1.5)  # trailing writes (pool status) land before counting
+        occurrences = sum(event_counts[e] for n in burst for e in event_objects.get(n, ())) / count
         requests = operator_requests(metrics_port) - requests_at_start
 
         # one Service on an idle operator
         all_ready.clear()
         expected[0] = count + 1
         await create("single")
+        if "single" in ready:
+            all_ready.set()
         await asyncio.wait_for(all_ready.wait(), timeout=30)
         single = ready["single"] - created["single"]
-        watcher.cancel()
-        event_watcher.cancel()
-        sampler.cancel()
         return {
             "services": count,
             "p50_s": round(statistics.median(latencies), 4),
@@ -195,12 +217,17 @@ async def run(count: int, workdir: Path) -> dict[str, Any]:
             "operator_rss_mb": round(peak_rss[0], 1),
             "single_service_s": round(single, 4),
             "burst_create_s": round(create_s, 2),  # how long the apiserver took to accept the burst
-            "events_per_service": round(events_per_service, 3),
+            "events_per_service": round(events_per_service, 3),  # Event objects, counted once settled
+            "event_occurrences_per_service": round(occurrences, 3),  # their counts added up
+            "events_settled": settled,  # no new Event for QUIET_S before SETTLE_DEADLINE_S
             "event_lag_p50_s": round(statistics.median(event_lags), 4),
             "event_lag_p99_s": round(percentile(event_lags, 0.99), 4),
             "events_done_after_s": round(events_done_after, 3),  # last EnsuredLoadBalancer after the last ingress
         }
     finally:
+        for task in background:  # the sampler would take the operator's exit for a crash
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         if operator is not None:
             operator.send_signal(signal.SIGTERM)
             try:
