@@ -58,6 +58,13 @@ def test_a_burst_with_two_kill_9s_ends_with_one_ensured_event_per_service(
     with ThreadPoolExecutor(8) as creators:
         burst = creators.map(lambda n: core.create_namespaced_service(namespace, lb_service(n)), names)
         wait_until(lambda: len(served(core, namespace)) >= 40, timeout=60, what="the burst under way")
+
+        def ensured_events() -> int:
+            return sum(e.reason == "EnsuredLoadBalancer" for found in our_events(core, namespace).values()
+                       for e in found)
+        # 20 of them to erase below (served Services are ahead of their Events, which are posted in
+        # the background: 40 served once came with 17 Events)
+        wait_until(lambda: ensured_events() >= 20, timeout=60, what="20 EnsuredLoadBalancer Events posted")
         operator.kill()  # kill -9, with Events still queued
         # Whatever the kill took, make the loss certain: 20 Services that have their address lose
         # their Ensured Event too, as if it had still been queued. Only the restart's repair (it
