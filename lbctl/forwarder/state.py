@@ -19,7 +19,7 @@ def family_of(address: str) -> int:
     return IPV6 if ":" in address else IPV4
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class Backend:
     """One endpoint address and port a service port may be sent to."""
 
@@ -28,7 +28,7 @@ class Backend:
     node: str = field(default="", compare=False)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServicePort:
     """One entry of spec.ports with its chosen backends (sorted; empty: traffic is dropped)."""
 
@@ -39,7 +39,7 @@ class ServicePort:
     backends: tuple[Backend, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServiceState:
     """Everything this node does for one Service.
 

@@ -327,3 +327,29 @@ def test_addresses_are_parsed_as_ipaddress_parses_them(text: str) -> None:
     except ValueError:
         got = ValueError
     assert got == expected and str(got) == str(expected)
+
+
+@pytest.mark.parametrize("text", [
+    "10.0.0.1", "0.0.0.0", "0.1.2.3", "126.255.255.255", "127.0.0.1", "127.255.255.254", "128.0.0.1",
+    "169.253.255.255", "169.254.0.1", "169.254.255.255", "169.255.0.1", "223.255.255.255", "224.0.0.1",
+    "239.255.255.255", "240.0.0.1", "255.255.255.254", "255.255.255.255", "100.64.0.1", "192.168.1.1",
+    "10.244.3.9", "10.245.0.1", "2001:db8::1", "2001:DB8::1", "::ffff:10.0.0.1", "fe80::1", "ff02::1", "::1",
+    "010.0.0.1", "10.0.0", "x",
+])
+def test_endpoint_addresses_are_judged_as_ipaddress_judges_them(text: str) -> None:
+    """The IPv4 fast path (four bytes, no ipaddress objects) gives ipaddress's answers."""
+    from lbctl.forwarder.desired import _canonical
+    networks = (ipaddress.ip_network("10.244.0.0/16"),)
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        with pytest.raises(ValueError):
+            _canonical(text)
+        assert "not an IP address" in (endpoint_ip_problem(text, ()) or "")
+        return
+    assert _canonical(text) == (str(address), address.version)
+    unusable = (address.is_loopback or address.is_link_local or address.is_multicast or address.is_unspecified
+                or address.is_reserved or (address.version == 6 and address.ipv4_mapped is not None))
+    assert (endpoint_ip_problem(text, ()) is not None) == unusable
+    outside = address.version == 4 and address not in networks[0]
+    assert (endpoint_ip_problem(text, networks) is not None) == (unusable or outside)

@@ -151,5 +151,5 @@ def test_every_other_reader_of_a_slice_reads_the_same(slices: list[dict[str, Any
 
 def test_endpoints_with_the_same_conditions_share_one_dict() -> None:
     first, second = (fields.endpoint_slice(whole_slice()) for _ in range(2))
-    assert first["endpoints"][0]["conditions"] is second["endpoints"][0]["conditions"]
-    assert first["endpoints"][0]["conditions"] == {"ready": True, "serving": True, "terminating": False}
+    assert first["endpoints"][0].conditions is second["endpoints"][0].conditions
+    assert first["endpoints"][0].conditions == {"ready": True, "serving": True, "terminating": False}
