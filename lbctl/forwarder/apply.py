@@ -48,6 +48,24 @@ class NftNotFoundError(RuntimeError):
     pass
 
 
+class Running:
+    """An nft that has read its transaction and is applying it."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], transaction: str | Sequence[str] | Transaction) -> None:
+        self._proc = proc
+        self._transaction = transaction
+
+    def wait(self) -> str:
+        """nft's output once it is done; NftError naming the rejected lines if it refused."""
+        assert self._proc.stdout is not None and self._proc.stderr is not None
+        stdout, stderr = self._proc.stdout.read(), self._proc.stderr.read()
+        if self._proc.wait() != 0:
+            transaction = self._transaction
+            lines = list(transaction.texts()) if isinstance(transaction, Transaction) else transaction
+            raise NftError((stderr or stdout).decode(errors="replace"), lines)
+        return stdout.decode(errors="replace")
+
+
 class Nft:
     """`command` is how to call nft, e.g. ("nft",) or ("ip", "netns", "exec", NS, "nft")."""
 
@@ -55,15 +73,19 @@ class Nft:
         self.command = tuple(command)
 
     def _run(self, args: Sequence[str], transaction: str | Sequence[str] | Transaction) -> str:
+        return self.start(args, transaction).wait()
+
+    def start(self, args: Sequence[str], transaction: str | Sequence[str] | Transaction) -> Running:
         """Feed `transaction` (text, lines without their newline, or typed operations written
-        line by line as nft reads them) to nft on stdin."""
+        line by line as nft reads them) to nft on stdin; nft goes on checking and committing it
+        while the caller does other work, until Running.wait."""
         try:
             proc = subprocess.Popen([*self.command, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE)
         except FileNotFoundError as exc:
             raise NftNotFoundError(f"{self.command[0]} not found: install nftables (Debian: apt-get install "
                                    "nftables)") from exc
-        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        assert proc.stdin is not None
         # nft reads all of stdin before it writes anything, so writing first cannot deadlock
         try:
             if isinstance(transaction, str):
@@ -83,11 +105,7 @@ class Nft:
             proc.stdin.close()
         except BrokenPipeError:
             pass  # nft stopped reading: its exit status and stderr say why
-        stdout, stderr = proc.stdout.read(), proc.stderr.read()
-        if proc.wait() != 0:
-            lines = list(transaction.texts()) if isinstance(transaction, Transaction) else transaction
-            raise NftError((stderr or stdout).decode(errors="replace"), lines)
-        return stdout.decode(errors="replace")
+        return Running(proc, transaction)
 
     def apply(self, transaction: str | Sequence[str] | Transaction) -> None:
         self._run(("-f", "-"), transaction)
@@ -115,8 +133,11 @@ def load_dark(nft: Nft, load: StagedLoad, known: Iterable[Map | Set]) -> None:
     structure, netlink batches for the elements, nft for the base chains. Raises NftError,
     NetlinkError, OSError or ValueError; a table left half-built by a failure has no hooks, so
     it serves nothing, and the caller's one-transaction load replaces it."""
-    nft.apply(load.structure)
+    structure = nft.start(("-f", "-"), load.structure)
+    # encoded while nft builds the structure (another process: the two share the machine's cores)
+    batches = list(netlink.encode_additions(load.structure.table, load.elements, [*known, *load.collections]))
+    structure.wait()
     with netlink.open_socket() as sock:
-        for batch in netlink.encode_additions(load.structure.table, load.elements, [*known, *load.collections]):
+        for batch in batches:
             netlink.send(batch, sock=sock)
     nft.apply(load.hooks)

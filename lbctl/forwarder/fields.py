@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Mapping
+from functools import partial
 from typing import Any, NamedTuple
 
 _META = ("name", "namespace", "uid", "resourceVersion", "creationTimestamp", "deletionTimestamp", "labels",
@@ -111,25 +112,35 @@ def service(obj: dict[str, Any]) -> dict[str, Any]:
     return kept
 
 
-def _conditions_of(item: Mapping[str, Any]) -> Any:
-    conditions = item.get("conditions")
-    if isinstance(conditions, dict):
-        try:
-            shape = tuple(sorted(conditions.items()))
+def _shared_conditions(conditions: Any) -> Any:
+    if type(conditions) is dict:
+        try:  # keyed in the apiserver's order (it is always the same): no sorting per endpoint
+            shape = tuple(conditions.items())
+            shared = _conditions.get(shape)
+            if shared is not None:
+                return shared
             return _conditions.setdefault(shape, conditions) if len(_conditions) < 64 else conditions
         except TypeError:  # unhashable values: a malformed object, kept as it is
             pass
     return conditions
 
 
-def _endpoint(item: Any) -> Any:
-    if not isinstance(item, Mapping):
-        return item  # malformed: kept as it is, for the reader to skip
-    addresses = item.get("addresses")
-    node = item.get("nodeName")
-    return SliceEndpoint(address=addresses[0] if isinstance(addresses, list | tuple) and addresses else None,
-                         conditions=_conditions_of(item),
-                         node=sys.intern(node) if type(node) is str else node)
+_new_endpoint = partial(tuple.__new__, SliceEndpoint)  # NamedTuple's own __new__ is a Python call
+
+
+def _endpoints(items: list[Any]) -> list[Any]:
+    """The endpoints of a slice as SliceEndpoints (50,000 of them at start-up: kept tight)."""
+    kept: list[Any] = []
+    intern = sys.intern
+    for item in items:
+        if not isinstance(item, Mapping):
+            kept.append(item)  # malformed: kept as it is, for the reader to skip
+            continue
+        addresses, node = item.get("addresses"), item.get("nodeName")
+        kept.append(_new_endpoint((addresses[0] if isinstance(addresses, list | tuple) and addresses else None,
+                                   _shared_conditions(item.get("conditions")),
+                                   intern(node) if type(node) is str else node)))
+    return kept
 
 
 def endpoint_slice(obj: dict[str, Any]) -> dict[str, Any]:
@@ -143,5 +154,5 @@ def endpoint_slice(obj: dict[str, Any]) -> dict[str, Any]:
     if "ports" in kept:
         kept["ports"] = _each(kept["ports"], _SLICE_PORT, ("name", "protocol"))
     if isinstance(kept.get("endpoints"), list):
-        kept["endpoints"] = [_endpoint(item) for item in kept["endpoints"]]
+        kept["endpoints"] = _endpoints(kept["endpoints"])
     return kept

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lbctl import cyclic_gc
 from lbctl.forwarder import bgp, conntrack, fields, metrics, netlink, nftables, uplink
 from lbctl.forwarder.addresses import VipAddresses
 from lbctl.forwarder.announce import Announcer, ServiceMarks
@@ -183,6 +184,10 @@ class Forwarder:
 
     # -- building ------------------------------------------------------------------------------
     def _rebuild(self, keys: set[str], services: Mapping[str, Mapping[str, Any]]) -> None:
+        with cyclic_gc.paused():  # all of them at start-up: ~10 objects per endpoint, no cycles
+            self._rebuild_each(keys, services)
+
+    def _rebuild_each(self, keys: set[str], services: Mapping[str, Mapping[str, Any]]) -> None:
         for key in keys:
             service = services.get(key)
             try:
