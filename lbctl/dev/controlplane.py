@@ -18,7 +18,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from lbctl.dev import gobuild, layout, pki, processes, versions
+from lbctl.dev import gobuild, layout, processes, versions
 from lbctl.dev.layout import ClusterInfo, Layout
 
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager")
@@ -147,6 +147,8 @@ def up(
         lay.log(component).unlink(missing_ok=True)
 
     # Certificates and tokens.
+    from lbctl.dev import pki  # cryptography: only for a control plane being set up
+
     pki.ensure_ca(lay.pki)
     pki.issue_serving_cert(
         lay.pki, "apiserver", ips=["127.0.0.1", layout.KUBERNETES_SERVICE_IP, *extra_addresses],

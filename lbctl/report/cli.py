@@ -10,9 +10,10 @@ import sys
 import time
 from typing import Any, TextIO
 
-from lbctl.report import doctor as doctor_checks
-from lbctl.report import facts, render
-from lbctl.report import status as status_report
+from lbctl.report import facts
+
+# The checks, the status story and the renderers are imported by the commands that use them: every
+# lbctl process (the forwarder on each node too) builds this parser.
 
 
 def _colour(stream: TextIO, choice: str) -> bool:
@@ -44,7 +45,8 @@ def _not_ours(service: dict[str, Any], classes: tuple[str, ...]) -> str | None:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    from lbctl.report import gather
+    from lbctl.report import gather, render
+    from lbctl.report import status as status_report
 
     client = gather.connect(args.kubeconfig)
     reader = gather.Reader(client, args.request_timeout)
@@ -88,7 +90,8 @@ def _notes(reader: Any) -> None:
 
 
 async def _doctor(args: argparse.Namespace) -> int:
-    from lbctl.report import gather
+    from lbctl.report import doctor as doctor_checks
+    from lbctl.report import gather, render
 
     client = gather.connect(args.kubeconfig)
     reader = gather.Reader(client, args.request_timeout)
