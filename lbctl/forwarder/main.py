@@ -530,10 +530,10 @@ class Forwarder:
     async def run(self, stop: asyncio.Event, configuration: ClientConfiguration) -> None:
         client = KubeClient(configuration, user_agent="lbctl-forwarder")
         services = Reflector(client, "/api/v1/services", self._service_changed, name="services",
-                             trim=fields.service)
+                             trim=fields.service, report_pages=True)
         slices = Reflector(client, "/apis/discovery.k8s.io/v1/endpointslices", self._slice_changed,
                            name="endpointslices", params={"labelSelector": SERVICE_NAME_LABEL},
-                           trim=fields.endpoint_slice)
+                           trim=fields.endpoint_slice, report_pages=True)
         nodes = Reflector(client, "/api/v1/nodes", self._node_changed, name="nodes")
         lease = NodeLease(client, self.config.node, namespace=self.config.lease_namespace,
                           duration_s=self.config.lease_duration_s, renew_s=self.config.renew_interval_s)
@@ -569,12 +569,11 @@ class Forwarder:
                     await asyncio.to_thread(self.nft.delete_table, table.family, table.name)
             tasks += [asyncio.create_task(r.run(), name=r.name) for r in (services, slices, nodes)]
             tasks.append(asyncio.create_task(lease.run(), name="lease"))
-            await self._wait_for_state((services, slices), stop)
+            await self._wait_for_state(services, slices, stop)
             if stop.is_set():
                 return
             log.info("caches filled: %d Services, %d EndpointSlices", len(services.cache), len(slices.cache))
             self.latency.enabled = self.full  # changes from here on (announce mode programs no rules)
-            self._dirty |= set(services.cache)
             self._sync_wake.set()
             tasks.append(asyncio.create_task(self._sync_loop(services), name="sync"))
             await _until(self.synced_once.wait(), stop)
@@ -608,20 +607,39 @@ class Forwarder:
             await metrics_server.close()
             await client.close()
 
-    async def _wait_for_state(self, reflectors: tuple[Reflector, ...], stop: asyncio.Event) -> None:
+    async def _wait_for_state(self, services: Reflector, slices: Reflector, stop: asyncio.Event) -> None:
         """Until the first full list of each: before it we know nothing, so we change nothing (the
-        kernel keeps what an earlier run left) and say so."""
-        waiting: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(*(r.synced.wait() for r in reflectors)))
+        kernel keeps what an earlier run left) and say so. Meanwhile the Services whose slices
+        have come too are built, page by page, while the apiserver serves the next pages (both
+        lists come in the same namespace order); what changes later is built again."""
+        waiting: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(services.synced.wait(),
+                                                                            slices.synced.wait()))
         stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+        started, warned = time.monotonic(), False
+        built: set[str] = set()
         try:
-            done, _ = await asyncio.wait({waiting, stopping}, timeout=3.0, return_when=asyncio.FIRST_COMPLETED)
-            if not done:
-                log.warning("no state yet: the apiserver has not answered a list; programming nothing until it "
-                            "does (the kernel keeps what an earlier run left)")
-                await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            while not (waiting.done() or stopping.done()):
+                woken: asyncio.Future[Any] = asyncio.ensure_future(self._sync_wake.wait())
+                try:
+                    await asyncio.wait({waiting, stopping, woken}, timeout=max(started + 3.0 - time.monotonic(), 0.1)
+                                       if not warned else None, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    woken.cancel()
+                if self._sync_wake.is_set() and not waiting.done():
+                    self._sync_wake.clear()
+                    ready = {k for k in self._dirty if k in services.cache and k in self._slices}
+                    self._dirty -= ready
+                    self._rebuild(ready, services.cache)
+                    built |= ready
+                elif not warned and time.monotonic() >= started + 3.0 and not (waiting.done() or stopping.done()):
+                    warned = True
+                    log.warning("no state yet: the apiserver has not answered a list; programming nothing until it "
+                                "does (the kernel keeps what an earlier run left)")
         finally:
             waiting.cancel()
             stopping.cancel()
+        # built and not changed since: not again (a change put its key back in _dirty)
+        self._dirty |= services.cache.keys() - built
 
     def status_report(self, announcer: Announcer, query: Mapping[str, str] | None = None) -> tuple[int, dict[str, Any]]:
         now = time.monotonic()

@@ -61,8 +61,13 @@ class _Gone(Exception):
 
 class Reflector:
     def __init__(self, api: KubeClient, path: str, on_change: Change, *, params: Mapping[str, str] | None = None,
-                 name: str = "", trim: Trim | None = None) -> None:
+                 name: str = "", trim: Trim | None = None, report_pages: bool = False) -> None:
+        """`report_pages`: the first list reports each page as it comes (into an empty cache every
+        object is an addition either way), so that a consumer can work on one page while the
+        apiserver serves the next; its callback then sees a cache that is not whole before
+        `synced`. Otherwise (and for every re-list) changes are reported once the list is whole."""
         self._api = api
+        self._report_pages = report_pages
         self._keep = trim
         self._path = path
         self._params = dict(params or {})
@@ -115,7 +120,8 @@ class Reflector:
         return self._keep(obj) if self._keep is not None else obj
 
     async def _list(self) -> None:
-        fresh: dict[str, Mapping[str, Any]] = {}
+        first = self._report_pages and not self.cache and not self.synced.is_set()
+        fresh: dict[str, Mapping[str, Any]] = self.cache if first else {}
         params = dict(self._params, limit="500")
         version = ""
         while True:
@@ -127,9 +133,12 @@ class Reflector:
                 body = await response.read()
             with cyclic_gc.paused():  # 500 objects made, none in a cycle
                 page = json.loads(body)
-                for item in page.get("items") or ():
-                    if isinstance(item, dict):
-                        fresh[object_key(item)] = self._trim(item)
+                items = {object_key(item): self._trim(item) for item in page.get("items") or ()
+                         if isinstance(item, dict)}
+                fresh.update(items)
+                if first:
+                    for added in items.values():
+                        self._report(None, added)
             meta = page.get("metadata") or {}
             version = str(meta.get("resourceVersion") or version)
             if not meta.get("continue"):
