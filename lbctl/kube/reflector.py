@@ -36,6 +36,11 @@ Change = Callable[[Mapping[str, Any] | None, Mapping[str, Any] | None], None]
 #: what a cache keeps of each object (a new object with the fields its readers need)
 Trim = Callable[[dict[str, Any]], dict[str, Any]]
 _WATCH_TIMEOUT_S = 290
+#: A watch that asked for bookmarks hears from the apiserver about once a minute even when nothing
+#: changes; one silent for longer is resumed (from its last resourceVersion). Seen: a watch whose
+#: response began and then carried nothing, not even bookmarks, while a new watch from the same
+#: version had every event; without this it stayed deaf until its timeout, minutes later.
+_SILENT_WATCH_S = 90.0
 #: a watch that keeps failing this many times in a row is given up for a re-list
 _RESUME_ATTEMPTS = 3
 
@@ -79,6 +84,7 @@ class Reflector:
         self.relists = 0  # how many lists succeeded (the first one included)
         self.failing = False  # the last list or watch failed, and no watch has started since
         self.failures = 0  # lists and watches that failed, all told
+        self.silent_watch_s = _SILENT_WATCH_S
 
     async def run(self) -> None:
         backoff = 0.2
@@ -164,7 +170,7 @@ class Reflector:
         await self._api.refresh_credentials()
         async with self._api.session().get(
             self._api.base + self._path, params=params, headers=self._api.headers(None),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=_WATCH_TIMEOUT_S + 30),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.silent_watch_s),
         ) as response:
             if response.status == 410:
                 raise _Gone()

@@ -1,6 +1,8 @@
 """A TCP relay between one process and the apiserver, so a test can cut that process off (and only
-it) and let it back: `cut()` drops every connection and refuses new ones, `restore()` accepts again.
-TLS passes through untouched (the serving certificate names 127.0.0.1, as the relay does)."""
+it) and let it back: `cut()` drops every connection and refuses new ones, `restore()` accepts again;
+`mute()` keeps the open connections open but passes nothing more from the apiserver on them (a
+stream gone silent), while new ones work. TLS passes through untouched (the serving certificate
+names 127.0.0.1, as the relay does)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ class ApiCut:
         self.url = f"https://127.0.0.1:{self.port}"
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
+        self._muted: set[socket.socket] = set()  # upstream ends whose data is swallowed
+        self._upstreams: set[socket.socket] = set()
         self._cut = False
         self._closed = False
         self.accepted = 0
@@ -56,6 +60,7 @@ class ApiCut:
                 continue
             with self._lock:
                 self._open.update((client, upstream))
+                self._upstreams.add(upstream)
                 self.accepted += 1
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
@@ -63,7 +68,10 @@ class ApiCut:
     def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
-                sink.sendall(data)
+                with self._lock:
+                    muted = source in self._muted
+                if not muted:
+                    sink.sendall(data)
         except OSError:
             pass
         finally:
@@ -73,6 +81,8 @@ class ApiCut:
     def _drop(self, end: socket.socket) -> None:
         with self._lock:
             self._open.discard(end)
+            self._muted.discard(end)
+            self._upstreams.discard(end)
         with contextlib.suppress(OSError):
             end.shutdown(socket.SHUT_RDWR)
         end.close()
@@ -84,6 +94,12 @@ class ApiCut:
             ends = list(self._open)
         for end in ends:
             self._drop(end)
+
+    def mute(self) -> None:
+        """From now on nothing the apiserver sends on the connections open now reaches the
+        process (they stay open: a silent stream, not a broken one); new connections work."""
+        with self._lock:
+            self._muted.update(self._upstreams)
 
     def restore(self) -> None:
         with self._lock:
