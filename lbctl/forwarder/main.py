@@ -633,8 +633,8 @@ class Forwarder:
             while not (waiting.done() or stopping.done()):
                 woken: asyncio.Future[Any] = asyncio.ensure_future(self._sync_wake.wait())
                 try:
-                    await asyncio.wait({waiting, stopping, woken}, timeout=max(started + 3.0 - time.monotonic(), 0.1)
-                                       if not warned else None, return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait({waiting, stopping, woken}, timeout=None if warned else 1.0,
+                                       return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     woken.cancel()
                 if self._sync_wake.is_set() and not waiting.done():
@@ -643,7 +643,9 @@ class Forwarder:
                     self._dirty -= ready
                     self._rebuild(ready, services.cache)
                     built |= ready
-                elif not warned and time.monotonic() >= started + 3.0 and not (waiting.done() or stopping.done()):
+                elif (not warned and time.monotonic() >= started + 3.0 and not (waiting.done() or stopping.done())
+                      and (services.failing or slices.failing or not (services.cache and slices.cache))):
+                    # (a list still coming in pages is not this: a big cluster's take seconds)
                     warned = True
                     gc.enable()  # no burst of objects to keep it from while the apiserver does not answer
                     log.warning("no state yet: the apiserver has not answered a list; programming nothing until it "
