@@ -61,11 +61,11 @@ def _pick(obj: Any, fields: tuple[str, ...]) -> Any:
 
 def _intern(obj: Any, fields: tuple[str, ...]) -> Any:
     """`obj` with the string values of `fields` interned (values many objects repeat)."""
-    if isinstance(obj, dict):
+    if type(obj) is dict:
+        intern = sys.intern
         for name in fields:
-            value = obj.get(name)
-            if type(value) is str:
-                obj[name] = sys.intern(value)
+            if type(value := obj.get(name)) is str:
+                obj[name] = intern(value)
     return obj
 
 
