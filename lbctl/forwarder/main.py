@@ -137,7 +137,6 @@ class Forwarder:
         self._verdict: Verdict | None = None  # the last judgement while no peer answered (isolation.py)
         self._slices: dict[str, dict[str, Mapping[str, Any]]] = {}
         self._dirty: set[str] = set()
-        self._arrived: set[str] | None = set()  # until the lists are in: keys changed since the last look
         self._quarantine: dict[str, _Quarantine] = {}
         self._sync_wake = asyncio.Event()
         self._announce_wake = asyncio.Event()
@@ -158,10 +157,7 @@ class Forwarder:
 
     # -- cache callbacks (run in the event loop, must be cheap) ---------------------------------
     def _service_changed(self, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> None:
-        key = service_key(new or old or {})
-        self._dirty.add(key)
-        if self._arrived is not None:
-            self._arrived.add(key)
+        self._dirty.add(service_key(new or old or {}))
         self._sync_wake.set()
 
     def _slice_changed(self, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> None:
@@ -179,8 +175,6 @@ class Forwarder:
                 if not bucket:
                     self._slices.pop(key, None)
             self._dirty.add(key)
-            if self._arrived is not None:
-                self._arrived.add(key)
             self.latency.seen(key, metrics.change_time(old, new, time.time()))
         self._sync_wake.set()
 
@@ -542,10 +536,10 @@ class Forwarder:
     async def run(self, stop: asyncio.Event, configuration: ClientConfiguration) -> None:
         client = KubeClient(configuration, user_agent="lbctl-forwarder")
         services = Reflector(client, "/api/v1/services", self._service_changed, name="services",
-                             trim=fields.service, report_pages=True, stream_lists=True)
+                             trim=fields.service, report_pages=True)
         slices = Reflector(client, "/apis/discovery.k8s.io/v1/endpointslices", self._slice_changed,
                            name="endpointslices", params={"labelSelector": SERVICE_NAME_LABEL},
-                           trim=fields.endpoint_slice, report_pages=True, stream_lists=True)
+                           trim=fields.endpoint_slice, report_pages=True)
         nodes = Reflector(client, "/api/v1/nodes", self._node_changed, name="nodes")
         lease = NodeLease(client, self.config.node, namespace=self.config.lease_namespace,
                           duration_s=self.config.lease_duration_s, renew_s=self.config.renew_interval_s)
@@ -628,8 +622,8 @@ class Forwarder:
     async def _wait_for_state(self, services: Reflector, slices: Reflector, stop: asyncio.Event) -> None:
         """Until the first full list of each: before it we know nothing, so we change nothing (the
         kernel keeps what an earlier run left) and say so. Meanwhile the Services whose slices
-        have come too are built as the lists stream in (both come in the same namespace order),
-        while the apiserver sends the rest; what changes later is built again."""
+        have come too are built, page by page, while the apiserver serves the next pages (both
+        lists come in the same namespace order); what changes later is built again."""
         waiting: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(services.synced.wait(),
                                                                             slices.synced.wait()))
         stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
@@ -645,8 +639,7 @@ class Forwarder:
                     woken.cancel()
                 if self._sync_wake.is_set() and not waiting.done():
                     self._sync_wake.clear()
-                    arrived, self._arrived = self._arrived or set(), set()
-                    ready = {k for k in arrived if k in services.cache and k in self._slices}
+                    ready = {k for k in self._dirty if k in services.cache and k in self._slices}
                     self._dirty -= ready
                     self._rebuild(ready, services.cache)
                     built |= ready
@@ -660,7 +653,6 @@ class Forwarder:
         finally:
             waiting.cancel()
             stopping.cancel()
-            self._arrived = None
         # built and not changed since: not again (a change put its key back in _dirty)
         self._dirty |= services.cache.keys() - built
 

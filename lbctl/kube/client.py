@@ -158,10 +158,8 @@ async def json_lines(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str
     buffer = b""
     async for chunk in response.content.iter_any():
         buffer += chunk
-        if b"\n" not in chunk:
-            continue
-        *lines, buffer = buffer.split(b"\n")  # all at once: a list streamed as events is megabytes
-        for line in lines:
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
             if line.strip():
                 event = json.loads(line)
                 if isinstance(event, dict):

@@ -64,32 +64,15 @@ class _Gone(Exception):
     pass
 
 
-class _NotStreamed(Exception):
-    """The apiserver does not stream lists (see Reflector's `stream_lists`)."""
-
-
-_INITIAL_EVENTS_END = "k8s.io/initial-events-end"
-
-
 class Reflector:
     def __init__(self, api: KubeClient, path: str, on_change: Change, *, params: Mapping[str, str] | None = None,
-                 name: str = "", trim: Trim | None = None, report_pages: bool = False,
-                 stream_lists: bool = False) -> None:
+                 name: str = "", trim: Trim | None = None, report_pages: bool = False) -> None:
         """`report_pages`: the first list reports each page as it comes (into an empty cache every
         object is an addition either way), so that a consumer can work on one page while the
         apiserver serves the next; its callback then sees a cache that is not whole before
-        `synced`. Otherwise (and for every re-list) changes are reported once the list is whole.
-
-        `stream_lists`: list as a stream (the apiserver's WatchList: a watch with
-        sendInitialEvents, whose objects come from the watch cache one by one and end with a
-        bookmark, after which the same response goes on as the watch), as client-go's
-        WatchListClient does; there is no hand-over from a list to a watch, and no page round
-        trips. An apiserver that refuses it (before Kubernetes 1.27, or with the WatchList feature
-        off) is listed in pages instead, from then on."""
+        `synced`. Otherwise (and for every re-list) changes are reported once the list is whole."""
         self._api = api
         self._report_pages = report_pages
-        self._stream_lists = stream_lists
-        self._listed_by_stream = False
         self._keep = trim
         self._path = path
         self._params = dict(params or {})
@@ -110,18 +93,6 @@ class Reflector:
         while True:
             phase = "list" if not listed else "watch"
             try:
-                if not listed and self._stream_lists:
-                    self._listed_by_stream = False
-                    try:
-                        await self._stream()  # the list, then the watch, until the server ends it
-                    except _NotStreamed as exc:
-                        log.info("%s: the apiserver does not stream lists (%s); listing in pages", self.name, exc)
-                        self._stream_lists = False
-                        continue
-                    finally:
-                        if self._listed_by_stream:  # a failure from here on is a watch's
-                            listed, failed_watches, backoff, phase = True, 0, 0.2, "watch"
-                    continue  # ended as a watch ends: resumed from its resourceVersion
                 if not listed:
                     await self._list()
                     listed, failed_watches, backoff = True, 0, 0.2
@@ -179,10 +150,6 @@ class Reflector:
             if not meta.get("continue"):
                 break
             params["continue"] = meta["continue"]
-        self._listed(fresh, version)
-
-    def _listed(self, fresh: dict[str, Mapping[str, Any]], version: str) -> None:
-        """A whole list is in: it replaces the cache, and what it says changed is reported."""
         old = self.cache
         self.cache = fresh
         self._resource_version = version
@@ -213,81 +180,27 @@ class Reflector:
                 self.failing = False
                 log.info("%s: watching again", self.name)  # after the failures logged before
             async for event in json_lines(response):
-                self._watched(event)
-
-    async def _stream(self) -> None:
-        """The list as a stream of ADDED events ending with the initial-events-end bookmark, then
-        the watch on the same response (see `stream_lists`)."""
-        params = dict(self._params, watch="true", sendInitialEvents="true", resourceVersionMatch="NotOlderThan",
-                      allowWatchBookmarks="true", timeoutSeconds=str(_WATCH_TIMEOUT_S))
-        first = self._report_pages and not self.cache and not self.synced.is_set()
-        fresh: dict[str, Mapping[str, Any]] = self.cache if first else {}
-        await self._api.refresh_credentials()
-        async with self._api.session().get(
-            self._api.base + self._path, params=params, headers=self._api.headers(None),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.silent_watch_s),
-        ) as response:
-            if response.status in (400, 422):  # sendInitialEvents or resourceVersionMatch refused
-                raise _NotStreamed(f"HTTP {response.status}: {(await response.text())[:200]}")
-            if response.status >= 400:
-                raise RuntimeError(f"list {self._path}: HTTP {response.status}: {(await response.text())[:300]}")
-            async for event in json_lines(response):
-                if self._listed_by_stream:
-                    self._watched(event)
-                    continue
                 kind, obj = event.get("type"), event.get("object")
                 if not isinstance(obj, dict):
                     continue
-                meta = obj.get("metadata") or {}
                 if kind == "ERROR":
                     if obj.get("code") == 410:
                         raise _Gone()
-                    raise RuntimeError(f"list {self._path}: {obj.get('message')}")
+                    raise RuntimeError(f"watch {self._path}: {obj.get('message')}")
+                version = (obj.get("metadata") or {}).get("resourceVersion")
+                if version:
+                    self._resource_version = str(version)
                 if kind == "BOOKMARK":
-                    if (meta.get("annotations") or {}).get(_INITIAL_EVENTS_END) != "true":
-                        raise _NotStreamed("a bookmark before the initial events ended")
-                    if self.failing:
-                        self.failing = False
-                        log.info("%s: watching again", self.name)  # after the failures logged before
-                    self._listed(fresh, str(meta.get("resourceVersion") or ""))
-                    self._listed_by_stream = True
                     continue
                 key = object_key(obj)
-                with cyclic_gc.paused():
-                    if kind == "DELETED":
-                        gone = fresh.pop(key, None)
-                        if first and gone is not None:
-                            self._report(gone, None)
-                    else:
-                        kept = fresh[key] = self._trim(obj)
-                        if first:
-                            self._report(None, kept)
-        if not self._listed_by_stream:
-            raise RuntimeError(f"list {self._path}: the stream ended before its initial events did")
-
-    def _watched(self, event: Mapping[str, Any]) -> None:
-        """One event of a watch: the cache updated and the change reported."""
-        kind, obj = event.get("type"), event.get("object")
-        if not isinstance(obj, dict):
-            return
-        if kind == "ERROR":
-            if obj.get("code") == 410:
-                raise _Gone()
-            raise RuntimeError(f"watch {self._path}: {obj.get('message')}")
-        version = (obj.get("metadata") or {}).get("resourceVersion")
-        if version:
-            self._resource_version = str(version)
-        if kind == "BOOKMARK":
-            return
-        key = object_key(obj)
-        previous = self.cache.get(key)
-        obj = self._trim(obj)
-        if kind == "DELETED":
-            self.cache.pop(key, None)
-            self._report(previous if previous is not None else obj, None)
-        else:
-            self.cache[key] = obj
-            self._report(previous, obj)
+                previous = self.cache.get(key)
+                obj = self._trim(obj)
+                if kind == "DELETED":
+                    self.cache.pop(key, None)
+                    self._report(previous if previous is not None else obj, None)
+                else:
+                    self.cache[key] = obj
+                    self._report(previous, obj)
 
     def _report(self, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> None:
         """A consumer's bug must not break the watch (its event would be skipped on resume)."""

@@ -1,7 +1,7 @@
-"""The shared reflector against the real apiserver: its first list, in pages of 500 or streamed
-(WatchList), reported as it comes when asked (the forwarder builds Services while the rest is
-served), else once whole (either way every object exactly once, and a cache that is whole once
-`synced` is set); and a watch that goes silent, resumed instead of waiting out its timeout."""
+"""The shared reflector against the real apiserver: its first list, in pages of 500, reported page
+by page when asked (the forwarder builds Services while the next page is served), else once whole
+(either way every object exactly once, and a cache that is whole once `synced` is set); and a
+watch that goes silent, resumed instead of waiting out its timeout."""
 
 from __future__ import annotations
 
@@ -40,10 +40,8 @@ def configmaps(cluster: ClusterInfo, namespace: str) -> str:
     return namespace
 
 
-@pytest.mark.parametrize(("report_pages", "stream_lists"), [(True, False), (False, False), (True, True), (False, True)],
-                         ids=["page-by-page", "once-whole", "streamed-one-by-one", "streamed-once-whole"])
-def test_a_first_list_reports_every_object_once(cluster: ClusterInfo, configmaps: str, report_pages: bool,
-                                                stream_lists: bool) -> None:
+@pytest.mark.parametrize("report_pages", [True, False], ids=["page-by-page", "once-whole"])
+def test_a_first_list_reports_every_object_once(cluster: ClusterInfo, configmaps: str, report_pages: bool) -> None:
     reports: list[tuple[str, bool, int]] = []  # (name, synced yet, objects in the cache) at each report
 
     async def scenario() -> tuple[int, set[str]]:
@@ -55,11 +53,10 @@ def test_a_first_list_reports_every_object_once(cluster: ClusterInfo, configmaps
             reports.append((new["metadata"]["name"], reflector.synced.is_set(), len(reflector.cache)))
 
         reflector = Reflector(kube, f"/api/v1/namespaces/{configmaps}/configmaps", changed, name="configmaps",
-                              report_pages=report_pages, stream_lists=stream_lists)
+                              report_pages=report_pages)
         task = asyncio.create_task(reflector.run())
         try:
             await asyncio.wait_for(reflector.synced.wait(), 30)
-            assert reflector._stream_lists == stream_lists, "the stream was refused: listed in pages"
             return len(reflector.cache), {key.partition("/")[2] for key in reflector.cache}
         finally:
             task.cancel()
@@ -72,9 +69,7 @@ def test_a_first_list_reports_every_object_once(cluster: ClusterInfo, configmaps
     assert sorted(name for name, _, _ in reports) == sorted(names), "not every object exactly once"
     assert not any(synced for _, synced, _ in reports), "reported after synced was set"
     sizes = sorted({size for _, _, size in reports})
-    if report_pages and stream_lists:  # each object as it came
-        assert sizes == list(range(1, cached + 1))
-    elif report_pages:  # one cache size per page as the pages came, the first a page of 500
+    if report_pages:  # one cache size per page as the pages came, the first a page of 500
         assert sizes == [500, 1000, cached]
     else:
         assert sizes == [cached]
@@ -86,9 +81,7 @@ def relay(cluster: ClusterInfo) -> Iterator[ApiCut]:
         yield cut
 
 
-@pytest.mark.parametrize("stream_lists", [False, True], ids=["listed-in-pages", "streamed"])
-def test_a_watch_gone_silent_is_resumed(cluster: ClusterInfo, namespace: str, relay: ApiCut, tmp_path: Path,
-                                        stream_lists: bool) -> None:
+def test_a_watch_gone_silent_is_resumed(cluster: ClusterInfo, namespace: str, relay: ApiCut, tmp_path: Path) -> None:
     """The apiserver stops sending on the open watch (the connection stays up, as seen once in a
     bench run): with bookmarks asked for, silence means a deaf watch; it is resumed from its last
     resourceVersion and the change made meanwhile is reported, without a re-list."""
@@ -99,7 +92,7 @@ def test_a_watch_gone_silent_is_resumed(cluster: ClusterInfo, namespace: str, re
         kube = KubeClient.from_kubeconfig(relay.kubeconfig(cluster.kubeconfig, tmp_path / "relay.kubeconfig"))
         admin = KubeClient.from_kubeconfig(cluster.kubeconfig)
         reflector = Reflector(kube, path, lambda old, new: seen.append((new or old or {})["metadata"]["name"]),
-                              name="configmaps", stream_lists=stream_lists)
+                              name="configmaps")
         reflector.silent_watch_s = 3.0  # the apiserver's bookmarks come about once a minute: 90 s by default
         task = asyncio.create_task(reflector.run())
         try:

@@ -273,10 +273,9 @@ def test_a_pool_deleted_in_a_gap_stops_being_used(
     assert "bgppeers.lbctl.io/v1alpha1 is not served" in operator.log() and "BGP off" in operator.log()
 
 
-@pytest.mark.parametrize("stream_lists", [False, True], ids=["listed-in-pages", "streamed"])
 def test_the_reflector_keeps_its_cache_while_cut_off_and_a_relist_after_410_reports_deletions(
     api_client: client.ApiClient, core: client.CoreV1Api, cluster: ClusterInfo, nodes: Nodes, cut: ApiCut,
-    tmp_path: Path, stream_lists: bool,
+    tmp_path: Path,
 ) -> None:
     """The shared reflector itself (as operator and forwarder use it), in-process: while the
     apiserver cannot be reached it keeps what it knew and reports nothing; when it can again, its
@@ -290,7 +289,7 @@ def test_the_reflector_keeps_its_cache_while_cut_off_and_a_relist_after_410_repo
 
     async def scenario() -> None:
         kube = KubeClient.from_kubeconfig(cut.kubeconfig(cluster.kubeconfig, tmp_path / "relay.kubeconfig"))
-        reflector = Reflector(kube, "/api/v1/nodes", changed, name="nodes", stream_lists=stream_lists)
+        reflector = Reflector(kube, "/api/v1/nodes", changed, name="nodes")
         task = asyncio.create_task(reflector.run())
         try:
             await asyncio.wait_for(reflector.synced.wait(), 15)
