@@ -158,8 +158,10 @@ async def json_lines(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str
     buffer = b""
     async for chunk in response.content.iter_any():
         buffer += chunk
-        while b"\n" in buffer:
-            line, buffer = buffer.split(b"\n", 1)
+        if b"\n" not in chunk:
+            continue
+        *lines, buffer = buffer.split(b"\n")  # all at once: splitting one by one copies the rest each time
+        for line in lines:
             if line.strip():
                 event = json.loads(line)
                 if isinstance(event, dict):
