@@ -261,12 +261,8 @@ def port_id(state: ServiceState, port: ServicePort, family: Family = V4) -> str:
     return f"{state.key}/{port.protocol}/{port.port}{family.suffix}"
 
 
-def _backends(port: ServicePort, family: Family, single_family: bool = False) -> tuple[Backend, ...]:
-    """The port's backends of `family`; all of them when the Service has that family alone
-    (desired.py keeps only endpoints of the Service's families)."""
+def _backends(port: ServicePort, family: Family) -> tuple[Backend, ...]:
     backends = port.backends
-    if single_family:
-        return backends
     if family.version == IPV4:
         return backends if all(":" not in b.ip for b in backends) else tuple(b for b in backends if ":" not in b.ip)
     return tuple(b for b in backends if ":" in b.ip)
@@ -281,7 +277,7 @@ def slot_needs(state: ServiceState) -> dict[str, int]:
     needs = {}
     for family in _families(state):
         for port in state.ports:
-            count = len(_backends(port, family, len(state.families) == 1))
+            count = len(_backends(port, family))
             if count > 1:
                 needs[port_id(state, port, family)] = count
     return needs
@@ -344,7 +340,6 @@ def render_program(state: ServiceState, slots: Mapping[str, SlotRange]) -> Progr
     elements: list[Element] = []
     udp: set[tuple[str, int]] = set()
     families = _families(state)
-    single = len(families) == 1
     # A dual-stack Service's port is one chain for both families, each family's rules behind a
     # `meta nfproto` match: nft reads every chain before any element command, so a chain per
     # family would double the cost of each endpoint change.
@@ -358,7 +353,7 @@ def render_program(state: ServiceState, slots: Mapping[str, SlotRange]) -> Progr
         for family in families:
             version, guard = family.version, guards[family.version]
             pid = port_id(state, port, family)
-            backends = _backends(port, family, single)
+            backends = _backends(port, family)
             if proto == UDP:
                 udp.update((b.ip, b.port) for b in backends)
             if not backends:
@@ -386,7 +381,7 @@ def render_program(state: ServiceState, slots: Mapping[str, SlotRange]) -> Progr
                 dmap = family.endpoint_maps[proto][shard(pid)]
                 picks.append((*guard, _L4[proto], DnatRandom(version, len(backends), base, dmap)))
                 elements.extend(Element(dmap, base + i, (b.ip, b.port)) for i, b in enumerate(backends))
-        if state.masquerade and any(_backends(port, f, single) for f in families):
+        if state.masquerade and any(_backends(port, f) for f in families):
             rules.append(_MARK)
         chains[svc] = (*rules, *picks)
 
