@@ -21,7 +21,6 @@ interned, one string for all the objects that hold them.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from collections.abc import Mapping
 from functools import partial
@@ -38,8 +37,20 @@ _SERVICE_SPEC_REPEATED = ("type", "loadBalancerClass", "externalTrafficPolicy", 
 #: large annotations nothing in the forwarder reads
 _DROPPED_ANNOTATIONS = frozenset({"kubectl.kubernetes.io/last-applied-configuration"})
 
-_conditions: dict[tuple[tuple[str, Any], ...], Mapping[str, Any]] = {}
-_families: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+_conditions: dict[tuple[Any, ...], Any] = {}
+_families: dict[tuple[Any, ...], Any] = {}
+_SHARED_LIMIT = 64  # distinct values kept per table: a cluster has a handful; malformed input cannot grow it
+
+
+def _shared(table: dict[tuple[Any, ...], Any], shape: tuple[Any, ...], value: Any) -> Any:
+    """One object for every equal `value` (keyed by its hashable `shape`); nobody mutates cached objects."""
+    try:
+        shared = table.get(shape)
+        if shared is not None:
+            return shared
+        return table.setdefault(shape, value) if len(table) < _SHARED_LIMIT else value
+    except TypeError:  # unhashable values: a malformed object, kept as it is
+        return value
 
 
 class SliceEndpoint(NamedTuple):
@@ -96,9 +107,7 @@ def service(obj: dict[str, Any]) -> dict[str, Any]:
             spec["ports"] = _each(spec["ports"], _PORT, ("name", "protocol"))
         if isinstance(spec, dict) and isinstance(spec.get("ipFamilies"), list):
             families = spec["ipFamilies"]
-            with contextlib.suppress(TypeError):  # unhashable entries: malformed, kept as they are
-                shape = tuple(families)
-                spec["ipFamilies"] = _families.setdefault(shape, shape) if len(_families) < 16 else shape
+            spec["ipFamilies"] = _shared(_families, tuple(families), tuple(families))
         kept["spec"] = spec
     status = obj.get("status")
     if isinstance(status, Mapping) and "loadBalancer" in status:
@@ -113,16 +122,8 @@ def service(obj: dict[str, Any]) -> dict[str, Any]:
 
 
 def _shared_conditions(conditions: Any) -> Any:
-    if type(conditions) is dict:
-        try:  # keyed in the apiserver's order (it is always the same): no sorting per endpoint
-            shape = tuple(conditions.items())
-            shared = _conditions.get(shape)
-            if shared is not None:
-                return shared
-            return _conditions.setdefault(shape, conditions) if len(_conditions) < 64 else conditions
-        except TypeError:  # unhashable values: a malformed object, kept as it is
-            pass
-    return conditions
+    # keyed in the apiserver's order (it is always the same): no sorting per endpoint
+    return _shared(_conditions, tuple(conditions.items()), conditions) if type(conditions) is dict else conditions
 
 
 _new_endpoint = partial(tuple.__new__, SliceEndpoint)  # NamedTuple's own __new__ is a Python call
