@@ -9,7 +9,9 @@ forwarder reads must be listed here: lbctl.forwarder.desired (building rules), l
 (namespace, name, uid of the Service they are about), the programming-latency metric
 (the trigger-time annotation), and the reflector itself (name, namespace, resourceVersion: a
 re-list compares versions). tests/unit/test_forwarder_fields.py checks that each of them reads the
-same from a trimmed object as from the whole one.
+same from a trimmed object as from the whole one. The forwarder's lists come as protobuf, read
+straight into this same form by lbctl.forwarder.fields_protobuf: a field kept here is read there
+too (tests/integration/test_fields_protobuf.py compares the two on the apiserver's objects).
 
 Memory (a forwarder keeps every Service and EndpointSlice of the cluster): an endpoint is kept
 as a SliceEndpoint tuple rather than the apiserver's dict (a third of the size, and 10,000 Services
@@ -33,9 +35,10 @@ _SERVICE_SPEC = ("type", "loadBalancerClass", "externalTrafficPolicy", "ipFamili
                  "healthCheckNodePort", "loadBalancerSourceRanges", "sessionAffinity", "sessionAffinityConfig")
 _PORT = ("name", "protocol", "port", "nodePort")
 _SLICE_PORT = ("name", "protocol", "port")
+_INGRESS = ("ip", "ipMode")
 _SERVICE_SPEC_REPEATED = ("type", "loadBalancerClass", "externalTrafficPolicy", "ipFamilyPolicy", "sessionAffinity")
 #: large annotations nothing in the forwarder reads
-_DROPPED_ANNOTATIONS = frozenset({"kubectl.kubernetes.io/last-applied-configuration"})
+DROPPED_ANNOTATIONS = frozenset({"kubectl.kubernetes.io/last-applied-configuration"})
 
 _conditions: dict[tuple[Any, ...], Any] = {}
 _families: dict[tuple[Any, ...], Any] = {}
@@ -88,8 +91,8 @@ def _meta(meta: Any, fields: tuple[str, ...]) -> Any:
     kept = _intern(_pick(meta, fields), ("namespace",))
     if isinstance(kept, dict):
         annotations = kept.get("annotations")
-        if isinstance(annotations, Mapping) and not _DROPPED_ANNOTATIONS.isdisjoint(annotations):
-            kept["annotations"] = {k: v for k, v in annotations.items() if k not in _DROPPED_ANNOTATIONS}
+        if isinstance(annotations, Mapping) and not DROPPED_ANNOTATIONS.isdisjoint(annotations):
+            kept["annotations"] = {k: v for k, v in annotations.items() if k not in DROPPED_ANNOTATIONS}
         labels = kept.get("labels")
         if isinstance(labels, dict):
             _intern(labels, tuple(labels))  # managed-by, the Service's name, …
@@ -106,27 +109,30 @@ def service(obj: dict[str, Any]) -> dict[str, Any]:
         if isinstance(spec, dict) and "ports" in spec:
             spec["ports"] = _each(spec["ports"], _PORT, ("name", "protocol"))
         if isinstance(spec, dict) and isinstance(spec.get("ipFamilies"), list):
-            families = spec["ipFamilies"]
-            spec["ipFamilies"] = _shared(_families, tuple(families), tuple(families))
+            spec["ipFamilies"] = shared_families(spec["ipFamilies"])
         kept["spec"] = spec
     status = obj.get("status")
     if isinstance(status, Mapping) and "loadBalancer" in status:
         balancer = status["loadBalancer"]
-        if isinstance(balancer, Mapping) and isinstance(balancer.get("ingress"), list):
-            for item in balancer["ingress"]:
-                _intern(item, ("ipMode",))
+        if isinstance(balancer, dict) and isinstance(balancer.get("ingress"), list):
+            balancer = {**balancer, "ingress": _each(balancer["ingress"], _INGRESS, ("ipMode",))}
         kept["status"] = {"loadBalancer": balancer}
     elif status is not None and not isinstance(status, Mapping):
         kept["status"] = status
     return kept
 
 
-def _shared_conditions(conditions: Any) -> Any:
+def shared_families(families: list[Any]) -> Any:
+    """spec.ipFamilies as a tuple, one for every Service with the same families."""
+    return _shared(_families, tuple(families), tuple(families))
+
+
+def shared_conditions(conditions: Any) -> Any:
     # keyed in the apiserver's order (it is always the same): no sorting per endpoint
     return _shared(_conditions, tuple(conditions.items()), conditions) if type(conditions) is dict else conditions
 
 
-_new_endpoint = partial(tuple.__new__, SliceEndpoint)  # NamedTuple's own __new__ is a Python call
+new_endpoint = partial(tuple.__new__, SliceEndpoint)  # NamedTuple's own __new__ is a Python call
 
 
 def _endpoints(items: list[Any]) -> list[Any]:
@@ -138,8 +144,8 @@ def _endpoints(items: list[Any]) -> list[Any]:
             kept.append(item)  # malformed: kept as it is, for the reader to skip
             continue
         addresses, node = item.get("addresses"), item.get("nodeName")
-        kept.append(_new_endpoint((addresses[0] if isinstance(addresses, list | tuple) and addresses else None,
-                                   _shared_conditions(item.get("conditions")),
+        kept.append(new_endpoint((addresses[0] if isinstance(addresses, list | tuple) and addresses else None,
+                                   shared_conditions(item.get("conditions")),
                                    intern(node) if type(node) is str else node)))
     return kept
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lbctl import cyclic_gc
-from lbctl.forwarder import bgp, conntrack, fields, metrics, netlink, nftables, uplink
+from lbctl.forwarder import bgp, conntrack, fields, fields_protobuf, metrics, netlink, nftables, uplink
 from lbctl.forwarder.addresses import VipAddresses
 from lbctl.forwarder.announce import Announcer, ServiceMarks
 from lbctl.forwarder.apply import Nft, NftError, load_dark
@@ -536,10 +536,11 @@ class Forwarder:
     async def run(self, stop: asyncio.Event, configuration: ClientConfiguration) -> None:
         client = KubeClient(configuration, user_agent="lbctl-forwarder")
         services = Reflector(client, "/api/v1/services", self._service_changed, name="services",
-                             trim=fields.service, report_pages=True)
+                             trim=fields.service, report_pages=True, protobuf_list=fields_protobuf.service_list)
         slices = Reflector(client, "/apis/discovery.k8s.io/v1/endpointslices", self._slice_changed,
                            name="endpointslices", params={"labelSelector": SERVICE_NAME_LABEL},
-                           trim=fields.endpoint_slice, report_pages=True)
+                           trim=fields.endpoint_slice, report_pages=True,
+                           protobuf_list=fields_protobuf.endpoint_slice_list)
         nodes = Reflector(client, "/api/v1/nodes", self._node_changed, name="nodes")
         lease = NodeLease(client, self.config.node, namespace=self.config.lease_namespace,
                           duration_s=self.config.lease_duration_s, renew_s=self.config.renew_interval_s)

@@ -22,11 +22,12 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 
 from lbctl import cyclic_gc
+from lbctl.kube import protobuf
 from lbctl.kube.client import KubeClient, json_lines
 from lbctl.model.meta import object_key
 
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 Change = Callable[[Mapping[str, Any] | None, Mapping[str, Any] | None], None]
 #: what a cache keeps of each object (a new object with the fields its readers need)
 Trim = Callable[[dict[str, Any]], dict[str, Any]]
+#: a protobuf list page (a response body) → its items as the cache keeps them (trimmed); ValueError
+#: for a body that is not one
+ProtobufList = Callable[[bytes], protobuf.ListPage]
 _WATCH_TIMEOUT_S = 290
 #: A watch that asked for bookmarks hears from the apiserver about once a minute even when nothing
 #: changes; one silent for longer is resumed (from its last resourceVersion). Seen: a watch whose
@@ -64,14 +68,24 @@ class _Gone(Exception):
     pass
 
 
+class _Page(NamedTuple):
+    items: dict[str, Mapping[str, Any]]  # namespace/name → the object as the cache keeps it
+    resource_version: str
+    continue_token: str
+
+
 class Reflector:
     def __init__(self, api: KubeClient, path: str, on_change: Change, *, params: Mapping[str, str] | None = None,
-                 name: str = "", trim: Trim | None = None, report_pages: bool = False) -> None:
+                 name: str = "", trim: Trim | None = None, report_pages: bool = False,
+                 protobuf_list: ProtobufList | None = None) -> None:
         """`report_pages`: the first list reports each page as it comes (into an empty cache every
         object is an addition either way), so that a consumer can work on one page while the
         apiserver serves the next; its callback then sees a cache that is not whole before
-        `synced`. Otherwise (and for every re-list) changes are reported once the list is whole."""
+        `synced`. Otherwise (and for every re-list) changes are reported once the list is whole.
+        `protobuf_list`: lists are asked for in protobuf (JSON still taken when that is what
+        comes), read by it into what `trim` would keep of the same objects; watches stay JSON."""
         self._api = api
+        self._protobuf_list = protobuf_list
         self._report_pages = report_pages
         self._keep = trim
         self._path = path
@@ -132,24 +146,25 @@ class Reflector:
         version = ""
         while True:
             await self._api.refresh_credentials()
+            headers = self._api.headers(None)
+            if self._protobuf_list is not None:
+                headers = {**headers, "Accept": protobuf.ACCEPT}
             async with self._api.session().get(self._api.base + self._path, params=params,
-                                               headers=self._api.headers(None)) as response:
+                                               headers=headers) as response:
                 if response.status >= 400:
                     raise RuntimeError(f"list {self._path}: HTTP {response.status}: {(await response.text())[:300]}")
                 body = await response.read()
+                content_type = response.content_type
             with cyclic_gc.paused():  # 500 objects made, none in a cycle
-                page = json.loads(body)
-                items = {object_key(item): self._trim(item) for item in page.get("items") or ()
-                         if isinstance(item, dict)}
-                fresh.update(items)
+                page = self._page(body, content_type)
+                fresh.update(page.items)
                 if first:
-                    for added in items.values():
+                    for added in page.items.values():
                         self._report(None, added)
-            meta = page.get("metadata") or {}
-            version = str(meta.get("resourceVersion") or version)
-            if not meta.get("continue"):
+            version = page.resource_version or version
+            if not page.continue_token:
                 break
-            params["continue"] = meta["continue"]
+            params["continue"] = page.continue_token
         old = self.cache
         self.cache = fresh
         self._resource_version = version
@@ -163,6 +178,16 @@ class Reflector:
             for previous, obj in changes:
                 self._report(previous, obj)
         self.synced.set()
+
+    def _page(self, body: bytes, content_type: str) -> _Page:
+        if self._protobuf_list is not None and content_type == protobuf.MEDIA_TYPE:
+            listed = self._protobuf_list(body)
+            return _Page({object_key(item): item for item in listed.items}, listed.resource_version,
+                         listed.continue_token)
+        page = json.loads(body)
+        meta = page.get("metadata") or {}
+        return _Page({object_key(item): self._trim(item) for item in page.get("items") or () if isinstance(item, dict)},
+                     str(meta.get("resourceVersion") or ""), str(meta.get("continue") or ""))
 
     async def _watch(self) -> None:
         params = dict(self._params, watch="true", allowWatchBookmarks="true",
