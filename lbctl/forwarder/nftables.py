@@ -104,6 +104,10 @@ class Drop(NamedTuple):
     pass
 
 
+class Return(NamedTuple):
+    pass
+
+
 class Masquerade(NamedTuple):
     pass
 
@@ -122,6 +126,10 @@ class NfProto(NamedTuple):
 
 class LocalDestination(NamedTuple):
     """`fib daddr type local`: addressed to this host."""
+
+
+class TcpNotOpening(NamedTuple):
+    """`tcp flags & (syn | ack) != syn`: a TCP packet that opens no connection (not a bare SYN)."""
 
 
 class DaddrNot(NamedTuple):
@@ -196,9 +204,9 @@ class RecordSource(NamedTuple):
     family: int
 
 
-Statement: TypeAlias = (Jump | Goto | Drop | Masquerade | L4Proto | NfProto | LocalDestination | DaddrNot | SaddrIn
-                        | SaddrInSet | DaddrInSet | MarkAny | SetMarkBits | VerdictLookup | RandomVerdict
-                        | DnatTo | DnatRandom | RecordSource)
+Statement: TypeAlias = (Jump | Goto | Drop | Return | Masquerade | L4Proto | NfProto | LocalDestination
+                        | TcpNotOpening | DaddrNot | SaddrIn | SaddrInSet | DaddrInSet | MarkAny | SetMarkBits
+                        | VerdictLookup | RandomVerdict | DnatTo | DnatRandom | RecordSource)
 
 
 class Rule(NamedTuple):
@@ -253,6 +261,8 @@ def _statement(stmt: Statement, inet: bool) -> str:
             return f"jump {chain}"
         case Drop():
             return "drop"
+        case Return():
+            return "return"
         case Masquerade():
             return "masquerade"
         case L4Proto(protocol):
@@ -261,6 +271,8 @@ def _statement(stmt: Statement, inet: bool) -> str:
             return f"meta nfproto ipv{family}"
         case LocalDestination():
             return "fib daddr type local"
+        case TcpNotOpening():
+            return "tcp flags & (syn | ack) != syn"
         case DaddrNot(cidr):
             return f"{_ADDR_FAMILY[family_of(cidr)]} daddr != {cidr}"
         case SaddrIn(cidr):

@@ -6,6 +6,7 @@ One table, `inet lbctl`, for both IP families. Packets are dispatched by verdict
 lists, so the cost per packet does not grow with the number of Services:
 
   prerouting/output (nat) → chain services:
+      tcp flags & (syn | ack) != syn return                      (no connection opened: no DNAT)
       ip daddr . meta l4proto . th dport vmap @service-ips       (IPv4 LB ingress IPs)
       ip6 daddr . meta l4proto . th dport vmap @service-ips6     (IPv6 LB ingress IPs)
       fib daddr type local … meta l4proto . th dport vmap @node-ports / @node-ports6
@@ -79,6 +80,7 @@ from lbctl.forwarder.nftables import (
     NfProto,
     RandomVerdict,
     RecordSource,
+    Return,
     Rule,
     SaddrIn,
     SaddrInSet,
@@ -87,6 +89,7 @@ from lbctl.forwarder.nftables import (
     SlotKey,
     Statement,
     Table,
+    TcpNotOpening,
     Transaction,
     VerdictLookup,
 )
@@ -169,6 +172,12 @@ BASE_OBJECTS: tuple[nft.Object, ...] = (
 BASE_RULES = (
     Rule("prerouting", (Jump("services"),)),
     Rule("output", (Jump("services"),)),
+    # These nat chains see the first packet of each connection conntrack tracks. A TCP one that
+    # is no bare SYN is conntrack picking up a connection it did not see begin: one the node made
+    # before this table turned conntrack on in its namespace (the forwarder's own apiserver
+    # watches, the kubelet's). Its local port may be a NodePort (a range that overlaps the
+    # ephemeral ports): DNATed, the node's own connection would go silent.
+    Rule("services", (TcpNotOpening(), Return())),
     *(Rule("services", (VerdictLookup((f.daddr, Field.L4PROTO, Field.DPORT), f.service_ips),)) for f in (V4, V6)),
     # NodePorts answer on every local address but loopback (route_localnet stays off)
     *(Rule("services", (LocalDestination(), DaddrNot(f.loopback),

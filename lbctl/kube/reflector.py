@@ -41,9 +41,10 @@ Trim = Callable[[dict[str, Any]], dict[str, Any]]
 ProtobufList = Callable[[bytes], protobuf.ListPage]
 _WATCH_TIMEOUT_S = 290
 #: A watch that asked for bookmarks hears from the apiserver about once a minute even when nothing
-#: changes; one silent for longer is resumed (from its last resourceVersion). Seen: a watch whose
-#: response began and then carried nothing, not even bookmarks, while a new watch from the same
-#: version had every event; without this it stayed deaf until its timeout, minutes later.
+#: changes; one silent for longer is resumed (from its last resourceVersion): whatever cut the
+#: stream without closing it, a new one does not wait for the watch's timeout, minutes later.
+#: (Seen: the forwarder's own NodePort rules taking its watch connections, before they knew
+#: better: tests/dataplane/test_node_connections.py.)
 _SILENT_WATCH_S = 90.0
 #: a watch that keeps failing this many times in a row is given up for a re-list
 _RESUME_ATTEMPTS = 3
