@@ -10,8 +10,9 @@ lists, so the cost per packet does not grow with the number of Services:
       ip daddr . meta l4proto . th dport vmap @service-ips       (IPv4 LB ingress IPs)
       ip6 daddr . meta l4proto . th dport vmap @service-ips6     (IPv6 LB ingress IPs)
       fib daddr type local … meta l4proto . th dport vmap @node-ports / @node-ports6
-  svc/<ns>/<name>/<proto>/<port>:   [mark for masquerade]
-      [meta nfproto ipv6] meta l4proto tcp dnat ip6 to numgen random mod N offset B map @endpoints6-tcp/<shard>
+  svc/<ns>/<name>/<proto>/<port>:
+      [meta nfproto ipv6] meta l4proto tcp [meta mark set … (masquerade)] dnat ip6 to numgen random mod N
+          offset B map @endpoints6-tcp/<shard>
   lb/<ns>/<name>/<proto>/<port>:    ip[6] saddr <cidr> goto svc/…  …  drop   (loadBalancerSourceRanges)
   postrouting (nat): marked → masquerade (externalTrafficPolicy Cluster only)
   input (filter): an LB IP on a port no Service claims is dropped: the address sits on a local
@@ -340,7 +341,6 @@ def _affinity_set(pid: str, ip: str, port: int, timeout: int) -> str:
 
 _DROP: Body = (Drop(),)
 _L4 = {proto: L4Proto(proto) for proto in PROTOCOLS}
-_MARK: Body = (SetMarkBits(MASQUERADE_MARK),)
 
 
 def render_program(state: ServiceState, slots: Mapping[str, SlotRange]) -> Program:
@@ -354,10 +354,12 @@ def render_program(state: ServiceState, slots: Mapping[str, SlotRange]) -> Progr
     # family would double the cost of each endpoint change.
     guards = {f.version: ((NfProto(f.version),) if len(families) > 1 else ()) for f in families}
     lb_ips = {f.version: [ip for ip in state.lb_ips if family_of(ip) == f.version] for f in families}
+    # ETP=Cluster: the rule that picks an endpoint marks the packet for masquerade too (a rule of
+    # its own for the mark was a third of the rules nft loads at start-up)
+    mark: Body = (SetMarkBits(MASQUERADE_MARK),) if state.masquerade else ()
     for port in state.ports:
         svc = f"svc/{port_id(state, port)}"
         proto = port.protocol
-        rules: list[Body] = []
         picks: list[Body] = []
         for family in families:
             version, guard = family.version, guards[family.version]
@@ -374,25 +376,23 @@ def render_program(state: ServiceState, slots: Mapping[str, SlotRange]) -> Progr
                     aff = _affinity_set(pid, b.ip, b.port, timeout)
                     sets[aff] = Set(aff, family.address, timeout)
                     chains[ep] = ((RecordSource(aff, version),), (_L4[proto], DnatTo(b.ip, b.port)))
-                    picks.append((SaddrInSet(aff, version), Goto(ep)))
+                    picks.append((SaddrInSet(aff, version), *mark, Goto(ep)))
                 if len(backends) == 1:
-                    picks.append((*guard, Goto(_endpoint_chain(pid, backends[0].ip, backends[0].port))))
+                    picks.append((*guard, *mark, Goto(_endpoint_chain(pid, backends[0].ip, backends[0].port))))
                 else:
                     base = slots[pid].base
                     vmap = ENDPOINT_CHAIN_MAPS[shard(pid)]
-                    picks.append((*guard, RandomVerdict(len(backends), base, vmap)))
+                    picks.append((*guard, *mark, RandomVerdict(len(backends), base, vmap)))
                     elements.extend(Element(vmap, base + i, Goto(_endpoint_chain(pid, b.ip, b.port)))
                                     for i, b in enumerate(backends))
             elif len(backends) == 1:
-                picks.append((*guard, _L4[proto], DnatTo(backends[0].ip, backends[0].port)))
+                picks.append((*guard, _L4[proto], *mark, DnatTo(backends[0].ip, backends[0].port)))
             else:
                 base = slots[pid].base
                 dmap = family.endpoint_maps[proto][shard(pid)]
-                picks.append((*guard, _L4[proto], DnatRandom(version, len(backends), base, dmap)))
+                picks.append((*guard, _L4[proto], *mark, DnatRandom(version, len(backends), base, dmap)))
                 elements.extend(Element(dmap, base + i, (b.ip, b.port)) for i, b in enumerate(backends))
-        if state.masquerade and any(_backends(port, f) for f in families):
-            rules.append(_MARK)
-        chains[svc] = (*rules, *picks)
+        chains[svc] = tuple(picks)
 
         entry = svc
         if state.source_ranges is not None:
@@ -577,7 +577,8 @@ class Planner:
             declare(_shards([program]))
             rule_count += _rule_count(program)
             out.add(key, *(Chain(name) for name in program.chains))
-            out.add(key, *program.sets.values())
+            if program.sets:
+                out.add(key, *program.sets.values())
             for name, rules in program.chains.items():
                 out.add(key, *(Rule(name, body) for body in rules))
             for el in program.elements:

@@ -30,6 +30,9 @@ from lbctl.forwarder.state import Backend, ServicePort, ServiceState
 GOLDEN = Path(__file__).parent / "golden"
 
 
+MARK = "meta mark set meta mark | 0x00004000"  # ETP=Cluster: masquerade later
+MARK_RE = re.escape(MARK)
+
 def golden(name: str, text: str) -> None:
     path = GOLDEN / name
     if os.environ.get("LBCTL_UPDATE_GOLDEN"):
@@ -87,14 +90,14 @@ def test_incremental_endpoint_change_golden() -> None:
 
 def test_rules_dnat_to_every_backend_through_numgen() -> None:
     text = Planner().plan_full([web()]).text
-    assert "add rule inet lbctl svc/default/web/tcp/80 meta mark set meta mark | 0x00004000" in text
-    match = re.search(r"svc/default/web/tcp/80 meta l4proto tcp dnat ip to numgen random mod 2 offset (\d+) "
-                      r"map @(endpoints-tcp/\d+)", text)
+    # ETP=Cluster: marked for masquerade by the same rule
+    match = re.search(rf"svc/default/web/tcp/80 meta l4proto tcp {MARK_RE} dnat ip to "
+                      r"numgen random mod 2 offset (\d+) map @(endpoints-tcp/\d+)", text)
     assert match, text
     base, shard = int(match.group(1)), match.group(2)
     elements = f"\n\t{base} : 10.244.1.2 . 8080,\n\t{base + 1} : 10.244.2.3 . 8080,\n}}"
     assert f"add element inet lbctl {shard} {{{elements}" in text
-    assert "svc/default/web/udp/53 meta l4proto udp dnat ip to 10.244.1.2:5353" in text
+    assert f"svc/default/web/udp/53 meta l4proto udp {MARK} dnat ip to 10.244.1.2:5353" in text
 
 
 def test_source_ranges_guard_the_lb_address_but_not_the_node_port() -> None:
@@ -252,15 +255,16 @@ def test_dual_stack_ruleset_golden() -> None:
 
 def test_each_family_goes_to_endpoints_of_its_own_family() -> None:
     text = Planner().plan_full([dual()]).text
-    assert re.search(r"svc/prod/dual/tcp/80 meta nfproto ipv4 meta l4proto tcp dnat ip to numgen random mod 2 "
-                     r"offset \d+ map @endpoints-tcp/\d+\n", text)
-    match = re.search(r"svc/prod/dual/tcp/80 meta nfproto ipv6 meta l4proto tcp dnat ip6 to numgen random mod 2 "
-                      r"offset (\d+) map @(endpoints6-tcp/\d+)\n", text)
+    assert re.search(rf"svc/prod/dual/tcp/80 meta nfproto ipv4 meta l4proto tcp {MARK_RE} dnat ip to numgen "
+                     r"random mod 2 offset \d+ map @endpoints-tcp/\d+\n", text)
+    match = re.search(rf"svc/prod/dual/tcp/80 meta nfproto ipv6 meta l4proto tcp {MARK_RE} dnat ip6 to numgen "
+                      r"random mod 2 offset (\d+) map @(endpoints6-tcp/\d+)\n", text)
     assert match, text
     base, shard = int(match.group(1)), match.group(2)
     assert f"add element inet lbctl {shard} {{\n\t{base} : 2001:db8:1:1::7 . 8080,\n\t{base + 1} : " \
            "2001:db8:1:2::7 . 8080,\n}" in text
-    assert "svc/prod/dual/udp/53 meta nfproto ipv6 meta l4proto udp dnat ip6 to [2001:db8:1:1::7]:5353" in text
+    assert f"svc/prod/dual/udp/53 meta nfproto ipv6 meta l4proto udp {MARK} dnat ip6 to [2001:db8:1:1::7]:5353" \
+        in text
     assert "add rule inet lbctl svc/prod/dual/udp/53 meta nfproto ipv4 drop" in text  # no IPv4 endpoint for dns
     # one chain per port for both families: both addresses and both NodePort maps lead to it
     assert "\t192.0.2.20 . tcp . 80 : goto lb/prod/dual/tcp/80," in text
@@ -288,10 +292,11 @@ def test_ipv6_affinity_records_the_ipv6_client_in_names_without_colons() -> None
     assert "add rule inet lbctl ep/prod/dual/tcp/80/ipv6/2001-db8-1-1--7/8080 " \
            "update @aff/prod/dual/tcp/80/ipv6/2001-db8-1-1--7/8080/60 { ip6 saddr }" in text
     assert "ep/prod/dual/tcp/80/ipv6/2001-db8-1-1--7/8080 meta l4proto tcp dnat ip6 to [2001:db8:1:1::7]:8080" in text
-    assert "svc/prod/dual/tcp/80 ip6 saddr @aff/prod/dual/tcp/80/ipv6/2001-db8-1-1--7/8080/60 goto" in text
+    assert f"svc/prod/dual/tcp/80 ip6 saddr @aff/prod/dual/tcp/80/ipv6/2001-db8-1-1--7/8080/60 {MARK} goto" \
+        in text
     # the random pick among endpoint chains is guarded by family: a chain of the other family would not NAT
-    assert re.search(r"svc/prod/dual/tcp/80 meta nfproto ipv6 numgen random mod 2 offset \d+ vmap", text)
-    assert re.search(r"svc/prod/dual/udp/53 meta nfproto ipv6 goto ep/prod/dual/udp/53/ipv6/", text)
+    assert re.search(rf"svc/prod/dual/tcp/80 meta nfproto ipv6 {MARK_RE} numgen random mod 2 offset \d+ vmap", text)
+    assert re.search(rf"svc/prod/dual/udp/53 meta nfproto ipv6 {MARK_RE} goto ep/prod/dual/udp/53/ipv6/", text)
 
 
 def test_start_up_removes_the_table_of_earlier_versions() -> None:
