@@ -22,10 +22,12 @@ Prints JSON (with --rounds or --baseline: a list of these per checkout, "current
 - endpoint_change_to_kernel_ms p50/p99/max: one endpoint of an EndpointSlice moved to a new
   address (a PATCH to the apiserver) → the kernel's notification that a map element holding that
   address was committed; missed_changes lists changes no notification named within 60 s. Seen in
-  about one run in seven at 10,000 Services: the forwarder's EndpointSlice watch had its response
-  begin and then carried nothing, not even bookmarks, while a new watch from the same
-  resourceVersion had every event (cause in the apiserver not found); the reflector now resumes a
-  watch silent for 90 s, so such a run misses the changes of about 90 s instead of minutes.
+  one run in four to seven at 10,000 Services until 2026-11-30: the forwarder's EndpointSlice
+  watch went silent after its first sync. Its own table had taken it: loading the table turned
+  conntrack on in the node's namespace, conntrack took the watch's next packet for a new connection
+  to the watch's local port, and that port was one of the bench's NodePorts (30000-39999; ephemeral
+  ports start at 32768). The nat chains now leave alone a TCP packet that opens no connection
+  (tests/dataplane/test_node_connections.py).
 
 Why netlink rather than `nft monitor`: the bench opens a NETLINK_NETFILTER socket in the node's
 namespace subscribed to NFNLGRP_NFTABLES, the group the kernel sends its commit notifications to
