@@ -147,6 +147,21 @@ def _service(obj: Any) -> dict[str, Any]:
             "status": {"loadBalancer": balancer}}
 
 
+_CONDITIONS: dict[bytes, Any] = {}  # an endpoint's conditions as sent → the cache's shared dict
+
+
+def _conditions(conditions: Any) -> Any:
+    # 50,000 endpoints at start-up and a handful of distinct conditions: looked up by their bytes
+    sent = conditions.SerializeToString()
+    shared = _CONDITIONS.get(sent)
+    if shared is None:
+        # ready, serving, terminating: pointers, there when set; `conditions` itself always is
+        shared = shared_conditions({field.name: value for field, value in conditions.ListFields()})
+        if len(_CONDITIONS) < 64:  # malformed input cannot grow it
+            _CONDITIONS[sent] = shared
+    return shared
+
+
 def _endpoint_slice(obj: Any) -> dict[str, Any]:
     ports = []
     for port in obj.ports:
@@ -160,10 +175,8 @@ def _endpoint_slice(obj: Any) -> dict[str, Any]:
         ports.append(item)
     endpoints = []
     for endpoint in obj.endpoints:
-        # ready, serving, terminating: pointers, there when set; `conditions` itself always is
-        conditions = {field.name: value for field, value in endpoint.conditions.ListFields()}
         addresses = endpoint.addresses
-        endpoints.append(new_endpoint((addresses[0] if addresses else None, shared_conditions(conditions),
+        endpoints.append(new_endpoint((addresses[0] if addresses else None, _conditions(endpoint.conditions),
                                        _intern(endpoint.nodeName) if endpoint.HasField("nodeName") else None)))
     return {"metadata": _meta(obj.metadata, False), "addressType": _intern(obj.addressType),
             "ports": ports or None, "endpoints": endpoints or None}  # both `json:"…"` without omitempty

@@ -254,21 +254,29 @@ def _bracketed(address: str) -> str:
 
 
 def _statement(stmt: Statement, inet: bool) -> str:
-    match stmt:
+    match stmt:  # the statements of every Service's rules first: 20,000 rules at start-up
+        case L4Proto(protocol):
+            return f"meta l4proto {protocol}"
+        case SetMarkBits(mask):
+            return f"meta mark set meta mark | 0x{mask:08x}"
+        case DnatRandom(family, count, offset, name):
+            nat = f"dnat {_ADDR_FAMILY[family]} to" if inet else "dnat to"
+            return f"{nat} numgen random mod {count} offset {offset} map @{name}"
+        case DnatTo(address, port):
+            nat = f"dnat {_ADDR_FAMILY[family_of(address)]} to" if inet else "dnat to"
+            return f"{nat} {_bracketed(address)}:{port}"
+        case Drop():
+            return "drop"
+        case NfProto(family):
+            return f"meta nfproto ipv{family}"
         case Goto(chain):
             return f"goto {chain}"
         case Jump(chain):
             return f"jump {chain}"
-        case Drop():
-            return "drop"
         case Return():
             return "return"
         case Masquerade():
             return "masquerade"
-        case L4Proto(protocol):
-            return f"meta l4proto {protocol}"
-        case NfProto(family):
-            return f"meta nfproto ipv{family}"
         case LocalDestination():
             return "fib daddr type local"
         case TcpNotOpening():
@@ -283,18 +291,10 @@ def _statement(stmt: Statement, inet: bool) -> str:
             return f"{_ADDR_FAMILY[family]} daddr @{name}"
         case MarkAny(mask):
             return f"meta mark & 0x{mask:08x} != 0"
-        case SetMarkBits(mask):
-            return f"meta mark set meta mark | 0x{mask:08x}"
         case VerdictLookup(fields, name):
             return f"{' . '.join(f.value for f in fields)} vmap @{name}"
         case RandomVerdict(count, offset, name):
             return f"numgen random mod {count} offset {offset} vmap @{name}"
-        case DnatTo(address, port):
-            nat = f"dnat {_ADDR_FAMILY[family_of(address)]} to" if inet else "dnat to"
-            return f"{nat} {_bracketed(address)}:{port}"
-        case DnatRandom(family, count, offset, name):
-            nat = f"dnat {_ADDR_FAMILY[family]} to" if inet else "dnat to"
-            return f"{nat} numgen random mod {count} offset {offset} map @{name}"
         case RecordSource(name, family):
             return f"update @{name} {{ {_ADDR_FAMILY[family]} saddr }}"
     raise TypeError(f"not a statement: {stmt!r}")
