@@ -145,8 +145,8 @@ def _endpoints(items: list[Any]) -> list[Any]:
             continue
         addresses, node = item.get("addresses"), item.get("nodeName")
         kept.append(new_endpoint((addresses[0] if isinstance(addresses, list | tuple) and addresses else None,
-                                   shared_conditions(item.get("conditions")),
-                                   intern(node) if type(node) is str else node)))
+                                  shared_conditions(item.get("conditions")),
+                                  intern(node) if type(node) is str else node)))
     return kept
 
 
