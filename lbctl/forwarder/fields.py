@@ -24,7 +24,7 @@ interned, one string for all the objects that hold them.
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -122,9 +122,10 @@ def service(obj: dict[str, Any]) -> dict[str, Any]:
     return kept
 
 
-def shared_families(families: list[Any]) -> Any:
+def shared_families(families: Sequence[Any]) -> Any:
     """spec.ipFamilies as a tuple, one for every Service with the same families."""
-    return _shared(_families, tuple(families), tuple(families))
+    shape = tuple(families)
+    return _shared(_families, shape, shape)
 
 
 def shared_conditions(conditions: Any) -> Any:

@@ -98,7 +98,7 @@ def _service_spec(spec: Any) -> dict[str, Any]:
     if spec.externalTrafficPolicy:
         kept["externalTrafficPolicy"] = _intern(spec.externalTrafficPolicy)
     if spec.ipFamilies:
-        kept["ipFamilies"] = shared_families(list(spec.ipFamilies))
+        kept["ipFamilies"] = shared_families(spec.ipFamilies)
     if spec.HasField("ipFamilyPolicy"):
         kept["ipFamilyPolicy"] = _intern(spec.ipFamilyPolicy)
     if spec.ports:

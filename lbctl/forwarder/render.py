@@ -577,8 +577,7 @@ class Planner:
             declare(_shards([program]))
             rule_count += _rule_count(program)
             out.add(key, *(Chain(name) for name in program.chains))
-            if program.sets:
-                out.add(key, *program.sets.values())
+            out.add(key, *program.sets.values())
             for name, rules in program.chains.items():
                 out.add(key, *(Rule(name, body) for body in rules))
             for el in program.elements:

@@ -38,7 +38,8 @@ class Field(NamedTuple):
 
 
 class ListPage(NamedTuple):
-    """One page of a list: its items as the cache keeps them, its resourceVersion and continue token."""
+    """One page of a list (protobuf or JSON): its items as the cache keeps them, its
+    resourceVersion and continue token."""
 
     items: list[dict[str, Any]]
     resource_version: str

@@ -22,7 +22,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import aiohttp
 
@@ -67,12 +67,6 @@ def relist_changes(
 
 class _Gone(Exception):
     pass
-
-
-class _Page(NamedTuple):
-    items: dict[str, Mapping[str, Any]]  # namespace/name → the object as the cache keeps it
-    resource_version: str
-    continue_token: str
 
 
 class Reflector:
@@ -158,9 +152,10 @@ class Reflector:
                 content_type = response.content_type
             with cyclic_gc.paused():  # 500 objects made, none in a cycle
                 page = self._page(body, content_type)
-                fresh.update(page.items)
+                items = {object_key(item): item for item in page.items}
+                fresh.update(items)
                 if first:
-                    for added in page.items.values():
+                    for added in items.values():
                         self._report(None, added)
             version = page.resource_version or version
             if not page.continue_token:
@@ -180,15 +175,13 @@ class Reflector:
                 self._report(previous, obj)
         self.synced.set()
 
-    def _page(self, body: bytes, content_type: str) -> _Page:
+    def _page(self, body: bytes, content_type: str) -> protobuf.ListPage:
         if self._protobuf_list is not None and content_type == protobuf.MEDIA_TYPE:
-            listed = self._protobuf_list(body)
-            return _Page({object_key(item): item for item in listed.items}, listed.resource_version,
-                         listed.continue_token)
+            return self._protobuf_list(body)
         page = json.loads(body)
         meta = page.get("metadata") or {}
-        return _Page({object_key(item): self._trim(item) for item in page.get("items") or () if isinstance(item, dict)},
-                     str(meta.get("resourceVersion") or ""), str(meta.get("continue") or ""))
+        return protobuf.ListPage([self._trim(item) for item in page.get("items") or () if isinstance(item, dict)],
+                                 str(meta.get("resourceVersion") or ""), str(meta.get("continue") or ""))
 
     async def _watch(self) -> None:
         params = dict(self._params, watch="true", allowWatchBookmarks="true",
